@@ -1,0 +1,3 @@
+from pgwarden.cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""Where errors become messages and exit codes, in one place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.text import Text
+
+from pgwarden.errors import PgwardenError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+log = logging.getLogger("pgwarden")
+
+
+def log_path() -> Path:
+    """pgwarden's own log: $PGWARDEN_LOG, else $XDG_STATE_HOME/pgwarden/pgwarden.log."""
+    explicit = os.environ.get("PGWARDEN_LOG")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "pgwarden" / "pgwarden.log"
+
+
+def _write_crash_log(exc: BaseException) -> Path:
+    text = "".join(traceback.format_exception(exc))
+    for candidate in (log_path(), Path(tempfile.gettempdir()) / "pgwarden.log"):
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            with candidate.open("a") as handle:
+                handle.write(f"--- pgwarden {' '.join(sys.argv[1:])}\n{text}\n")
+            return candidate
+        except OSError:
+            continue
+    return Path("(no writable log location)")
+
+
+def run_guarded(command: click.Command, argv: list[str] | None) -> int:
+    try:
+        result = command.main(args=argv, prog_name="pgwarden", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 2
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except PgwardenError as exc:
+        err_console.print(Text("error: ", style="bold red") + Text(exc.message))
+        if exc.hint:
+            err_console.print(f"  hint: {exc.hint}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:
+        where = _write_crash_log(exc)
+        err_console.print(
+            f"unexpected error: {type(exc).__name__}: {exc}\n"
+            f"  the full traceback is in {where}; please include it in a bug report",
+            markup=False,
+        )
+        return 1
+    # click returns the code of ctx.exit(N) instead of raising when standalone_mode is off.
+    return result if isinstance(result, int) else 0

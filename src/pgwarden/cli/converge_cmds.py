@@ -1,0 +1,87 @@
+"""`pgwarden plan | apply | check`: converge the database to pgwarden.yaml."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.syntax import Syntax
+
+from pgwarden.cli.app import err_console, out
+from pgwarden.cli.context import AppContext, pass_app
+from pgwarden.connect import connect
+from pgwarden.converge import apply_config, build_plan
+from pgwarden.plan import Plan
+
+
+def _print_plan(plan: Plan, conn: object, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                [
+                    {"domain": op.domain, "description": op.description, "sql": op.render(conn)}  # type: ignore[arg-type]
+                    for op in plan
+                ],
+                indent=2,
+            )
+        )
+        return
+    if not plan:
+        out.print("nothing to do: the database matches the config")
+        return
+    for number, op in enumerate(plan, 1):
+        out.print(f"[bold]{number}. [{op.domain}][/bold] {op.description}", markup=True)
+        out.print(Syntax(op.render(conn) + ";", "sql", word_wrap=True))  # type: ignore[arg-type]
+
+
+@click.command("plan")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_app
+def plan_cmd(app: AppContext, fmt: str) -> None:
+    """Show what `apply` would change, with the exact SQL.
+
+    \b
+    Example:
+      pgwarden plan
+      pgwarden --dsn postgresql://admin@db/app plan --format json
+    """
+    config = app.loaded.config
+    with connect(app.target()) as conn:
+        _print_plan(build_plan(conn, config), conn, fmt)
+
+
+@click.command("apply")
+@pass_app
+def apply_cmd(app: AppContext) -> None:
+    """Converge the database to pgwarden.yaml (one transaction where possible; idempotent).
+
+    \b
+    Example:
+      pgwarden apply
+    """
+    config = app.loaded.config
+    with connect(app.target()) as conn:
+        done = apply_config(conn, config)
+    if done:
+        out.print(f"applied {len(done)} change(s)")
+    else:
+        out.print("nothing to do: the database matches the config")
+
+
+@click.command("check")
+@click.pass_context
+def check_cmd(ctx: click.Context) -> None:
+    """Exit 1 when the database has drifted from pgwarden.yaml (for CI pipelines).
+
+    \b
+    Example:
+      pgwarden check || pgwarden plan
+    """
+    app = ctx.find_object(AppContext)
+    assert app is not None
+    with connect(app.target()) as conn:
+        plan = build_plan(conn, app.loaded.config)
+    if plan:
+        err_console.print(f"drift: {len(plan)} change(s) needed; `pgwarden plan` shows them")
+        ctx.exit(1)
+    out.print("in sync: the database matches the config")

@@ -1,0 +1,334 @@
+"""pgwarden.yaml: the pydantic models that are the one source of truth, and how the file is found.
+
+The same models drive YAML loading, `pgwarden config schema`, the defaults written by
+`pgwarden init`, and what every renderer and planner reads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+)
+
+from pgwarden.errors import ConfigError
+
+CONFIG_ENV = "PGWARDEN_CONFIG"
+DEFAULT_CONFIG_NAME = "pgwarden.yaml"
+
+# A PostgreSQL identifier as users write it in the config. Anything goes inside the name (it is
+# always quoted with psycopg.sql.Identifier), but empty names, NUL bytes and names longer than
+# PostgreSQL's 63-byte limit are refused early, with the key path, instead of failing mid-apply.
+_MAX_IDENT = 63
+
+
+def _check_ident(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL bytes")
+    if len(value.encode()) > _MAX_IDENT:
+        raise ValueError(f"is longer than PostgreSQL's {_MAX_IDENT}-byte identifier limit")
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse `400d`, `12h`, `30m`, `2w` or `45s` into a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            amount, unit = match.groups()
+            return timedelta(seconds=int(amount) * _UNIT_SECONDS[unit])
+    raise ValueError(f"expected a duration such as '400d', '12h' or '2w', got {value!r}")
+
+
+def _format_duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(_format_duration, return_type=str),
+]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors everywhere: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+SettingValue = str | int | float | bool
+
+
+class ServerConfig(_Section):
+    """The local server started by `pgwarden up` (and the settings rendered for Kubernetes)."""
+
+    port: int = Field(5432, ge=1, le=65535, description="TCP port of the local server.")
+    listen_addresses: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="Addresses the local server listens on. Only loopback by default.",
+    )
+    admin_user: str = Field("postgres", description="Superuser created by initdb.")
+    allowed_cidrs: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Client networks allowed over TCP (always with scram-sha-256).",
+    )
+    service_user: str = Field(
+        "pgwarden",
+        description="Unprivileged system user that runs PostgreSQL when pgwarden runs as root.",
+    )
+    pg_bin: Path | None = Field(
+        None,
+        description="Directory with initdb/postgres. Default: the embedded PostgreSQL 18 wheel.",
+    )
+    settings: dict[str, SettingValue] = Field(
+        default_factory=dict,
+        description="Extra postgresql.conf settings, e.g. {shared_buffers: 256MB}.",
+    )
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a network such as 10.0.0.0/8") from None
+        return value
+
+    @field_validator("admin_user", "service_user")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_ident(value)
+
+    @field_validator("settings")
+    @classmethod
+    def _valid_setting_names(cls, value: dict[str, SettingValue]) -> dict[str, SettingValue]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+                raise ValueError(f"{name!r} is not a PostgreSQL setting name")
+        return value
+
+
+class HistoryMode(StrEnum):
+    FAIL_CLOSED = "fail-closed"
+    FAIL_OPEN = "fail-open"
+
+
+class TableHistory(_Section):
+    """Per-table overrides of the history settings."""
+
+    mode: HistoryMode | None = None
+    exclude_columns: list[str] = Field(default_factory=list)
+    truncate: Literal["rows", "marker"] = Field(
+        "rows", description="On TRUNCATE, record every removed row, or only a marker event."
+    )
+
+
+class HistoryConfig(_Section):
+    """Change history: which tables are tracked and how."""
+
+    schema_name: str = Field(
+        "pgwarden", alias="schema", description="Schema that holds history and its functions."
+    )
+    tables: list[str] = Field(
+        default_factory=list,
+        description="Tables to track: 'schema.table' or a pattern such as 'public.*'.",
+    )
+    mode: HistoryMode = Field(HistoryMode.FAIL_CLOSED, description="Default capture mode.")
+    exclude_columns: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Columns never stored, per table: {'public.users': [password_hash]}.",
+    )
+    overrides: dict[str, TableHistory] = Field(
+        default_factory=dict, description="Per-table settings, keyed by 'schema.table'."
+    )
+    retention: Duration | None = Field(
+        None, description="Events older than this are removed by `pgwarden retention`."
+    )
+    record_statement: bool = Field(
+        False, description="Also store the statement text (off: it can carry secrets)."
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    @field_validator("schema_name")
+    @classmethod
+    def _valid_schema(cls, value: str) -> str:
+        return _check_ident(value)
+
+
+class AccessConfig(_Section):
+    """Roles and privileges (filled in by the access issue)."""
+
+    manager_role: str = Field("manager", description="Role that owns the managed objects.")
+    managers: list[str] = Field(default_factory=list, description="Login roles that are managers.")
+
+    @field_validator("manager_role")
+    @classmethod
+    def _valid_role(cls, value: str) -> str:
+        return _check_ident(value)
+
+
+class KubernetesConfig(_Section):
+    """Kubernetes rendering (filled in by the Kubernetes issue)."""
+
+
+class BackupConfig(_Section):
+    """Backups and WAL archiving (filled in by the durability issue)."""
+
+
+class Config(_Section):
+    """The whole of pgwarden.yaml."""
+
+    database: str = Field("app", description="Name of the database pgwarden manages.")
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    history: HistoryConfig = Field(default_factory=HistoryConfig)  # type: ignore[arg-type]
+    access: AccessConfig = Field(default_factory=AccessConfig)  # type: ignore[arg-type]
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    backup: BackupConfig = Field(default_factory=BackupConfig)
+
+    @field_validator("database")
+    @classmethod
+    def _valid_db(cls, value: str) -> str:
+        return _check_ident(value)
+
+
+class LoadedConfig(BaseModel):
+    """A validated config plus where it came from (None when defaults are used)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: Config
+    path: Path | None
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    """`--config`, then $PGWARDEN_CONFIG, then ./pgwarden.yaml; None when none exists."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(
+                f"config file {explicit} does not exist",
+                hint="check the --config path, or run `pgwarden init` to write one",
+            )
+        return explicit
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} (from ${CONFIG_ENV}) does not exist",
+                hint=f"fix or unset ${CONFIG_ENV}",
+            )
+        return path
+    default = Path.cwd() / DEFAULT_CONFIG_NAME
+    return default if default.is_file() else None
+
+
+def load_config(explicit: Path | None = None) -> LoadedConfig:
+    path = find_config(explicit)
+    if path is None:
+        return LoadedConfig(config=Config(), path=None)
+    return LoadedConfig(config=parse_config_file(path), path=path)
+
+
+def parse_config_file(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    return parse_config_text(text, source=str(path))
+
+
+def parse_config_text(text: str, *, source: str) -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    # Empty sections (`history:` with nothing under it) are fine: treat them as defaults.
+    data = {key: ({} if value is None else value) for key, value in data.items()}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(err, node, source) for err in exc.errors()]
+        first = lines[0]
+        more = f" (and {len(lines) - 1} more problem(s):\n  " + "\n  ".join(lines[1:]) + ")"
+        raise ConfigError(
+            first + (more if len(lines) > 1 else ""),
+            hint="`pgwarden config schema` prints every key and its type",
+        ) from None
+
+
+def _describe_error(err: Any, root: yaml.Node | None, source: str) -> str:
+    loc = [part for part in err["loc"] if not str(part).startswith("function-")]
+    path = ".".join(str(part) for part in loc) or "(top level)"
+    line = _line_of(root, loc)
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key {path!r} (not a pgwarden setting; is it misspelt?)"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {path}: {message}{shown}"
+
+
+def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
+    """Best-effort line number of the key at `loc` in the YAML node tree."""
+    line: int | None = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if str(key.value) == str(part):
+                    line = key.start_mark.line + 1
+                    node = value
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def config_json_schema() -> dict[str, Any]:
+    return Config.model_json_schema(by_alias=True)

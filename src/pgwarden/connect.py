@@ -1,0 +1,76 @@
+"""Which database a command talks to, and opening the connection.
+
+Order: `--dsn`, $PGWARDEN_DSN, $DATABASE_URL, libpq's own PG* variables, then the local server
+that `pgwarden up` started in the state directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgwarden.errors import ConnectionFailed
+
+LIBPQ_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
+
+
+@dataclass(frozen=True)
+class Target:
+    conninfo: str
+    source: str  # where it came from, for messages
+
+    def masked(self) -> str:
+        return mask_conninfo(self.conninfo)
+
+
+def mask_conninfo(conninfo: str) -> str:
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<unparsable connection string>"
+    if "password" in params:
+        params["password"] = "***"  # noqa: S105
+    return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def resolve_target(dsn: str | None, local: Callable[[], str | None]) -> Target:
+    """The connection to use. `local` returns the running local server's URL, if any."""
+    if dsn:
+        return Target(dsn, "--dsn")
+    for var in ("PGWARDEN_DSN", "DATABASE_URL"):
+        value = os.environ.get(var)
+        if value:
+            return Target(value, f"${var}")
+    if any(os.environ.get(var) for var in LIBPQ_VARS):
+        return Target("", "libpq PG* environment variables")
+    url = local()
+    if url:
+        return Target(url, "the local server (pgwarden up)")
+    raise ConnectionFailed(
+        "no database to connect to: no --dsn, $PGWARDEN_DSN, $DATABASE_URL or PG* variables, "
+        "and no local server is running",
+        hint="start one with `pgwarden up`, or pass --dsn postgresql://user@host/db",
+    )
+
+
+def connect(target: Target, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+    try:
+        return psycopg.connect(
+            target.conninfo, autocommit=autocommit, application_name="pgwarden", connect_timeout=10
+        )
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise ConnectionFailed(
+            f"cannot connect to {target.masked() or 'the PG* default'} "
+            f"(from {target.source}): {reason}",
+            hint="check the server is running and the connection settings are right",
+        ) from None
+    except psycopg.ProgrammingError as exc:
+        raise ConnectionFailed(
+            f"invalid connection string from {target.source}: {exc}",
+            hint="use a libpq URI such as postgresql://user:pass@host:5432/db",
+        ) from None

@@ -1,0 +1,74 @@
+"""`pgwarden up`: start the local server, create the managed database, apply the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from pgwarden.config import Config
+from pgwarden.connect import Target, connect
+from pgwarden.converge import apply_config
+from pgwarden.errors import ServerError
+from pgwarden.plan import Plan
+from pgwarden.server import LocalServer, StartOutcome
+
+
+@dataclass(frozen=True)
+class UpResult:
+    outcome: StartOutcome
+    url: str
+    database_created: bool
+    applied: Plan
+
+
+def default_state_dir(config_path: Path | None) -> Path:
+    base = config_path.parent if config_path is not None else Path.cwd()
+    return (base / ".pgwarden").absolute()
+
+
+def ensure_database(server: LocalServer) -> bool:
+    """Create the configured database when missing; True when it was created."""
+    target = Target(server.url("postgres"), "the local server")
+    with connect(target, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (server.config.database,)
+        ).fetchone()
+        if exists:
+            return False
+        try:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {}").format(sql.Identifier(server.config.database))
+            )
+        except psycopg.errors.DuplicateDatabase:
+            return False
+        return True
+
+
+def bring_up(server: LocalServer) -> UpResult:
+    outcome = server.up()
+    created = ensure_database(server)
+    url = server.url()
+    with connect(Target(url, "the local server")) as conn:
+        applied = apply_config(conn, server.config)
+    if not server.is_running():  # pragma: no cover - defensive
+        raise ServerError("the server stopped while pgwarden was applying the config")
+    return UpResult(outcome=outcome, url=url, database_created=created, applied=applied)
+
+
+def local_server(
+    config: Config,
+    config_path: Path | None,
+    state_dir: Path | None,
+    *,
+    pg_bin: Path | None = None,
+    port: int | None = None,
+) -> LocalServer:
+    return LocalServer(
+        config,
+        state_dir.absolute() if state_dir else default_state_dir(config_path),
+        pg_bin=pg_bin,
+        port=port,
+    )

@@ -1,0 +1,65 @@
+"""Plans: what `plan` prints, `apply` runs and `check` counts.
+
+Each domain compares the desired state (the config) with the observed state (catalog queries) and
+returns operations. An operation is a description and its SQL, composed with psycopg.sql only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass(frozen=True)
+class Operation:
+    domain: str  # "server", "history", "access", …
+    description: str
+    statement: sql.Composable
+    # Statements such as CREATE DATABASE cannot run inside a transaction block.
+    transactional: bool = True
+    # What to print instead of the SQL when it carries a secret.
+    display: str | None = None
+
+    def render(self, conn: psycopg.Connection[tuple[object, ...]]) -> str:
+        if self.display is not None:
+            return self.display
+        return self.statement.as_string(conn)
+
+
+@dataclass
+class Plan:
+    operations: list[Operation] = field(default_factory=list)
+
+    def extend(self, ops: Iterable[Operation]) -> None:
+        self.operations.extend(ops)
+
+    def __len__(self) -> int:
+        return len(self.operations)
+
+    def __bool__(self) -> bool:
+        return bool(self.operations)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.operations)
+
+
+def apply_plan(conn: psycopg.Connection[tuple[object, ...]], operations: Sequence[Operation]) -> int:
+    """Run non-transactional operations one by one, then the rest in a single transaction."""
+    outside = [op for op in operations if not op.transactional]
+    inside = [op for op in operations if op.transactional]
+    previous = conn.autocommit
+    try:
+        conn.autocommit = True
+        for op in outside:
+            conn.execute(op.statement)
+        conn.autocommit = False
+        with conn.transaction():
+            for op in inside:
+                conn.execute(op.statement)
+    finally:
+        if not conn.closed:
+            conn.autocommit = previous
+    return len(operations)

@@ -1,0 +1,416 @@
+"""The local PostgreSQL server behind `pgwarden up | down | status | url | psql | logs`."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import getpass
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pgwarden import pgconf
+from pgwarden.binaries import Binaries, find_binaries
+from pgwarden.config import Config
+from pgwarden.errors import DataDirRefused, PortInUse, ServerError
+from pgwarden.osuser import RunAs, reachable_bindir, service_user
+from pgwarden.state import MARKER, StateDir
+
+CONF_INCLUDE = "pgwarden.conf"
+INCLUDE_LINE = f"include = '{CONF_INCLUDE}'  # added by pgwarden\n"
+MAX_SOCKET_DIR = 90  # sun_path is 108 bytes; leave room for "/.s.PGSQL.65535"
+
+
+class ServerState(StrEnum):
+    NOT_INITIALIZED = "not-initialized"
+    STOPPED = "stopped"
+    CRASHED = "crashed"  # stopped without a clean shutdown: `up` will run crash recovery
+    RUNNING = "running"
+
+
+class StartOutcome(StrEnum):
+    ALREADY_RUNNING = "already-running"
+    STARTED = "started"
+    RECOVERED = "recovered"  # started after an unclean stop; crash recovery ran
+    INITIALIZED = "initialized"  # a fresh cluster was created and started
+
+
+class StopOutcome(StrEnum):
+    STOPPED = "stopped"
+    NOT_RUNNING = "not-running"
+
+
+@dataclass(frozen=True)
+class Status:
+    state: ServerState
+    state_dir: str
+    data_dir: str
+    binaries: str
+    version: str
+    port: int | None
+    pid: int | None
+    url: str | None
+    last_start: dict[str, Any] | None
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["url"]:
+            data["url"] = mask_url(data["url"])
+        return data
+
+
+def mask_url(url: str) -> str:
+    """A libpq URI with its password replaced, for printing and logging."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.split("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+class LocalServer:
+    """One local cluster in one state directory."""
+
+    def __init__(
+        self,
+        config: Config,
+        state_dir: Path,
+        *,
+        pg_bin: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.config = config
+        self.state = StateDir(state_dir.absolute())
+        self._pg_bin = pg_bin
+        self._port = port
+        self._binaries: Binaries | None = None
+        self._runas: RunAs | None = None
+
+    # -- what we run, as whom -------------------------------------------------------------
+    @property
+    def runas(self) -> RunAs:
+        if self._runas is None:
+            self._runas = service_user(self.config.server.service_user)
+        return self._runas
+
+    @property
+    def binaries(self) -> Binaries:
+        if self._binaries is None:
+            recorded = self.state.read().get("bindir")
+            self._binaries = find_binaries(
+                self._pg_bin, self.config.server.pg_bin, Path(recorded) if recorded else None
+            )
+        return self._binaries
+
+    def _tool(self, name: str) -> Path:
+        return reachable_bindir(self.binaries.bindir, self.runas) / name
+
+    @property
+    def port(self) -> int:
+        if self._port is not None:
+            return self._port
+        recorded = self.state.read().get("port")
+        return int(recorded) if recorded and self.is_running() else self.config.server.port
+
+    # -- observation --------------------------------------------------------------------
+    def _pid(self) -> int | None:
+        """The postmaster's pid if it is alive, else None."""
+        pidfile = self.state.data_dir / "postmaster.pid"
+        try:
+            first = pidfile.read_text().splitlines()[0]
+            pid = int(first)
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, owned by another user
+        # A recycled pid could belong to anything: check it is a postgres process.
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            if "postgres" not in comm:
+                return None
+        return pid
+
+    def is_running(self) -> bool:
+        return self._pid() is not None
+
+    def _cluster_state(self) -> str | None:
+        """'shut down', 'in production', … as pg_controldata reports it."""
+        result = self.runas.run([self._tool("pg_controldata"), "-D", self.state.data_dir])
+        for line in result.stdout.splitlines():
+            if line.startswith("Database cluster state:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
+    def status(self) -> Status:
+        data = self.state.read()
+        initialized = (self.state.data_dir / "PG_VERSION").is_file()
+        pid = self._pid() if initialized else None
+        if not initialized:
+            state, detail = ServerState.NOT_INITIALIZED, "no cluster yet: `pgwarden up` creates one"
+        elif pid is not None:
+            state, detail = ServerState.RUNNING, "accepting connections"
+        elif self._cluster_state() in ("shut down", "shut down in recovery"):
+            state, detail = ServerState.STOPPED, "cleanly shut down; data is kept"
+        else:
+            state = ServerState.CRASHED
+            detail = (
+                "the server stopped without a clean shutdown (killed or crashed); "
+                "`pgwarden up` will run crash recovery"
+            )
+        last = data.get("last_start")
+        if state is ServerState.RUNNING and last and last.get("outcome") == StartOutcome.RECOVERED:
+            detail = f"accepting connections; recovered from a crash at {last.get('at')}"
+        try:
+            binaries = self.binaries
+            bin_desc, version = binaries.describe(), binaries.version
+        except ServerError as exc:
+            bin_desc, version = f"unavailable: {exc.message}", "unknown"
+        return Status(
+            state=state,
+            state_dir=str(self.state.root),
+            data_dir=str(self.state.data_dir),
+            binaries=bin_desc,
+            version=version,
+            port=int(data["port"]) if pid and data.get("port") else None,
+            pid=pid,
+            url=self.url() if pid else None,
+            last_start=last,
+            detail=detail,
+        )
+
+    # -- start and stop -----------------------------------------------------------------
+    def up(self) -> StartOutcome:
+        if self.is_running():
+            self._write_config()  # so a changed config is at least on disk; reload below
+            self._pg_ctl("reload")
+            return StartOutcome.ALREADY_RUNNING
+        self.state.prepare(self.runas)
+        fresh = self._check_data_dir()
+        if fresh:
+            self._initdb()
+            outcome = StartOutcome.INITIALIZED
+        else:
+            crashed = self._cluster_state() not in ("shut down", "shut down in recovery")
+            outcome = StartOutcome.RECOVERED if crashed else StartOutcome.STARTED
+        self._check_port_free()
+        self._write_config()
+        started = time.monotonic()
+        self._start()
+        self.state.update(
+            port=self.port,
+            bindir=str(self.binaries.bindir),
+            version=self.binaries.version,
+            last_start={
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "outcome": str(outcome),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return outcome
+
+    def down(self) -> StopOutcome:
+        if not self.is_running():
+            return StopOutcome.NOT_RUNNING
+        self._pg_ctl("stop", "-m", "fast", "-w", "-t", "120")
+        return StopOutcome.STOPPED
+
+    def purge(self) -> None:
+        """Stop the server and delete its cluster (data, logs). The caller has asked the user."""
+        self.down()
+        link = self.state.root / "cluster"
+        target = link.resolve()
+        if target.exists():
+            shutil.rmtree(target)
+        if link.is_symlink():
+            link.unlink()
+        for name in ("state.json", "admin-password"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state.root / name).unlink()
+
+    def _start(self) -> None:
+        result = self.runas.run(
+            [
+                self._tool("pg_ctl"),
+                "start",
+                "-D",
+                self.state.data_dir,
+                "-l",
+                self.state.log_file,
+                "-w",
+                "-t",
+                "120",
+            ],
+            timeout=180,
+        )
+        if result.returncode != 0 or not self.is_running():
+            tail = self.log_tail(15)
+            if "Address already in use" in tail:
+                raise PortInUse(
+                    f"port {self.port} is already in use",
+                    hint=f"stop what listens there, or pick another: pgwarden up --port "
+                    f"{self.port + 1} (or server.port in pgwarden.yaml)",
+                )
+            raise ServerError(
+                f"PostgreSQL did not start (pg_ctl exit {result.returncode}). "
+                f"Last lines of {self.state.log_file}:\n{tail}",
+                hint="fix the cause shown above, then run `pgwarden up` again",
+            )
+
+    def _pg_ctl(self, *args: str | Path) -> None:
+        result = self.runas.run([self._tool("pg_ctl"), *args, "-D", self.state.data_dir])
+        if result.returncode != 0:
+            raise ServerError(f"pg_ctl {args[0]} failed: {result.stderr.strip()}")
+
+    def _check_port_free(self) -> None:
+        for address in self.config.server.listen_addresses:
+            host = "127.0.0.1" if address in ("*", "0.0.0.0", "localhost") else address  # noqa: S104
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, self.port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise PortInUse(
+                            f"port {self.port} on {host} is already in use by another process",
+                            hint=f"stop it, or choose another port: pgwarden up --port "
+                            f"{self.port + 1} (or set server.port in pgwarden.yaml)",
+                        ) from None
+                    if exc.errno == errno.EADDRNOTAVAIL:
+                        raise ServerError(
+                            f"server.listen_addresses: {address} is not an address of this machine",
+                        ) from None
+                    raise
+
+    # -- the data directory -------------------------------------------------------------
+    def _check_data_dir(self) -> bool:
+        """True when the data dir is absent/empty (fresh); refuse anything not ours."""
+        data = self.state.data_dir
+        if not data.exists() or not any(data.iterdir()):
+            return True
+        if not (data / MARKER).is_file():
+            raise DataDirRefused(
+                f"{data} holds files pgwarden did not create; refusing to touch it",
+                hint="use another --state-dir, or move that directory away yourself",
+            )
+        version_file = data / "PG_VERSION"
+        if not version_file.is_file() or not (data / "global" / "pg_control").is_file():
+            raise DataDirRefused(
+                f"{data} is damaged: PG_VERSION or global/pg_control is missing",
+                hint="restore it from a backup; pgwarden will not rewrite or delete it "
+                "(`pgwarden down --purge` deletes it if you are sure)",
+            )
+        major = version_file.read_text().strip()
+        if major != str(self.binaries.major):
+            raise DataDirRefused(
+                f"{data} was created by PostgreSQL {major}, but the binaries in use are "
+                f"{self.binaries.describe()}",
+                hint=f"pass --pg-bin with PostgreSQL {major} binaries (an upgrade needs pg_upgrade)",
+            )
+        return False
+
+    def _initdb(self) -> None:
+        password = self.state.ensure_password()
+        data = self.state.data_dir
+        pwfile = self.state.cluster / ".initdb-pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(password + "\n")
+        self.runas.chown(pwfile)
+        try:
+            result = self.runas.run(
+                [
+                    self._tool("initdb"),
+                    "-D",
+                    data,
+                    "-U",
+                    self.config.server.admin_user,
+                    f"--pwfile={pwfile}",
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                    "--data-checksums",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                    "--no-instructions",
+                ],
+                timeout=300,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise ServerError(f"initdb failed:\n{result.stderr.strip()}")
+        marker = data / MARKER
+        marker.write_text(
+            json.dumps({"created_by": "pgwarden", "at": datetime.now(UTC).isoformat()}) + "\n"
+        )
+        self.runas.chown(marker)
+        conf = data / "postgresql.conf"
+        with conf.open("a") as handle:
+            handle.write("\n" + INCLUDE_LINE)
+
+    def _placement(self) -> pgconf.Placement:
+        server = self.config.server
+        socket_dir = str(self.state.socket_dir)
+        sockets = [socket_dir] if len(socket_dir) <= MAX_SOCKET_DIR else []
+        return pgconf.Placement(
+            listen_addresses=server.listen_addresses,
+            port=self.port,
+            socket_dirs=sockets,
+            allowed_cidrs=server.allowed_cidrs,
+            ident_users=(self.runas.name, getpass.getuser()),
+            admin_user=server.admin_user,
+        )
+
+    def _write_config(self) -> None:
+        rendered = pgconf.render_all(self.config.server, self._placement())
+        data = self.state.data_dir
+        targets = {
+            CONF_INCLUDE: rendered["postgresql.conf"],
+            "pg_hba.conf": rendered["pg_hba.conf"],
+            "pg_ident.conf": rendered["pg_ident.conf"],
+        }
+        for name, text in targets.items():
+            path = data / name
+            tmp = data / f".{name}.tmp"
+            tmp.write_text(text)
+            os.chmod(tmp, 0o600)
+            self.runas.chown(tmp)
+            os.replace(tmp, path)
+
+    # -- connecting -----------------------------------------------------------------------
+    def url(self, database: str | None = None) -> str:
+        password = self.state.password()
+        if password is None:
+            raise ServerError(
+                f"no admin password in {self.state.password_file}",
+                hint="was this state dir created by `pgwarden up`?",
+            )
+        user = quote(self.config.server.admin_user, safe="")
+        dbname = quote(database or self.config.database, safe="")
+        host = self.config.server.listen_addresses[0]
+        if host in ("*", "0.0.0.0", "localhost", ""):  # noqa: S104
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"postgresql://{user}:{quote(password, safe='')}@{host}:{self.port}/{dbname}"
+
+    def log_tail(self, lines: int = 50) -> str:
+        try:
+            text = self.state.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "".join(text.splitlines(keepends=True)[-lines:])
