@@ -112,6 +112,7 @@ def find_binaries(
     cli_dir: Path | None = None,
     config_dir: Path | None = None,
     recorded: Path | None = None,
+    recorded_source: str | None = None,
 ) -> Binaries:
     """The binaries to use; `recorded` is what the last `pgwarden up` in this state dir used."""
     explicit: list[tuple[Path | None, str]] = [
@@ -123,7 +124,7 @@ def find_binaries(
         if path is not None:
             return _check_dir(path, source)
     if recorded is not None and (recorded / "postgres").is_file():
-        return _check_dir(recorded, "used by the last `pgwarden up` here")
+        return _check_dir(recorded, f"{recorded_source or 'found'}, as used by the last up")
     for finder, source in (
         (embedded_bindir, "embedded"),
         (_pg_config_bindir, "pg_config"),

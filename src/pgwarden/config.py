@@ -208,9 +208,9 @@ class Config(_Section):
     """The whole of pgwarden.yaml."""
 
     database: str = Field("app", description="Name of the database pgwarden manages.")
-    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
-    history: HistoryConfig = Field(default_factory=HistoryConfig)  # type: ignore[arg-type]
-    access: AccessConfig = Field(default_factory=AccessConfig)  # type: ignore[arg-type]
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     backup: BackupConfig = Field(default_factory=BackupConfig)
 

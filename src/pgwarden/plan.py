@@ -17,7 +17,7 @@ from psycopg import sql
 class Operation:
     domain: str  # "server", "history", "access", …
     description: str
-    statement: sql.Composable
+    statement: sql.Composed | sql.SQL
     # Statements such as CREATE DATABASE cannot run inside a transaction block.
     transactional: bool = True
     # What to print instead of the SQL when it carries a secret.
@@ -46,7 +46,9 @@ class Plan:
         return iter(self.operations)
 
 
-def apply_plan(conn: psycopg.Connection[tuple[object, ...]], operations: Sequence[Operation]) -> int:
+def apply_plan(
+    conn: psycopg.Connection[tuple[object, ...]], operations: Sequence[Operation]
+) -> int:
     """Run non-transactional operations one by one, then the rest in a single transaction."""
     outside = [op for op in operations if not op.transactional]
     inside = [op for op in operations if op.transactional]

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from pgwarden import pgconf
 from pgwarden.binaries import Binaries, find_binaries
 from pgwarden.config import Config
-from pgwarden.errors import DataDirRefused, PortInUse, ServerError
+from pgwarden.errors import BinariesNotFound, DataDirRefused, PortInUse, ServerError
 from pgwarden.osuser import RunAs, reachable_bindir, service_user
 from pgwarden.state import MARKER, StateDir
 
@@ -108,7 +108,10 @@ class LocalServer:
         if self._binaries is None:
             recorded = self.state.read().get("bindir")
             self._binaries = find_binaries(
-                self._pg_bin, self.config.server.pg_bin, Path(recorded) if recorded else None
+                self._pg_bin,
+                self.config.server.pg_bin,
+                Path(recorded) if recorded else None,
+                self.state.read().get("bin_source"),
             )
         return self._binaries
 
@@ -117,19 +120,40 @@ class LocalServer:
 
     @property
     def port(self) -> int:
+        """--port, else the port a running server (or an earlier `up --port`) uses, else config."""
         if self._port is not None:
             return self._port
-        recorded = self.state.read().get("port")
-        return int(recorded) if recorded and self.is_running() else self.config.server.port
+        data = self.state.read()
+        recorded = data.get("port")
+        if recorded and (data.get("port_from_cli") or self.is_running()):
+            return int(recorded)
+        return self.config.server.port
 
     # -- observation --------------------------------------------------------------------
+    def _pidfile_pid(self) -> int | None:
+        try:
+            return int((self.state.data_dir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _wait_for_zombie(self, timeout: float = 15.0) -> None:
+        """Wait until a killed postmaster's zombie is reaped: until then PostgreSQL itself
+        believes it still runs (kill(pid, 0) succeeds on zombies) and refuses to start."""
+        pid = self._pidfile_pid()
+        deadline = time.monotonic() + timeout
+        while pid is not None and time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state not in ("Z", "X"):
+                return
+            time.sleep(0.1)
+
     def _pid(self) -> int | None:
         """The postmaster's pid if it is alive, else None."""
-        pidfile = self.state.data_dir / "postmaster.pid"
-        try:
-            first = pidfile.read_text().splitlines()[0]
-            pid = int(first)
-        except (OSError, ValueError, IndexError):
+        pid = self._pidfile_pid()
+        if pid is None:
             return None
         try:
             os.kill(pid, 0)
@@ -137,10 +161,12 @@ class LocalServer:
             return None
         except PermissionError:
             pass  # alive, owned by another user
-        # A recycled pid could belong to anything: check it is a postgres process.
+        # A recycled pid could belong to anything, and a killed postmaster whose parent never
+        # reaps it (pid 1 in many containers) lingers as a zombie: neither is a running server.
         with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            if "postgres" not in comm:
+            if "postgres" not in comm or (fields and fields[0] in ("Z", "X")):
                 return None
         return pid
 
@@ -177,7 +203,7 @@ class LocalServer:
         try:
             binaries = self.binaries
             bin_desc, version = binaries.describe(), binaries.version
-        except ServerError as exc:
+        except (ServerError, BinariesNotFound) as exc:
             bin_desc, version = f"unavailable: {exc.message}", "unknown"
         return Status(
             state=state,
@@ -195,6 +221,12 @@ class LocalServer:
     # -- start and stop -----------------------------------------------------------------
     def up(self) -> StartOutcome:
         if self.is_running():
+            running_port = self.state.read().get("port")
+            if self._port is not None and running_port and int(running_port) != self._port:
+                raise ServerError(
+                    f"the server in {self.state.root} already runs on port {running_port}",
+                    hint="stop it with `pgwarden down` before starting it on another port",
+                )
             self._write_config()  # so a changed config is at least on disk; reload below
             self._pg_ctl("reload")
             return StartOutcome.ALREADY_RUNNING
@@ -206,13 +238,16 @@ class LocalServer:
         else:
             crashed = self._cluster_state() not in ("shut down", "shut down in recovery")
             outcome = StartOutcome.RECOVERED if crashed else StartOutcome.STARTED
+        self._wait_for_zombie()
         self._check_port_free()
         self._write_config()
         started = time.monotonic()
         self._start()
         self.state.update(
             port=self.port,
+            port_from_cli=self._port is not None or bool(self.state.read().get("port_from_cli")),
             bindir=str(self.binaries.bindir),
+            bin_source=self.binaries.source.split(",")[0],
             version=self.binaries.version,
             last_start={
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -319,7 +354,8 @@ class LocalServer:
             raise DataDirRefused(
                 f"{data} was created by PostgreSQL {major}, but the binaries in use are "
                 f"{self.binaries.describe()}",
-                hint=f"pass --pg-bin with PostgreSQL {major} binaries (an upgrade needs pg_upgrade)",
+                hint=f"pass --pg-bin with PostgreSQL {major} binaries "
+                "(moving to another major version needs pg_upgrade)",
             )
         return False
 

@@ -28,7 +28,7 @@ from typing import Any
 from pgwarden.osuser import SYSTEM_ROOT, RunAs
 
 STATE_FILE = "state.json"
-PASSWORD_FILE = "admin-password"
+PASSWORD_FILE = "admin-password"  # noqa: S105 - a file name
 CLUSTER_LINK = "cluster"
 MARKER = "pgwarden-cluster.json"  # inside PGDATA: proves the data dir is ours
 
@@ -111,8 +111,8 @@ class StateDir:
                 digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
                 target = SYSTEM_ROOT / "clusters" / digest
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(SYSTEM_ROOT, 0o755)
-                os.chmod(target.parent, 0o711)
+                os.chmod(SYSTEM_ROOT, 0o755)  # noqa: S103 - our own dirs, readable by design
+                os.chmod(target.parent, 0o711)  # noqa: S103 - our own dirs, readable by design
                 target.mkdir(mode=0o700, exist_ok=True)
                 link.symlink_to(target, target_is_directory=True)
             else:

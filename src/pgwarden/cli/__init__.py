@@ -37,7 +37,9 @@ from pgwarden.cli.server_cmds import down_cmd, logs_cmd, psql_cmd, status_cmd, u
 )
 @click.version_option(__version__, prog_name="pgwarden")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, dsn: str | None) -> None:
+def cli(
+    ctx: click.Context, config_path: str | None, state_dir: str | None, dsn: str | None
+) -> None:
     """pgwarden runs a PostgreSQL that loses no data, remembers every change made to it, and
     guards its schema, from one config file (pgwarden.yaml)."""
     ctx.obj = AppContext.create(config_path, state_dir, dsn)

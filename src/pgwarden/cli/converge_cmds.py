@@ -10,16 +10,16 @@ from rich.syntax import Syntax
 from pgwarden.cli.app import err_console, out
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.connect import connect
-from pgwarden.converge import apply_config, build_plan
+from pgwarden.converge import Conn, apply_config, build_plan
 from pgwarden.plan import Plan
 
 
-def _print_plan(plan: Plan, conn: object, fmt: str) -> None:
+def _print_plan(plan: Plan, conn: Conn, fmt: str) -> None:
     if fmt == "json":
         click.echo(
             json.dumps(
                 [
-                    {"domain": op.domain, "description": op.description, "sql": op.render(conn)}  # type: ignore[arg-type]
+                    {"domain": op.domain, "description": op.description, "sql": op.render(conn)}
                     for op in plan
                 ],
                 indent=2,
@@ -31,7 +31,7 @@ def _print_plan(plan: Plan, conn: object, fmt: str) -> None:
         return
     for number, op in enumerate(plan, 1):
         out.print(f"[bold]{number}. [{op.domain}][/bold] {op.description}", markup=True)
-        out.print(Syntax(op.render(conn) + ";", "sql", word_wrap=True))  # type: ignore[arg-type]
+        out.print(Syntax(op.render(conn) + ";", "sql", word_wrap=True))
 
 
 @click.command("plan")

@@ -179,7 +179,7 @@ def psql_cmd(app: AppContext, args: tuple[str, ...]) -> None:
         argv.append(make_conninfo(**params))  # type: ignore[arg-type]
     argv.extend(args)
     sys.stdout.flush()
-    os.execve(psql, argv, env)
+    os.execve(psql, argv, env)  # noqa: S606 - replace ourselves with psql, no shell
 
 
 @click.command("logs")

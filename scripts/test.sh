@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set up and run every check: a venv with pgwarden and its dev tools, ruff, mypy, then the test
+# suite on both legs: the embedded PostgreSQL 18 and Debian's PostgreSQL 15.
+# Usage: bash scripts/test.sh [pytest args…]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG15_BIN=/usr/lib/postgresql/15/bin
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$PG15_BIN/postgres" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing postgresql-15 (Debian) for the PostgreSQL 15 leg"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+echo "== installing pgwarden and its dev tools into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+  | grep -v -i -E "^\s*$|warning|location .* is ignored" || true
+
+echo "== ruff check";  .venv/bin/ruff check src tests
+echo "== ruff format"; .venv/bin/ruff format --check src tests
+echo "== mypy --strict src/"; .venv/bin/mypy --strict src/
+
+status=0
+run_leg() {
+  local name=$1; shift
+  echo "== pytest on $name"
+  set +e
+  env "$@" .venv/bin/python -m pytest "${PYTEST_ARGS[@]}"
+  local rc=$?
+  set -e
+  if [ $rc -eq 5 ]; then
+    echo "pytest collected no tests on $name (exit 5): treated as a failure of the suite" >&2
+    rc=1
+  fi
+  [ $rc -eq 0 ] || status=$rc
+}
+
+PYTEST_ARGS=("$@")
+run_leg "PostgreSQL 18 (embedded wheel)" -u PGWARDEN_PG_BIN
+if [ -x "$PG15_BIN/postgres" ]; then
+  run_leg "PostgreSQL 15 (Debian)" PGWARDEN_PG_BIN="$PG15_BIN"
+elif [ -n "${CI:-}" ]; then
+  echo "PostgreSQL 15 is missing at $PG15_BIN and could not be installed" >&2
+  status=1
+else
+  echo "== skipping the PostgreSQL 15 leg: $PG15_BIN is missing (run as root to install it)"
+fi
+exit $status
