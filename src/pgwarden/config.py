@@ -181,7 +181,10 @@ class HistoryConfig(_Section):
     @field_validator("schema_name")
     @classmethod
     def _valid_schema(cls, value: str) -> str:
-        return _check_ident(value)
+        # Kept to a plain identifier: it is also the prefix of the history owner role's name.
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,50}", value):
+            raise ValueError("must be a plain lower-case identifier such as 'pgwarden'")
+        return value
 
 
 class AccessConfig(_Section):

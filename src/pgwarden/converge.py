@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import psycopg
 
 from pgwarden.config import Config
-from pgwarden.plan import Operation, Plan, apply_plan
+from pgwarden.history.planner import plan_history, untracked_without_key
+from pgwarden.plan import Plan, apply_plan
 
 Conn = psycopg.Connection[tuple[object, ...]]
-Planner = Callable[[Conn, Config], Sequence[Operation]]
+Planner = Callable[[Conn, Config, Plan], None]
 
-# Each domain registers how it diffs the config against the catalog. Order matters: roles before
-# the grants that name them, history objects before the triggers that use them.
-PLANNERS: list[tuple[str, Planner]] = []
+
+def _history(conn: Conn, config: Config, plan: Plan) -> None:
+    plan.extend(plan_history(conn, config))
+    for name in untracked_without_key(conn, config):
+        plan.warnings.append(
+            f"{name} matches history.tables but has no primary key: not tracked until it has one"
+        )
+
+
+# Order matters: roles before the grants that name them, history objects before the triggers
+# that use them.
+PLANNERS: list[tuple[str, Planner]] = [("history", _history)]
 
 
 def build_plan(conn: Conn, config: Config) -> Plan:
     plan = Plan()
-    for _name, planner in PLANNERS:
-        plan.extend(planner(conn, config))
+    with conn.transaction():  # a consistent view of the catalog, and no lingering transaction
+        for _name, planner in PLANNERS:
+            planner(conn, config, plan)
     return plan
 
 

@@ -58,3 +58,7 @@ class DriftDetected(PgwardenError):
     """`check` found the database differs from the config (exit 1, no traceback)."""
 
     exit_code = 1
+
+
+class ApplyFailed(PgwardenError):
+    """The database refused an operation of the plan; the transaction was rolled back."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from pgwarden.errors import ApplyFailed
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -32,6 +34,8 @@ class Operation:
 @dataclass
 class Plan:
     operations: list[Operation] = field(default_factory=list)
+    # Things the user should know that are not operations (e.g. a table that cannot be tracked).
+    warnings: list[str] = field(default_factory=list)
 
     def extend(self, ops: Iterable[Operation]) -> None:
         self.operations.extend(ops)
@@ -53,14 +57,24 @@ def apply_plan(
     outside = [op for op in operations if not op.transactional]
     inside = [op for op in operations if op.transactional]
     previous = conn.autocommit
+    current: Operation | None = None
     try:
         conn.autocommit = True
-        for op in outside:
-            conn.execute(op.statement)
+        for current in outside:
+            conn.execute(current.statement)
         conn.autocommit = False
         with conn.transaction():
-            for op in inside:
-                conn.execute(op.statement)
+            for current in inside:
+                conn.execute(current.statement)
+    except psycopg.Error as exc:
+        step = current.description if current else "?"
+        detail = (exc.diag.message_primary or str(exc)).strip()
+        hint = exc.diag.message_hint
+        raise ApplyFailed(
+            f"apply stopped at “{step}”: {detail}; the transaction was rolled back, "
+            "so none of the plan was applied",
+            hint=hint or "`pgwarden plan` shows every step and its SQL",
+        ) from exc
     finally:
         if not conn.closed:
             conn.autocommit = previous

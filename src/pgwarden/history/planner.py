@@ -1,0 +1,376 @@
+"""history: desired (pgwarden.yaml) versus observed (catalog) → operations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from psycopg import sql
+
+from pgwarden.config import Config, HistoryConfig
+from pgwarden.errors import ConfigError
+from pgwarden.history import catalog
+from pgwarden.history.catalog import Conn, HistorySchema, TrackedTable
+from pgwarden.history.names import TableName, TablePattern, parse_pattern, parse_table
+from pgwarden.plan import Operation
+from pgwarden.sqlfiles import compose, sql_version
+
+DOMAIN = "history"
+PARTITION_MONTHS_AHEAD = 12
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    mode: str
+    exclude_columns: tuple[str, ...]
+    truncate_mode: str
+
+
+def settings_by_table(history: HistoryConfig) -> dict[TableName, TableSettings]:
+    """Per-table settings named in the config (exclude_columns and overrides)."""
+    names: set[TableName] = set()
+    excluded: dict[TableName, list[str]] = {}
+    for key, columns in history.exclude_columns.items():
+        name = _config_table(key, "history.exclude_columns")
+        names.add(name)
+        excluded.setdefault(name, []).extend(columns)
+    overrides = {}
+    for key, override in history.overrides.items():
+        name = _config_table(key, "history.overrides")
+        names.add(name)
+        overrides[name] = override
+        excluded.setdefault(name, []).extend(override.exclude_columns)
+    result = {}
+    for name in names:
+        override = overrides.get(name)
+        result[name] = TableSettings(
+            mode=str((override.mode if override and override.mode else history.mode).value),
+            exclude_columns=tuple(sorted(set(excluded.get(name, [])))),
+            truncate_mode=override.truncate if override else "rows",
+        )
+    return result
+
+
+def _config_table(key: str, where: str) -> TableName:
+    try:
+        return parse_table(key)
+    except Exception as exc:
+        raise ConfigError(f"{where}: {key!r}: {exc}") from None
+
+
+def patterns(history: HistoryConfig) -> list[TablePattern]:
+    result = []
+    for text in history.tables:
+        try:
+            result.append(parse_pattern(text))
+        except Exception as exc:
+            raise ConfigError(f"history.tables: {exc}") from None
+    return result
+
+
+def desired_settings(history: HistoryConfig, name: TableName) -> TableSettings:
+    return settings_by_table(history).get(
+        name, TableSettings(str(history.mode.value), (), "rows")
+    )
+
+
+def install_operations(conn: Conn, schema: HistorySchema) -> list[Operation]:
+    ops: list[Operation] = []
+    if not catalog.role_exists(conn, schema.owner):
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"create the NOLOGIN role {schema.owner} that owns history",
+                sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(schema.owner)),
+            )
+        )
+    current = catalog.meta(conn, schema)
+    version = sql_version("history.sql")
+    if current.get("version") != version:
+        verb = "install" if not current else "upgrade"
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"{verb} the history schema {schema.name} (tables, capture functions)",
+                sql.Composed(
+                    [
+                        compose("history.sql", **schema.placeholders()),
+                        _set_meta(schema, "version", version),
+                    ]
+                ),
+                display=f"-- pgwarden/sql/history.sql, version {version}",
+            )
+        )
+    if catalog.is_superuser(conn):
+        ddl_version = sql_version("ddl.sql")
+        if current.get("ddl_version") != ddl_version or not catalog.event_triggers_ok(conn):
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    "install the DDL log and auto-tracking event triggers",
+                    sql.Composed(
+                        [
+                            compose("ddl.sql", **schema.placeholders()),
+                            _set_meta(schema, "ddl_version", ddl_version),
+                        ]
+                    ),
+                    display=f"-- pgwarden/sql/ddl.sql, version {ddl_version}",
+                )
+            )
+    return ops
+
+
+def _set_meta(schema: HistorySchema, key: str, value: str) -> sql.Composed:
+    return sql.SQL(
+        "\nINSERT INTO {} (key, value) VALUES ({}, {}) "
+        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;\n"
+    ).format(schema.table("meta"), sql.Literal(key), sql.Literal(value))
+
+
+def _missing_partitions(conn: Conn, schema: HistorySchema) -> bool:
+    if not catalog.is_installed(conn, schema):
+        return True
+    now = datetime.now(UTC)
+    wanted = []
+    year, month = now.year, now.month
+    for _ in range(PARTITION_MONTHS_AHEAD + 1):
+        wanted.append(f"event_p{year:04d}{month:02d}")
+        month += 1
+        if month == 13:
+            year, month = year + 1, 1
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = ANY (%s)",
+        (schema.name, wanted),
+    ).fetchall()
+    return len(rows) < len(wanted)
+
+
+def partition_operation(schema: HistorySchema) -> Operation:
+    return Operation(
+        DOMAIN,
+        f"create monthly history partitions up to {PARTITION_MONTHS_AHEAD} months ahead",
+        sql.SQL("SELECT {}({})").format(
+            schema.func("ensure_partitions"), sql.Literal(PARTITION_MONTHS_AHEAD)
+        ),
+    )
+
+
+def regclass(name: TableName) -> sql.Composed:
+    return sql.SQL("{}::regclass").format(
+        sql.Literal(
+            # A regclass literal is the quoted, qualified name as text.
+            '"' + name.schema.replace('"', '""') + '"."' + name.table.replace('"', '""') + '"'
+        )
+    )
+
+
+def track_operation(
+    schema: HistorySchema,
+    name: TableName,
+    settings: TableSettings,
+    source: str,
+    description: str,
+) -> Operation:
+    return Operation(
+        DOMAIN,
+        description,
+        sql.SQL("SELECT {}({}, {}, {}::text[], {}, {})").format(
+            schema.func("track"),
+            regclass(name),
+            sql.Literal(settings.mode),
+            sql.Literal(list(settings.exclude_columns)),
+            sql.Literal(settings.truncate_mode),
+            sql.Literal(source),
+        ),
+    )
+
+
+def untrack_operation(schema: HistorySchema, name: TableName, why: str) -> Operation:
+    return Operation(
+        DOMAIN,
+        f"stop tracking {name} ({why}); its history is kept",
+        sql.SQL("SELECT {}({})").format(schema.func("untrack"), regclass(name)),
+    )
+
+
+def _rule_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) -> list[Operation]:
+    desired = {
+        p.text: (p.schema_regex(), p.table_regex(), str(history.mode.value), "rows")
+        for p in patterns(history)
+        if p.is_glob
+    }
+    current: dict[str, tuple[str, str, str, str]] = {}
+    if catalog.is_installed(conn, schema):
+        rows = conn.execute(
+            sql.SQL("SELECT pattern, schema_regex, table_regex, mode, truncate_mode FROM {}").format(
+                schema.table("rule")
+            )
+        ).fetchall()
+        current = {str(r[0]): (str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows}
+    ops = []
+    for pattern, values in sorted(desired.items()):
+        if current.get(pattern) != values:
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"track tables created later that match {pattern!r}",
+                    sql.SQL(
+                        "INSERT INTO {} (pattern, schema_regex, table_regex, mode, truncate_mode) "
+                        "VALUES ({}, {}, {}, {}, {}) ON CONFLICT (pattern) DO UPDATE SET "
+                        "schema_regex = EXCLUDED.schema_regex, table_regex = EXCLUDED.table_regex,"
+                        " mode = EXCLUDED.mode, truncate_mode = EXCLUDED.truncate_mode"
+                    ).format(schema.table("rule"), *(sql.Literal(v) for v in (pattern, *values))),
+                )
+            )
+    for pattern in sorted(set(current) - set(desired)):
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"stop auto-tracking new tables that match {pattern!r}",
+                sql.SQL("DELETE FROM {} WHERE pattern = {}").format(
+                    schema.table("rule"), sql.Literal(pattern)
+                ),
+            )
+        )
+    return ops
+
+
+def _table_setting_operations(
+    conn: Conn, schema: HistorySchema, history: HistoryConfig
+) -> list[Operation]:
+    desired = settings_by_table(history)
+    current: dict[TableName, TableSettings] = {}
+    if catalog.is_installed(conn, schema):
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT schema_name, table_name, mode, exclude_columns, truncate_mode FROM {}"
+            ).format(schema.table("table_setting"))
+        ).fetchall()
+        current = {
+            TableName(str(r[0]), str(r[1])): TableSettings(
+                str(r[2]),
+                tuple(r[3]),  # type: ignore[arg-type]
+                str(r[4]),
+            )
+            for r in rows
+        }
+    ops = []
+    for name, settings in sorted(desired.items()):
+        if current.get(name) != settings:
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"remember history settings for {name} (applied when it is created)",
+                    sql.SQL(
+                        "INSERT INTO {} (schema_name, table_name, mode, exclude_columns, "
+                        "truncate_mode) VALUES ({}, {}, {}, {}::text[], {}) "
+                        "ON CONFLICT (schema_name, table_name) DO UPDATE SET mode = EXCLUDED.mode,"
+                        " exclude_columns = EXCLUDED.exclude_columns,"
+                        " truncate_mode = EXCLUDED.truncate_mode"
+                    ).format(
+                        schema.table("table_setting"),
+                        sql.Literal(name.schema),
+                        sql.Literal(name.table),
+                        sql.Literal(settings.mode),
+                        sql.Literal(list(settings.exclude_columns)),
+                        sql.Literal(settings.truncate_mode),
+                    ),
+                )
+            )
+    for name in sorted(set(current) - set(desired)):
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"forget history settings for {name}",
+                sql.SQL("DELETE FROM {} WHERE schema_name = {} AND table_name = {}").format(
+                    schema.table("table_setting"), sql.Literal(name.schema), sql.Literal(name.table)
+                ),
+            )
+        )
+    return ops
+
+
+def _meta_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) -> list[Operation]:
+    wanted = "on" if history.record_statement else "off"
+    if catalog.meta(conn, schema).get("record_statement", "off") == wanted:
+        return []
+    return [
+        Operation(
+            DOMAIN,
+            f"turn statement text recording {wanted}",
+            _set_meta(schema, "record_statement", wanted),
+        )
+    ]
+
+
+def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
+    history = config.history
+    schema = HistorySchema(history.schema_name)
+    if not history.tables and not catalog.is_installed(conn, schema):
+        return []  # nothing asked, nothing installed: stay out of the way
+    ops = install_operations(conn, schema)
+    if _missing_partitions(conn, schema):
+        ops.append(partition_operation(schema))
+    ops.extend(_meta_operations(conn, schema, history))
+    ops.extend(_rule_operations(conn, schema, history))
+    ops.extend(_table_setting_operations(conn, schema, history))
+
+    live = catalog.live_tables(conn, schema)
+    tracked = {t.oid: t for t in catalog.tracked_tables(conn, schema)}
+    pats = patterns(history)
+    wanted: dict[int, TableName] = {}
+    for pattern in pats:
+        if pattern.is_glob:
+            continue
+        name = pattern.exact()
+        match = next((t for t in live if t.name == name), None)
+        if match is None:
+            raise ConfigError(
+                f"history.tables: table {name} does not exist",
+                hint="create it first, or use a pattern (e.g. 'public.*') to track it "
+                "when it is created",
+            )
+        if not match.has_key:
+            raise ConfigError(
+                f"history.tables: {name} has no primary key, so its rows cannot be told apart",
+                hint="add a primary key (or REPLICA IDENTITY USING INDEX), then apply again",
+            )
+    for table in live:
+        if any(p.matches(table.name) for p in pats) and table.has_key:
+            wanted[table.oid] = table.name
+    for oid, name in wanted.items():
+        settings = desired_settings(history, name)
+        have: TrackedTable | None = tracked.get(oid)
+        if have is None:
+            ops.append(
+                track_operation(
+                    schema, name, settings, "config", f"start tracking {name} ({settings.mode})"
+                )
+            )
+        elif (
+            have.mode,
+            tuple(sorted(have.exclude_columns)),
+            have.truncate_mode,
+        ) != (settings.mode, settings.exclude_columns, settings.truncate_mode) or not have.triggers_ok:
+            why = "repair its triggers" if have.triggers_ok is False else "update its settings"
+            ops.append(
+                track_operation(schema, name, settings, have.source, f"{why} on {name}")
+            )
+    for oid, have in tracked.items():
+        if oid not in wanted and have.source != "manual":
+            ops.append(untrack_operation(schema, have.name, "no longer in history.tables"))
+    return ops
+
+
+def untracked_without_key(conn: Conn, config: Config) -> list[TableName]:
+    """Tables a pattern matches but that cannot be tracked (no primary key): plan warnings."""
+    schema = HistorySchema(config.history.schema_name)
+    pats = patterns(config.history)
+    return [
+        t.name
+        for t in catalog.live_tables(conn, schema)
+        if not t.has_key and any(p.matches(t.name) for p in pats)
+    ]

@@ -1,0 +1,347 @@
+"""Reading history: events (streamed with a server-side cursor) and tables as of a time."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from pgwarden.errors import UserError
+from pgwarden.history import catalog
+from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.history.names import TableName
+
+OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    tx: int
+    at: datetime
+    table: str
+    op: str
+    key: Any
+    old: Any
+    new: Any
+    db_user: str
+    role: str
+    app_user: str | None
+    application: str | None
+    client_addr: str | None
+    context: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tx": self.tx,
+            "at": self.at.isoformat(),
+            "table": self.table,
+            "op": self.op,
+            "key": self.key,
+            "old": self.old,
+            "new": self.new,
+            "db_user": self.db_user,
+            "app_user": self.app_user,
+            "application": self.application,
+            "client_addr": self.client_addr,
+            "context": self.context,
+        }
+
+    def changed_columns(self) -> dict[str, tuple[Any, Any]]:
+        """column → (before, after) for the columns this event changed."""
+        old = self.old or {}
+        new = self.new or {}
+        return {
+            col: (old.get(col), new.get(col))
+            for col in sorted(set(old) | set(new), key=lambda c: (c not in (self.key or {}), c))
+            if old.get(col) != new.get(col) or col not in old or col not in new
+        }
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    table: TableName | None = None
+    key: Mapping[str, str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    actor: str | None = None
+    op: str | None = None
+    tx: int | None = None
+    limit: int | None = None
+
+
+def _require_installed(conn: Conn, schema: HistorySchema) -> None:
+    if not catalog.is_installed(conn, schema):
+        raise UserError(
+            f"no pgwarden history in this database (schema {schema.name} is not installed)",
+            hint="list tables under history.tables in pgwarden.yaml and run `pgwarden apply`, "
+            "or `pgwarden track TABLE`",
+        )
+
+
+def key_json(conn: Conn, table: TableName, key: Mapping[str, str]) -> tuple[str, bool]:
+    """The stored form of a key given as text (`id=1` → `{"id": 1}`), and whether the given
+    columns are exactly the table's key (so the key index applies)."""
+    oid = catalog.table_oid(conn, table)
+    if oid is None:
+        # Table gone: values can only be matched as JSON text/numbers as given.
+        return json.dumps({k: _guess(v) for k, v in key.items()}), False
+    columns = catalog.key_columns(conn, oid)
+    known = {
+        str(r[0])
+        for r in conn.execute(
+            "SELECT attname FROM pg_catalog.pg_attribute "
+            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+            (oid,),
+        ).fetchall()
+    }
+    unknown = sorted(set(key) - known)
+    if unknown:
+        raise UserError(
+            f"{table} has no column {', '.join(unknown)}",
+            hint=f"its columns are: {', '.join(sorted(known))}",
+        )
+    # Let PostgreSQL convert the text values to the columns' own types.
+    query = sql.SQL(
+        "SELECT pg_catalog.jsonb_object_agg(k, pg_catalog.to_jsonb(r) -> k) "
+        "FROM pg_catalog.jsonb_populate_record(NULL::{}, %s::jsonb) r, "
+        "pg_catalog.unnest(%s::text[]) k"
+    ).format(sql.Identifier(table.schema, table.table))
+    try:
+        with conn.transaction():
+            row = conn.execute(query, (json.dumps(dict(key)), list(key))).fetchone()
+    except Exception as exc:
+        raise UserError(f"bad key value for {table}: {exc}") from None
+    assert row is not None
+    return json.dumps(row[0]), sorted(key) == sorted(columns)
+
+
+def _guess(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _where(conn: Conn, schema: HistorySchema, flt: EventFilter) -> sql.Composed:
+    clauses: list[sql.Composable] = []
+    if flt.table is not None:
+        oid = catalog.table_oid(conn, flt.table)
+        if oid is not None:
+            clauses.append(sql.SQL("e.table_oid = {}").format(sql.Literal(oid)))
+        else:
+            clauses.append(
+                sql.SQL("e.schema_name = {} AND e.table_name = {}").format(
+                    sql.Literal(flt.table.schema), sql.Literal(flt.table.table)
+                )
+            )
+        if flt.key:
+            text, exact = key_json(conn, flt.table, flt.key)
+            if exact:
+                # The index is on the hash of the key; the key itself settles collisions.
+                clauses.append(
+                    sql.SQL(
+                        "e.key_hash = pg_catalog.hashtextextended({}::jsonb::text, 0) "
+                        "AND e.row_key = {}::jsonb"
+                    ).format(sql.Literal(text), sql.Literal(text))
+                )
+            else:
+                clauses.append(
+                    sql.SQL("(e.old_row @> {0}::jsonb OR e.new_row @> {0}::jsonb)").format(
+                        sql.Literal(text)
+                    )
+                )
+    elif flt.key:
+        raise UserError("--key needs a TABLE", hint="e.g. pgwarden history public.users --key id=7")
+    if flt.since is not None:
+        clauses.append(sql.SQL("e.tx_at >= {}").format(sql.Literal(flt.since)))
+    if flt.until is not None:
+        clauses.append(sql.SQL("e.tx_at <= {}").format(sql.Literal(flt.until)))
+    if flt.actor is not None:
+        clauses.append(
+            sql.SQL("{} IN (e.app_user, e.db_user, e.role_name)").format(sql.Literal(flt.actor))
+        )
+    if flt.op is not None:
+        op = flt.op.upper()
+        if op not in OPS:
+            raise UserError(f"unknown operation {flt.op!r}", hint=f"use one of {', '.join(OPS)}")
+        clauses.append(sql.SQL("e.op = {}").format(sql.Literal(op)))
+    if flt.tx is not None:
+        clauses.append(sql.SQL("e.tx = {}::xid8").format(sql.Literal(str(flt.tx))))
+    if not clauses:
+        return sql.Composed([sql.SQL("TRUE")])
+    return sql.SQL(" AND ").join(clauses)  # type: ignore[return-value]
+
+
+def events(
+    conn: Conn,
+    flt: EventFilter = EventFilter(),  # noqa: B008 - frozen dataclass, never mutated
+    *,
+    schema: HistorySchema = HistorySchema(),  # noqa: B008
+    newest_first: bool = False,
+    batch: int = 2000,
+) -> Iterator[Event]:
+    """Matching events in order, streamed through a server-side cursor (constant memory).
+
+    Must run inside a transaction (psycopg opens one unless the connection is autocommit).
+    """
+    _require_installed(conn, schema)
+    query = sql.SQL(
+        "SELECT e.id, e.tx::text::bigint AS tx, e.tx_at, e.schema_name, e.table_name, e.op,"
+        " e.row_key, e.old_row, e.new_row, e.db_user, e.role_name, e.app_user, e.application,"
+        " host(e.client_addr) AS client_addr, e.context"
+        " FROM {} e WHERE {} ORDER BY e.id {} {}"
+    ).format(
+        schema.table("event"),
+        _where(conn, schema, flt),
+        sql.SQL("DESC" if newest_first else "ASC"),
+        sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
+    )
+    name = f"pgwarden_history_{uuid.uuid4().hex[:8]}"
+    with conn.cursor(name=name, row_factory=dict_row) as cur:
+        cur.itersize = batch
+        cur.execute(query)
+        for r in cur:
+            yield Event(
+                id=r["id"],
+                tx=r["tx"],
+                at=r["tx_at"],
+                table=str(TableName(r["schema_name"], r["table_name"])),
+                op=r["op"],
+                key=r["row_key"],
+                old=r["old_row"],
+                new=r["new_row"],
+                db_user=r["db_user"],
+                role=r["role_name"],
+                app_user=r["app_user"],
+                application=r["application"],
+                client_addr=r["client_addr"],
+                context=r["context"],
+            )
+
+
+def _as_of_query(
+    conn: Conn, schema: HistorySchema, oid: int, at: datetime, key: str | None
+) -> sql.Composed:
+    """Per key, the last image at or before `at`: UPDATEs that changed the key also remove the
+    old key. Rows whose last word is DELETE/TRUNCATE are gone."""
+    key_filter: sql.Composable = sql.SQL("")
+    if key is not None:
+        key_filter = sql.SQL(" AND k = {}::jsonb").format(sql.Literal(key))
+    return sql.SQL(
+        """
+        WITH ev AS (
+            SELECT e.id, e.row_key AS k,
+                   CASE WHEN e.op IN ('DELETE', 'TRUNCATE') THEN NULL ELSE e.new_row END AS img,
+                   1 AS prio
+            FROM {event} e
+            WHERE e.table_oid = {oid} AND e.tx_at <= {at} AND e.row_key IS NOT NULL
+          UNION ALL
+            SELECT u.id, u.old_key, NULL, 0
+            FROM (SELECT e.id, e.row_key,
+                         (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
+                          FROM pg_catalog.jsonb_object_keys(e.row_key) c) AS old_key
+                  FROM {event} e
+                  WHERE e.table_oid = {oid} AND e.tx_at <= {at} AND e.op = 'UPDATE') u
+            WHERE u.old_key <> u.row_key
+        )
+        SELECT img FROM (
+            SELECT DISTINCT ON (k) k, img FROM ev WHERE TRUE {key_filter}
+            ORDER BY k, id DESC, prio DESC
+        ) last
+        WHERE img IS NOT NULL
+        """
+    ).format(
+        event=schema.table("event"),
+        oid=sql.Literal(oid),
+        at=sql.Literal(at),
+        key_filter=key_filter,
+    )
+
+
+def _table_for_as_of(conn: Conn, schema: HistorySchema, table: TableName) -> int:
+    _require_installed(conn, schema)
+    oid = catalog.table_oid(conn, table)
+    if oid is None:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT table_oid FROM {} WHERE schema_name = %s AND table_name = %s "
+                "ORDER BY id DESC LIMIT 1"
+            ).format(schema.table("event")),
+            (table.schema, table.table),
+        ).fetchone()
+        if row is None:
+            raise UserError(f"no history for {table}", hint="is it tracked? see `pgwarden verify`")
+        oid = int(row[0])  # type: ignore[call-overload]
+    return oid
+
+
+def tracking_started(conn: Conn, schema: HistorySchema, oid: int) -> datetime | None:
+    row = conn.execute(
+        sql.SQL("SELECT min(tx_at) FROM {} WHERE table_oid = %s").format(schema.table("event")),
+        (oid,),
+    ).fetchone()
+    return row[0] if row else None  # type: ignore[return-value]
+
+
+def as_of(
+    conn: Conn,
+    table: TableName,
+    at: datetime,
+    *,
+    key: Mapping[str, str] | None = None,
+    schema: HistorySchema = HistorySchema(),  # noqa: B008
+) -> list[dict[str, Any]]:
+    """The rows of `table` as they were at `at` (transaction time), rebuilt from history."""
+    oid = _table_for_as_of(conn, schema, table)
+    key_text = key_json(conn, table, key)[0] if key else None
+    rows = conn.execute(_as_of_query(conn, schema, oid, at, key_text)).fetchall()
+    return [r[0] for r in rows]  # type: ignore[misc]
+
+
+def as_of_into(
+    conn: Conn,
+    table: TableName,
+    at: datetime,
+    target: TableName,
+    *,
+    schema: HistorySchema = HistorySchema(),  # noqa: B008
+) -> int:
+    """Rebuild the whole table as of `at` into a new table `target`; returns its row count."""
+    oid = _table_for_as_of(conn, schema, table)
+    if catalog.table_oid(conn, target) is not None:
+        raise UserError(
+            f"{target} already exists; pgwarden will not overwrite it",
+            hint="choose another name for --into, or drop that table yourself",
+        )
+    if catalog.table_oid(conn, table) is None:
+        raise UserError(
+            f"{table} no longer exists, so its column types are unknown",
+            hint="use --format json to read its rows as of that time",
+        )
+    source = sql.Identifier(table.schema, table.table)
+    dest = sql.Identifier(target.schema, target.table)
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
+        cur = conn.execute(
+            sql.SQL(
+                "INSERT INTO {dest} SELECT (pg_catalog.jsonb_populate_record(NULL::{src}, h.img)).* "
+                "FROM ({history}) h"
+            ).format(dest=dest, src=source, history=_as_of_query(conn, schema, oid, at, None))
+        )
+        return cur.rowcount
+
+
+def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for col in row:
+            seen.setdefault(col, None)
+    return list(seen)

@@ -1,0 +1,192 @@
+"""Undo one transaction with compensating statements, which history records in turn."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import sql
+
+from pgwarden.errors import UserError
+from pgwarden.history import catalog
+from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.history.names import TableName
+from pgwarden.history.read import Event, EventFilter, events
+
+
+@dataclass(frozen=True)
+class Conflict:
+    table: str
+    key: Any
+    later_tx: int
+    later_op: str
+    at: str
+
+
+@dataclass
+class RevertPlan:
+    tx: int
+    statements: list[tuple[str, sql.Composed]] = field(default_factory=list)  # (summary, SQL)
+    conflicts: list[Conflict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _old_key(event: Event) -> Any:
+    if not event.key or not event.old:
+        return event.key
+    return {col: event.old.get(col) for col in event.key}
+
+
+def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> list[Conflict]:
+    """Later events (other transactions) on any row this transaction touched."""
+    touched: dict[tuple[str, str], set[str]] = {}
+    last_id = max(e.id for e in evs)
+    for e in evs:
+        for key in (e.key, _old_key(e)):
+            if key is not None:
+                touched.setdefault(_split(e.table), set()).add(json.dumps(key, sort_keys=True))
+    found: list[Conflict] = []
+    for (nsp, rel), keys in touched.items():
+        rows = conn.execute(
+            sql.SQL(
+                """
+                SELECT e.tx::text::bigint, e.op, e.row_key, e.tx_at::text
+                FROM {event} e
+                WHERE e.schema_name = %s AND e.table_name = %s AND e.id > %s
+                  AND e.tx <> %s::xid8
+                  AND (e.row_key = ANY (%s::jsonb[])
+                       OR (e.op = 'UPDATE' AND (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
+                           FROM pg_catalog.jsonb_object_keys(e.row_key) c) = ANY (%s::jsonb[]))
+                       OR e.op = 'TRUNCATE' AND e.row_key IS NULL)
+                ORDER BY e.id
+                """
+            ).format(event=schema.table("event")),
+            (nsp, rel, last_id, str(tx), sorted(keys), sorted(keys)),
+        ).fetchall()
+        for later_tx, op, key, at in rows:
+            found.append(Conflict(str(TableName(nsp, rel)), key, int(later_tx), str(op), str(at)))  # type: ignore[call-overload]
+    return found
+
+
+def _split(table: str) -> tuple[str, str]:
+    from pgwarden.history.names import parse_table
+
+    name = parse_table(table)
+    return name.schema, name.table
+
+
+def _generated_columns(conn: Conn, name: TableName) -> set[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_catalog.pg_attribute a "
+        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND a.attgenerated <> ''",
+        (name.schema, name.table),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def _key_match(tbl: sql.Identifier, key: dict[str, Any]) -> sql.Composed:
+    cols = sorted(key)
+    return sql.SQL("({cols}) = (SELECT {rcols} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {key}::jsonb) r)").format(
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+        rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in cols),
+        tbl=tbl,
+        key=sql.Literal(json.dumps(key)),
+    )
+
+
+def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
+    name = TableName(*_split(e.table))
+    if catalog.table_oid(conn, name) is None:
+        raise UserError(f"cannot revert: {name} no longer exists")
+    tbl = sql.Identifier(name.schema, name.table)
+    generated = _generated_columns(conn, name)
+    if e.op == "INSERT":
+        plan.statements.append(
+            (f"delete {e.table} {e.key} (inserted)", sql.SQL("DELETE FROM {} WHERE {}").format(tbl, _key_match(tbl, e.key)))
+        )
+    elif e.op == "UPDATE":
+        changed = [c for c in (e.old or {}) if (e.old or {}).get(c) != (e.new or {}).get(c) and c not in generated]
+        if not changed:
+            return
+        plan.statements.append(
+            (
+                f"restore {e.table} {_old_key(e)} ({', '.join(sorted(changed))})",
+                sql.SQL(
+                    "UPDATE {tbl} SET ({cols}) = (SELECT {rcols} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r) WHERE {match}"
+                ).format(
+                    tbl=tbl,
+                    cols=sql.SQL(", ").join(sql.Identifier(c) for c in sorted(changed)),
+                    rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in sorted(changed)),
+                    old=sql.Literal(json.dumps(e.old)),
+                    match=_key_match(tbl, e.key),
+                ),
+            )
+        )
+    elif e.op in ("DELETE", "TRUNCATE"):
+        if e.old is None:
+            raise UserError(
+                f"cannot revert the TRUNCATE of {e.table}: it was recorded as a marker only",
+                hint="set history.overrides.<table>.truncate: rows to record removed rows",
+            )
+        cols = [c for c in e.old if c not in generated]
+        plan.statements.append(
+            (
+                f"re-insert {e.table} {e.key} ({e.op.lower()}d)",
+                sql.SQL(
+                    "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {rcols} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r"
+                ).format(
+                    tbl=tbl,
+                    cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+                    rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in cols),
+                    old=sql.Literal(json.dumps(e.old)),
+                ),
+            )
+        )
+    # SNAPSHOT events record state, not a change: nothing to undo.
+
+
+def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = HistorySchema()) -> RevertPlan:  # noqa: B008
+    with conn.transaction():
+        evs = list(events(conn, EventFilter(tx=tx), schema=schema))
+    if not evs:
+        raise UserError(f"no history for transaction {tx}", hint="`pgwarden history --tx N` lists its events")
+    plan = RevertPlan(tx=tx)
+    plan.conflicts = _conflicts(conn, schema, tx, evs)
+    tracked = {str(t.name): t for t in catalog.tracked_tables(conn, schema)}
+    for e in reversed(evs):
+        _compensate(conn, e, plan)
+        t = tracked.get(e.table)
+        if t and t.exclude_columns and e.op in ("DELETE", "TRUNCATE"):
+            plan.warnings.append(
+                f"{e.table}: excluded columns ({', '.join(t.exclude_columns)}) were never "
+                "recorded; re-inserted rows get their defaults"
+            )
+    plan.warnings = sorted(set(plan.warnings))
+    return plan
+
+
+def revert(conn: Conn, tx: int, *, dry_run: bool = False, schema: HistorySchema = HistorySchema()) -> RevertPlan:  # noqa: B008
+    """Undo transaction `tx`. Refuses (UserError listing them) when later changes conflict."""
+    plan = plan_revert(conn, tx, schema=schema)
+    if plan.conflicts:
+        lines = [f"  {c.table} {json.dumps(c.key)}: {c.later_op} in tx {c.later_tx} at {c.at}" for c in plan.conflicts[:20]]
+        more = f"\n  … and {len(plan.conflicts) - 20} more" if len(plan.conflicts) > 20 else ""
+        raise UserError(
+            f"cannot revert transaction {tx}: rows it changed were changed again later:\n"
+            + "\n".join(lines)
+            + more,
+            hint="revert the later transactions first (newest first)",
+        )
+    if dry_run:
+        return plan
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_catalog.set_config('pgwarden.context', %s, true)", (f"revert of tx {tx}",)
+        )
+        for _summary, statement in plan.statements:
+            conn.execute(statement)
+    return plan

@@ -1,0 +1,515 @@
+-- pgwarden change history: schema, tables and functions. Idempotent: applied on every install.
+-- Placeholders: {schema} (the history schema) and {owner} (its NOLOGIN owner role), filled in by
+-- psycopg.sql as quoted identifiers; {schema_name} is the schema as a string literal. Literal
+-- braces are doubled.
+--
+-- Design notes
+-- * Capture is statement-level: AFTER triggers with transition tables write one set-based INSERT
+--   per statement. fail-open wraps that one INSERT in one EXCEPTION block, so at most one
+--   subtransaction per statement, never one per row.
+-- * UPDATE pairs old and new rows by their position in the transition tables: PostgreSQL appends
+--   the old and the new image of each updated row together, so the n-th old row and the n-th new
+--   row are the same row, even when the update changed its primary key.
+-- * Every function that runs on behalf of application roles is SECURITY DEFINER, pins
+--   search_path to pg_catalog, pg_temp and qualifies every name.
+
+CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner};
+ALTER SCHEMA {schema} OWNER TO {owner};
+REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+
+SET LOCAL ROLE {owner};
+
+CREATE TABLE IF NOT EXISTS {schema}.meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+
+-- One row per changed row. Partitioned by transaction time so retention drops whole partitions.
+CREATE TABLE IF NOT EXISTS {schema}.event (
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    tx xid8 NOT NULL,
+    tx_at timestamptz NOT NULL,
+    stmt_at timestamptz NOT NULL,
+    table_oid oid NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    row_key jsonb,
+    key_hash bigint,
+    old_row jsonb,
+    new_row jsonb,
+    db_user text NOT NULL,
+    role_name text NOT NULL,
+    application text,
+    client_addr inet,
+    app_user text,
+    context text,
+    statement text
+) PARTITION BY RANGE (tx_at);
+
+CREATE TABLE IF NOT EXISTS {schema}.event_default PARTITION OF {schema}.event DEFAULT;
+
+-- Per-row lookups: (table, hash of the key); the key itself is compared after the index probe.
+CREATE INDEX IF NOT EXISTS event_row_idx ON {schema}.event (table_oid, key_hash);
+-- revert TX: every event of one transaction (identical keys deduplicate well in a b-tree).
+CREATE INDEX IF NOT EXISTS event_tx_idx ON {schema}.event (tx);
+-- --since / --until and as-of scans: BRIN is nearly free to maintain on append-only data.
+CREATE INDEX IF NOT EXISTS event_at_idx ON {schema}.event USING brin (tx_at);
+
+-- What is tracked, and how. `source` says who asked: the config (apply manages these), a
+-- `pgwarden track` command, or a pattern rule matched by a table created later.
+CREATE TABLE IF NOT EXISTS {schema}.tracked (
+    table_oid oid PRIMARY KEY,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    mode text NOT NULL DEFAULT 'fail-closed' CHECK (mode IN ('fail-closed', 'fail-open')),
+    exclude_columns text[] NOT NULL DEFAULT '{{}}',
+    truncate_mode text NOT NULL DEFAULT 'rows' CHECK (truncate_mode IN ('rows', 'marker')),
+    source text NOT NULL DEFAULT 'config' CHECK (source IN ('config', 'manual', 'rule')),
+    since timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Patterns from history.tables: tables created later that match are tracked by the DDL trigger.
+CREATE TABLE IF NOT EXISTS {schema}.rule (
+    pattern text PRIMARY KEY,
+    schema_regex text NOT NULL,
+    table_regex text NOT NULL,
+    mode text NOT NULL CHECK (mode IN ('fail-closed', 'fail-open')),
+    truncate_mode text NOT NULL DEFAULT 'rows' CHECK (truncate_mode IN ('rows', 'marker'))
+);
+
+-- history.exclude_columns and per-table overrides, by name, for tables that do not exist yet.
+CREATE TABLE IF NOT EXISTS {schema}.table_setting (
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    mode text CHECK (mode IN ('fail-closed', 'fail-open')),
+    exclude_columns text[] NOT NULL DEFAULT '{{}}',
+    truncate_mode text NOT NULL DEFAULT 'rows' CHECK (truncate_mode IN ('rows', 'marker')),
+    PRIMARY KEY (schema_name, table_name)
+);
+
+-- fail-open statements whose history could not be written.
+CREATE TABLE IF NOT EXISTS {schema}.capture_failure (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    tx xid8 NOT NULL,
+    table_oid oid NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    sqlstate text,
+    message text
+);
+
+-- Schema changes: who, when, what.
+CREATE TABLE IF NOT EXISTS {schema}.ddl_log (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    tx xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    db_user text NOT NULL,
+    role_name text NOT NULL,
+    application text,
+    client_addr inet,
+    command_tag text NOT NULL,
+    object_type text,
+    schema_name text,
+    object_identity text,
+    statement text
+);
+
+RESET ROLE;
+
+-- The role whose privileges apply outside any SECURITY DEFINER function: SET ROLE if used, else
+-- the login role. (Inside our definer functions current_user is the history owner.)
+CREATE OR REPLACE FUNCTION {schema}.acting_role() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pg_catalog.current_setting('role') = 'none'
+                THEN pg_catalog.session_user()::text
+                ELSE pg_catalog.current_setting('role') END
+$$;
+
+-- Key columns of a table: its primary key, else its replica identity index.
+CREATE OR REPLACE FUNCTION {schema}.key_columns(relid oid) RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+    FROM (
+        SELECT i.indrelid, i.indkey
+        FROM pg_catalog.pg_index i
+        WHERE i.indrelid = relid AND (i.indisprimary OR i.indisreplident)
+        ORDER BY i.indisprimary DESC
+        LIMIT 1
+    ) idx
+    CROSS JOIN LATERAL pg_catalog.unnest(idx.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = idx.indrelid AND a.attnum = k.attnum
+$$;
+
+-- `jsonb_build_object('c1', <img>->'c1', …)` for the key columns, as an SQL expression.
+CREATE OR REPLACE FUNCTION {schema}.key_expression(key_cols text[], img text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN key_cols IS NULL OR pg_catalog.cardinality(key_cols) = 0
+                THEN 'NULL::jsonb'
+                ELSE 'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(
+                         pg_catalog.format('%L::text, %s OPERATOR(pg_catalog.->) %L::text', c, img, c),
+                         ', ') || ')' END
+    FROM pg_catalog.unnest(key_cols) AS c
+$$;
+
+-- The capture trigger for INSERT, UPDATE and DELETE (statement level, transition tables).
+CREATE OR REPLACE FUNCTION {schema}.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    cfg record;
+    key_cols text[];
+    excl text[];
+    stmt text;
+    q text;
+    cols constant text :=
+        'INSERT INTO {schema}.event (tx, tx_at, stmt_at, table_oid, schema_name, table_name, op,'
+        ' row_key, key_hash, old_row, new_row, db_user, role_name, application, client_addr,'
+        ' app_user, context, statement) ';
+    who constant text :=
+        '$1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,'
+        ' $8, $9, $10, $11, $12, $13, $14';
+    err_state text;
+    err_message text;
+BEGIN
+    SELECT t.mode, t.exclude_columns INTO cfg
+    FROM {schema}.tracked t WHERE t.table_oid = TG_RELID;
+    excl := COALESCE(cfg.exclude_columns, '{{}}'::text[]);
+    key_cols := {schema}.key_columns(TG_RELID);
+    IF (SELECT m.value FROM {schema}.meta m WHERE m.key = 'record_statement') = 'on' THEN
+        stmt := pg_catalog.current_query();
+    END IF;
+
+    IF TG_OP = 'INSERT' THEN
+        q := cols || 'SELECT ' || who || ' FROM (SELECT '
+            || {schema}.key_expression(key_cols, 'i.img') || ' AS k, NULL::jsonb AS o, i.img AS n'
+            || ' FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img'
+            || ' FROM new_rows r) i) x';
+    ELSIF TG_OP = 'DELETE' THEN
+        q := cols || 'SELECT ' || who || ' FROM (SELECT '
+            || {schema}.key_expression(key_cols, 'i.img') || ' AS k, i.img AS o, NULL::jsonb AS n'
+            || ' FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img'
+            || ' FROM old_rows r) i) x';
+    ELSE
+        -- Pair by position; skip rows where nothing (or only excluded columns) changed.
+        q := cols || 'SELECT ' || who || ' FROM (SELECT '
+            || {schema}.key_expression(key_cols, 'nw.img') || ' AS k, od.img AS o, nw.img AS n'
+            || ' FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img,'
+            || ' pg_catalog.row_number() OVER () AS pos FROM old_rows r) od'
+            || ' JOIN (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img,'
+            || ' pg_catalog.row_number() OVER () AS pos FROM new_rows r) nw'
+            || ' ON od.pos OPERATOR(pg_catalog.=) nw.pos'
+            || ' WHERE od.img IS DISTINCT FROM nw.img) x';
+    END IF;
+
+    IF cfg.mode = 'fail-open' THEN
+        BEGIN
+            EXECUTE q USING pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA::text,
+                TG_TABLE_NAME::text, TG_OP, pg_catalog.session_user()::text,
+                {schema}.acting_role(), pg_catalog.current_setting('application_name'),
+                pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+            RAISE WARNING 'pgwarden: history of % on %.% was not recorded: %',
+                TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, err_message
+                USING HINT = 'fail-open mode: the change itself went through; '
+                             'see pgwarden verify';
+            INSERT INTO {schema}.capture_failure
+                (tx, table_oid, schema_name, table_name, op, sqlstate, message)
+            VALUES (pg_catalog.pg_current_xact_id(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
+                    TG_OP, err_state, err_message);
+        END;
+    ELSE
+        EXECUTE q USING pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+            pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA::text,
+            TG_TABLE_NAME::text, TG_OP, pg_catalog.session_user()::text,
+            {schema}.acting_role(), pg_catalog.current_setting('application_name'),
+            pg_catalog.inet_client_addr(),
+            NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+            NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl;
+    END IF;
+    RETURN NULL;
+END
+$body$;
+
+-- Rows of a whole table as events (TRUNCATE's removed rows, or SNAPSHOT when tracking starts).
+CREATE OR REPLACE FUNCTION {schema}.write_table_rows(relid oid, op text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    excl text[];
+    nsp text;
+    rel text;
+    stmt text;
+    written bigint;
+BEGIN
+    SELECT n.nspname, c.relname INTO nsp, rel
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = relid;
+    SELECT t.exclude_columns INTO excl FROM {schema}.tracked t WHERE t.table_oid = relid;
+    IF (SELECT m.value FROM {schema}.meta m WHERE m.key = 'record_statement') = 'on' THEN
+        stmt := pg_catalog.current_query();
+    END IF;
+    EXECUTE pg_catalog.format(
+        'INSERT INTO {schema}.event (tx, tx_at, stmt_at, table_oid, schema_name, table_name, op,'
+        ' row_key, key_hash, old_row, new_row, db_user, role_name, application, client_addr,'
+        ' app_user, context, statement)'
+        ' SELECT $1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0),'
+        ' CASE WHEN $7 = %L THEN x.img END, CASE WHEN $7 = %L THEN x.img END,'
+        ' $8, $9, $10, $11, $12, $13, $14'
+        ' FROM (SELECT %s AS k, i.img FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15'
+        ' AS img FROM ONLY %I.%I r) i) x',
+        'TRUNCATE', 'SNAPSHOT', {schema}.key_expression({schema}.key_columns(relid), 'i.img'),
+        nsp, rel)
+    USING pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+        pg_catalog.statement_timestamp(), relid, nsp, rel, op, pg_catalog.session_user()::text,
+        {schema}.acting_role(), pg_catalog.current_setting('application_name'),
+        pg_catalog.inet_client_addr(), NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+        NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt,
+        COALESCE(excl, '{{}}'::text[]);
+    GET DIAGNOSTICS written = ROW_COUNT;
+    RETURN written;
+END
+$body$;
+
+-- BEFORE TRUNCATE: record the rows about to disappear (or a marker only).
+CREATE OR REPLACE FUNCTION {schema}.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    cfg record;
+    err_state text;
+    err_message text;
+BEGIN
+    SELECT t.mode, t.truncate_mode INTO cfg FROM {schema}.tracked t WHERE t.table_oid = TG_RELID;
+    BEGIN
+        IF cfg.truncate_mode = 'marker' THEN
+            INSERT INTO {schema}.event (tx, tx_at, stmt_at, table_oid, schema_name, table_name,
+                op, db_user, role_name, application, client_addr, app_user, context)
+            VALUES (pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
+                'TRUNCATE', pg_catalog.session_user()::text, {schema}.acting_role(),
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''));
+        ELSE
+            PERFORM {schema}.write_table_rows(TG_RELID, 'TRUNCATE');
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        IF COALESCE(cfg.mode, 'fail-closed') <> 'fail-open' THEN
+            RAISE;
+        END IF;
+        GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+        RAISE WARNING 'pgwarden: history of TRUNCATE on %.% was not recorded: %',
+            TG_TABLE_SCHEMA, TG_TABLE_NAME, err_message;
+        INSERT INTO {schema}.capture_failure
+            (tx, table_oid, schema_name, table_name, op, sqlstate, message)
+        VALUES (pg_catalog.pg_current_xact_id(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
+                'TRUNCATE', err_state, err_message);
+    END;
+    RETURN NULL;
+END
+$body$;
+
+-- History is append-only: even its owner cannot UPDATE, DELETE or TRUNCATE it. Retention drops
+-- whole partitions instead.
+CREATE OR REPLACE FUNCTION {schema}.forbid_change() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+BEGIN
+    RAISE EXCEPTION 'pgwarden history is append-only: % on %.% is not allowed',
+        TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'old events are removed only by `pgwarden retention`';
+END
+$body$;
+
+CREATE OR REPLACE TRIGGER event_append_only BEFORE UPDATE OR DELETE ON {schema}.event
+    FOR EACH ROW EXECUTE FUNCTION {schema}.forbid_change();
+CREATE OR REPLACE TRIGGER event_no_truncate BEFORE TRUNCATE ON {schema}.event
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
+CREATE OR REPLACE TRIGGER event_no_truncate BEFORE TRUNCATE ON {schema}.event_default
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
+CREATE OR REPLACE TRIGGER ddl_log_append_only BEFORE UPDATE OR DELETE ON {schema}.ddl_log
+    FOR EACH ROW EXECUTE FUNCTION {schema}.forbid_change();
+CREATE OR REPLACE TRIGGER ddl_log_no_truncate BEFORE TRUNCATE ON {schema}.ddl_log
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
+
+-- Monthly partitions from one month back to `months_ahead` months ahead.
+CREATE OR REPLACE FUNCTION {schema}.ensure_partitions(months_ahead int DEFAULT 3)
+RETURNS SETOF text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    month date;
+    part text;
+BEGIN
+    FOR month IN
+        SELECT pg_catalog.generate_series(
+            pg_catalog.date_trunc('month', pg_catalog.now() - interval '1 month'),
+            pg_catalog.date_trunc('month', pg_catalog.now()) + pg_catalog.make_interval(months => months_ahead),
+            interval '1 month')::date
+    LOOP
+        part := 'event_p' || pg_catalog.to_char(month, 'YYYYMM');
+        CONTINUE WHEN pg_catalog.to_regclass('{schema}.' || pg_catalog.quote_ident(part)) IS NOT NULL;
+        BEGIN
+            EXECUTE pg_catalog.format(
+                'CREATE TABLE {schema}.%I PARTITION OF {schema}.event FOR VALUES FROM (%L) TO (%L)',
+                part, month::timestamptz, (month + interval '1 month')::timestamptz);
+        EXCEPTION WHEN check_violation THEN
+            -- The default partition already holds rows of that month: leave them there.
+            RAISE WARNING 'pgwarden: partition % not created: the default partition has rows '
+                          'in its range', part;
+            CONTINUE;
+        END;
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON {schema}.%I '
+            'FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change()', part);
+        EXECUTE pg_catalog.format('ALTER TABLE {schema}.%I OWNER TO {owner}', part);
+        RETURN NEXT part;
+    END LOOP;
+END
+$body$;
+
+-- Start tracking a table: triggers (ENABLE ALWAYS, so session_replication_role = replica does
+-- not skip them), its settings, and a SNAPSHOT of its rows when it was not tracked before.
+CREATE OR REPLACE FUNCTION {schema}.track(
+    relid regclass,
+    track_mode text DEFAULT 'fail-closed',
+    excluded text[] DEFAULT '{{}}',
+    truncate_how text DEFAULT 'rows',
+    requested_by text DEFAULT 'config'
+) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    nsp text;
+    rel text;
+    kind "char";
+    key_cols text[];
+    was_tracked boolean;
+    snapshot bigint := 0;
+    bad text;
+BEGIN
+    SELECT n.nspname, c.relname, c.relkind INTO nsp, rel, kind
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = relid;
+    IF kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pgwarden: %.% is not a table', nsp, rel USING ERRCODE = 'wrong_object_type';
+    END IF;
+    key_cols := {schema}.key_columns(relid);
+    IF key_cols IS NULL THEN
+        RAISE EXCEPTION 'pgwarden: %.% has no primary key, so its rows have no identity to '
+                        'record history by', nsp, rel
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'add a primary key (or REPLICA IDENTITY USING INDEX on a unique, '
+                         'not-null index), then track it';
+    END IF;
+    SELECT c INTO bad FROM pg_catalog.unnest(excluded) AS c WHERE c = ANY (key_cols) LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgwarden: column % of %.% is part of its key and cannot be excluded',
+            bad, nsp, rel USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c INTO bad FROM pg_catalog.unnest(excluded) AS c
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                      WHERE a.attrelid = relid AND a.attname = c AND NOT a.attisdropped)
+    LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgwarden: %.% has no column % to exclude', nsp, rel, bad
+            USING ERRCODE = 'undefined_column';
+    END IF;
+
+    was_tracked := EXISTS (SELECT 1 FROM {schema}.tracked t WHERE t.table_oid = relid);
+    PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
+    INSERT INTO {schema}.tracked AS t
+        (table_oid, schema_name, table_name, mode, exclude_columns, truncate_mode, source)
+    VALUES (relid, nsp, rel, track_mode, excluded, truncate_how, requested_by)
+    ON CONFLICT (table_oid) DO UPDATE
+        SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+            mode = EXCLUDED.mode, exclude_columns = EXCLUDED.exclude_columns,
+            truncate_mode = EXCLUDED.truncate_mode,
+            source = CASE WHEN t.source = 'manual' AND EXCLUDED.source <> 'manual'
+                          THEN t.source ELSE EXCLUDED.source END;
+
+    EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER pgwarden_capture_insert AFTER INSERT ON %I.%I '
+        'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
+        'EXECUTE FUNCTION {schema}.capture()', nsp, rel);
+    EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER pgwarden_capture_update AFTER UPDATE ON %I.%I '
+        'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT '
+        'EXECUTE FUNCTION {schema}.capture()', nsp, rel);
+    EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER pgwarden_capture_delete AFTER DELETE ON %I.%I '
+        'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT '
+        'EXECUTE FUNCTION {schema}.capture()', nsp, rel);
+    EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER pgwarden_capture_truncate BEFORE TRUNCATE ON %I.%I '
+        'FOR EACH STATEMENT EXECUTE FUNCTION {schema}.capture_truncate()', nsp, rel);
+    EXECUTE pg_catalog.format(
+        'ALTER TABLE %I.%I ENABLE ALWAYS TRIGGER pgwarden_capture_insert, '
+        'ENABLE ALWAYS TRIGGER pgwarden_capture_update, '
+        'ENABLE ALWAYS TRIGGER pgwarden_capture_delete, '
+        'ENABLE ALWAYS TRIGGER pgwarden_capture_truncate', nsp, rel);
+
+    -- The history owner reads the table for SNAPSHOT and TRUNCATE events.
+    EXECUTE pg_catalog.format('GRANT SELECT ON %I.%I TO {owner}', nsp, rel);
+
+    IF NOT was_tracked THEN
+        -- CREATE TRIGGER holds a lock that blocks writers until commit, so this snapshot and
+        -- the triggers see the same rows: nothing slips between them.
+        snapshot := {schema}.write_table_rows(relid, 'SNAPSHOT');
+    END IF;
+    PERFORM pg_catalog.set_config('pgwarden.in_track', '', true);
+    RETURN snapshot;
+END
+$body$;
+
+-- Stop tracking a table; its history stays.
+CREATE OR REPLACE FUNCTION {schema}.untrack(relid regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    nsp text;
+    rel text;
+BEGIN
+    SELECT n.nspname, c.relname INTO nsp, rel
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = relid;
+    PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_insert ON %I.%I', nsp, rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_update ON %I.%I', nsp, rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_delete ON %I.%I', nsp, rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_truncate ON %I.%I', nsp, rel);
+    DELETE FROM {schema}.tracked t WHERE t.table_oid = relid;
+    PERFORM pg_catalog.set_config('pgwarden.in_track', '', true);
+END
+$body$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC;
+ALTER FUNCTION {schema}.capture() OWNER TO {owner};
+ALTER FUNCTION {schema}.capture_truncate() OWNER TO {owner};
+ALTER FUNCTION {schema}.write_table_rows(oid, text) OWNER TO {owner};
+ALTER FUNCTION {schema}.acting_role() OWNER TO {owner};
+ALTER FUNCTION {schema}.key_columns(oid) OWNER TO {owner};
+ALTER FUNCTION {schema}.key_expression(text[], text) OWNER TO {owner};
+ALTER FUNCTION {schema}.forbid_change() OWNER TO {owner};
