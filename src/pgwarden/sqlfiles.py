@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from importlib import resources
-from typing import LiteralString, cast
 
 from psycopg import sql
 
@@ -20,5 +19,4 @@ def sql_version(name: str) -> str:
 
 def compose(name: str, **names: sql.Composable) -> sql.Composed:
     # The file is our own package data, not user input: it is as trusted as a literal in code.
-    template = cast(LiteralString, sql_text(name))
-    return sql.SQL(template).format(**names)
+    return sql.SQL(sql_text(name)).format(**names)

@@ -11,6 +11,7 @@ from pgwarden.cli.app import run_guarded
 from pgwarden.cli.config_cmds import config_group, init_cmd
 from pgwarden.cli.context import AppContext
 from pgwarden.cli.converge_cmds import apply_cmd, check_cmd, plan_cmd
+from pgwarden.cli.history_cmds import COMMANDS as HISTORY_COMMANDS
 from pgwarden.cli.server_cmds import down_cmd, logs_cmd, psql_cmd, status_cmd, up_cmd, url_cmd
 
 
@@ -57,6 +58,7 @@ for command in (
     plan_cmd,
     apply_cmd,
     check_cmd,
+    *HISTORY_COMMANDS,
 ):
     cli.add_command(command)
 

@@ -41,6 +41,9 @@ class HistorySchema:
         }
 
 
+DEFAULT_SCHEMA = HistorySchema()
+
+
 @dataclass(frozen=True)
 class LiveTable:
     oid: int

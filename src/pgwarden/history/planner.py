@@ -43,11 +43,11 @@ def settings_by_table(history: HistoryConfig) -> dict[TableName, TableSettings]:
         excluded.setdefault(name, []).extend(override.exclude_columns)
     result = {}
     for name in names:
-        override = overrides.get(name)
+        found = overrides.get(name)
         result[name] = TableSettings(
-            mode=str((override.mode if override and override.mode else history.mode).value),
+            mode=str((found.mode if found and found.mode else history.mode).value),
             exclude_columns=tuple(sorted(set(excluded.get(name, [])))),
-            truncate_mode=override.truncate if override else "rows",
+            truncate_mode=found.truncate if found else "rows",
         )
     return result
 
@@ -70,9 +70,7 @@ def patterns(history: HistoryConfig) -> list[TablePattern]:
 
 
 def desired_settings(history: HistoryConfig, name: TableName) -> TableSettings:
-    return settings_by_table(history).get(
-        name, TableSettings(str(history.mode.value), (), "rows")
-    )
+    return settings_by_table(history).get(name, TableSettings(str(history.mode.value), (), "rows"))
 
 
 def install_operations(conn: Conn, schema: HistorySchema) -> list[Operation]:
@@ -205,9 +203,9 @@ def _rule_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) 
     current: dict[str, tuple[str, str, str, str]] = {}
     if catalog.is_installed(conn, schema):
         rows = conn.execute(
-            sql.SQL("SELECT pattern, schema_regex, table_regex, mode, truncate_mode FROM {}").format(
-                schema.table("rule")
-            )
+            sql.SQL(
+                "SELECT pattern, schema_regex, table_regex, mode, truncate_mode FROM {}"
+            ).format(schema.table("rule"))
         ).fetchall()
         current = {str(r[0]): (str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows}
     ops = []
@@ -354,11 +352,13 @@ def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
             have.mode,
             tuple(sorted(have.exclude_columns)),
             have.truncate_mode,
-        ) != (settings.mode, settings.exclude_columns, settings.truncate_mode) or not have.triggers_ok:
+        ) != (
+            settings.mode,
+            settings.exclude_columns,
+            settings.truncate_mode,
+        ) or not have.triggers_ok:
             why = "repair its triggers" if have.triggers_ok is False else "update its settings"
-            ops.append(
-                track_operation(schema, name, settings, have.source, f"{why} on {name}")
-            )
+            ops.append(track_operation(schema, name, settings, have.source, f"{why} on {name}"))
     for oid, have in tracked.items():
         if oid not in wanted and have.source != "manual":
             ops.append(untrack_operation(schema, have.name, "no longer in history.tables"))

@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 
 from pgwarden.errors import UserError
 from pgwarden.history import catalog
-from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.names import TableName
 
 OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
@@ -177,14 +177,14 @@ def _where(conn: Conn, schema: HistorySchema, flt: EventFilter) -> sql.Composed:
         clauses.append(sql.SQL("e.tx = {}::xid8").format(sql.Literal(str(flt.tx))))
     if not clauses:
         return sql.Composed([sql.SQL("TRUE")])
-    return sql.SQL(" AND ").join(clauses)  # type: ignore[return-value]
+    return sql.SQL(" AND ").join(clauses)
 
 
 def events(
     conn: Conn,
-    flt: EventFilter = EventFilter(),  # noqa: B008 - frozen dataclass, never mutated
+    flt: EventFilter = EventFilter(),
     *,
-    schema: HistorySchema = HistorySchema(),  # noqa: B008
+    schema: HistorySchema = DEFAULT_SCHEMA,
     newest_first: bool = False,
     batch: int = 2000,
 ) -> Iterator[Event]:
@@ -297,7 +297,7 @@ def as_of(
     at: datetime,
     *,
     key: Mapping[str, str] | None = None,
-    schema: HistorySchema = HistorySchema(),  # noqa: B008
+    schema: HistorySchema = DEFAULT_SCHEMA,
 ) -> list[dict[str, Any]]:
     """The rows of `table` as they were at `at` (transaction time), rebuilt from history."""
     oid = _table_for_as_of(conn, schema, table)
@@ -312,7 +312,7 @@ def as_of_into(
     at: datetime,
     target: TableName,
     *,
-    schema: HistorySchema = HistorySchema(),  # noqa: B008
+    schema: HistorySchema = DEFAULT_SCHEMA,
 ) -> int:
     """Rebuild the whole table as of `at` into a new table `target`; returns its row count."""
     oid = _table_for_as_of(conn, schema, table)
@@ -332,7 +332,8 @@ def as_of_into(
         conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
         cur = conn.execute(
             sql.SQL(
-                "INSERT INTO {dest} SELECT (pg_catalog.jsonb_populate_record(NULL::{src}, h.img)).* "
+                "INSERT INTO {dest} "
+                "SELECT (pg_catalog.jsonb_populate_record(NULL::{src}, h.img)).* "
                 "FROM ({history}) h"
             ).format(dest=dest, src=source, history=_as_of_query(conn, schema, oid, at, None))
         )

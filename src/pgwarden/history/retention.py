@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from psycopg import sql
 
 from pgwarden.history import catalog
-from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.planner import PARTITION_MONTHS_AHEAD
 
 
@@ -61,7 +61,7 @@ def apply_retention(
     keep: timedelta,
     *,
     dry_run: bool = False,
-    schema: HistorySchema = HistorySchema(),  # noqa: B008
+    schema: HistorySchema = DEFAULT_SCHEMA,
     now: datetime | None = None,
 ) -> RetentionResult:
     cutoff = (now or datetime.now(UTC)) - keep

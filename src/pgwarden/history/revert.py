@@ -10,8 +10,8 @@ from psycopg import sql
 
 from pgwarden.errors import UserError
 from pgwarden.history import catalog
-from pgwarden.history.catalog import Conn, HistorySchema
-from pgwarden.history.names import TableName
+from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
+from pgwarden.history.names import TableName, parse_table
 from pgwarden.history.read import Event, EventFilter, events
 
 
@@ -56,7 +56,8 @@ def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> 
                 WHERE e.schema_name = %s AND e.table_name = %s AND e.id > %s
                   AND e.tx <> %s::xid8
                   AND (e.row_key = ANY (%s::jsonb[])
-                       OR (e.op = 'UPDATE' AND (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
+                       OR (e.op = 'UPDATE'
+                           AND (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
                            FROM pg_catalog.jsonb_object_keys(e.row_key) c) = ANY (%s::jsonb[]))
                        OR e.op = 'TRUNCATE' AND e.row_key IS NULL)
                 ORDER BY e.id
@@ -70,8 +71,6 @@ def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> 
 
 
 def _split(table: str) -> tuple[str, str]:
-    from pgwarden.history.names import parse_table
-
     name = parse_table(table)
     return name.schema, name.table
 
@@ -90,7 +89,10 @@ def _generated_columns(conn: Conn, name: TableName) -> set[str]:
 
 def _key_match(tbl: sql.Identifier, key: dict[str, Any]) -> sql.Composed:
     cols = sorted(key)
-    return sql.SQL("({cols}) = (SELECT {rcols} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {key}::jsonb) r)").format(
+    return sql.SQL(
+        "({cols}) = (SELECT {rcols} "
+        "FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {key}::jsonb) r)"
+    ).format(
         cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
         rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in cols),
         tbl=tbl,
@@ -106,17 +108,26 @@ def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
     generated = _generated_columns(conn, name)
     if e.op == "INSERT":
         plan.statements.append(
-            (f"delete {e.table} {e.key} (inserted)", sql.SQL("DELETE FROM {} WHERE {}").format(tbl, _key_match(tbl, e.key)))
+            (
+                f"delete {e.table} {e.key} (inserted)",
+                sql.SQL("DELETE FROM {} WHERE {}").format(tbl, _key_match(tbl, e.key)),
+            )
         )
     elif e.op == "UPDATE":
-        changed = [c for c in (e.old or {}) if (e.old or {}).get(c) != (e.new or {}).get(c) and c not in generated]
+        changed = [
+            c
+            for c in (e.old or {})
+            if (e.old or {}).get(c) != (e.new or {}).get(c) and c not in generated
+        ]
         if not changed:
             return
         plan.statements.append(
             (
                 f"restore {e.table} {_old_key(e)} ({', '.join(sorted(changed))})",
                 sql.SQL(
-                    "UPDATE {tbl} SET ({cols}) = (SELECT {rcols} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r) WHERE {match}"
+                    "UPDATE {tbl} SET ({cols}) = (SELECT {rcols} "
+                    "FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r) "
+                    "WHERE {match}"
                 ).format(
                     tbl=tbl,
                     cols=sql.SQL(", ").join(sql.Identifier(c) for c in sorted(changed)),
@@ -137,7 +148,8 @@ def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
             (
                 f"re-insert {e.table} {e.key} ({e.op.lower()}d)",
                 sql.SQL(
-                    "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {rcols} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r"
+                    "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {rcols} "
+                    "FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r"
                 ).format(
                     tbl=tbl,
                     cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
@@ -149,11 +161,13 @@ def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
     # SNAPSHOT events record state, not a change: nothing to undo.
 
 
-def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = HistorySchema()) -> RevertPlan:  # noqa: B008
+def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> RevertPlan:
     with conn.transaction():
         evs = list(events(conn, EventFilter(tx=tx), schema=schema))
     if not evs:
-        raise UserError(f"no history for transaction {tx}", hint="`pgwarden history --tx N` lists its events")
+        raise UserError(
+            f"no history for transaction {tx}", hint="`pgwarden history --tx N` lists its events"
+        )
     plan = RevertPlan(tx=tx)
     plan.conflicts = _conflicts(conn, schema, tx, evs)
     tracked = {str(t.name): t for t in catalog.tracked_tables(conn, schema)}
@@ -169,11 +183,16 @@ def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = HistorySchema())
     return plan
 
 
-def revert(conn: Conn, tx: int, *, dry_run: bool = False, schema: HistorySchema = HistorySchema()) -> RevertPlan:  # noqa: B008
+def revert(
+    conn: Conn, tx: int, *, dry_run: bool = False, schema: HistorySchema = DEFAULT_SCHEMA
+) -> RevertPlan:
     """Undo transaction `tx`. Refuses (UserError listing them) when later changes conflict."""
     plan = plan_revert(conn, tx, schema=schema)
     if plan.conflicts:
-        lines = [f"  {c.table} {json.dumps(c.key)}: {c.later_op} in tx {c.later_tx} at {c.at}" for c in plan.conflicts[:20]]
+        lines = [
+            f"  {c.table} {json.dumps(c.key)}: {c.later_op} in tx {c.later_tx} at {c.at}"
+            for c in plan.conflicts[:20]
+        ]
         more = f"\n  … and {len(plan.conflicts) - 20} more" if len(plan.conflicts) > 20 else ""
         raise UserError(
             f"cannot revert transaction {tx}: rows it changed were changed again later:\n"

@@ -67,7 +67,9 @@ def untrack(conn: Conn, config: Config, names: Sequence[TableName]) -> list[Oper
         tracked = {t.name for t in catalog.tracked_tables(conn, schema)}
         missing = [str(n) for n in names if n not in tracked]
         if missing:
-            raise UserError(f"not tracked: {', '.join(missing)}", hint="`pgwarden verify` lists tracked tables")
+            raise UserError(
+                f"not tracked: {', '.join(missing)}", hint="`pgwarden verify` lists tracked tables"
+            )
         ops = [untrack_operation(schema, name, "asked") for name in names]
     apply_plan(conn, ops)
     return ops

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from psycopg import sql
 
 from pgwarden.history import catalog
-from pgwarden.history.catalog import CAPTURE_TRIGGERS, Conn, HistorySchema
+from pgwarden.history.catalog import CAPTURE_TRIGGERS, DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.names import TableName
 
 
@@ -35,7 +35,8 @@ _TRIGGER_STATE = {"O": "enabled (not ALWAYS: session_replication_role=replica sk
 
 def _trigger_problems(conn: Conn, table: catalog.TrackedTable) -> list[Problem]:
     rows = conn.execute(
-        "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = %s AND tgname = ANY (%s)",
+        "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger "
+        "WHERE tgrelid = %s AND tgname = ANY (%s)",
         (table.oid, list(CAPTURE_TRIGGERS)),
     ).fetchall()
     present = {str(name): str(state) for name, state in rows}
@@ -46,7 +47,11 @@ def _trigger_problems(conn: Conn, table: catalog.TrackedTable) -> list[Problem]:
             problems.append(Problem(str(table.name), "missing-trigger", f"{trigger} is missing"))
         elif state != "A":
             problems.append(
-                Problem(str(table.name), "disabled-trigger", f"{trigger} is {_TRIGGER_STATE.get(state, state)}")
+                Problem(
+                    str(table.name),
+                    "disabled-trigger",
+                    f"{trigger} is {_TRIGGER_STATE.get(state, state)}",
+                )
             )
     return problems
 
@@ -62,7 +67,8 @@ def _gap(conn: Conn, schema: HistorySchema, table: catalog.TrackedTable) -> Prob
             SELECT img FROM (
                 SELECT DISTINCT ON (k) k, img FROM (
                     SELECT e.id, e.row_key AS k, 1 AS prio,
-                           CASE WHEN e.op IN ('DELETE', 'TRUNCATE') THEN NULL ELSE e.new_row END AS img
+                           CASE WHEN e.op IN ('DELETE', 'TRUNCATE') THEN NULL
+                                ELSE e.new_row END AS img
                     FROM {event} e WHERE e.table_oid = %(oid)s AND e.row_key IS NOT NULL
                   UNION ALL
                     SELECT u.id, u.old_key, 0, NULL FROM (
@@ -91,11 +97,15 @@ def _gap(conn: Conn, schema: HistorySchema, table: catalog.TrackedTable) -> Prob
     )
 
 
-def verify(conn: Conn, *, schema: HistorySchema = HistorySchema(), deep: bool = True) -> VerifyReport:  # noqa: B008
+def verify(
+    conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA, deep: bool = True
+) -> VerifyReport:
     report = VerifyReport()
     with conn.transaction():
         if not catalog.is_installed(conn, schema):
-            report.problems.append(Problem(None, "not-installed", f"history schema {schema.name} is not installed"))
+            report.problems.append(
+                Problem(None, "not-installed", f"history schema {schema.name} is not installed")
+            )
             return report
         tracked = catalog.tracked_tables(conn, schema)
         report.tracked = len(tracked)
@@ -118,8 +128,12 @@ def verify(conn: Conn, *, schema: HistorySchema = HistorySchema(), deep: bool = 
         ).fetchall()
         for nsp, rel, n, last, message in failures:
             report.problems.append(
-                Problem(str(TableName(str(nsp), str(rel))), "capture-failures",
-                        f"{n} statement(s) in fail-open mode were not recorded (last at {last}: {message})")
+                Problem(
+                    str(TableName(str(nsp), str(rel))),
+                    "capture-failures",
+                    f"{n} statement(s) in fail-open mode were not recorded "
+                    f"(last at {last}: {message})",
+                )
             )
         rules = conn.execute(
             sql.SQL(
@@ -137,8 +151,11 @@ def verify(conn: Conn, *, schema: HistorySchema = HistorySchema(), deep: bool = 
         ).fetchall()
         for nsp, rel in rules:
             report.problems.append(
-                Problem(str(TableName(str(nsp), str(rel))), "untracked",
-                        "matches history.tables but is not tracked (no primary key?)")
+                Problem(
+                    str(TableName(str(nsp), str(rel))),
+                    "untracked",
+                    "matches history.tables but is not tracked (no primary key?)",
+                )
             )
         if catalog.is_superuser(conn) and not catalog.event_triggers_ok(conn):
             report.problems.append(
@@ -149,7 +166,11 @@ def verify(conn: Conn, *, schema: HistorySchema = HistorySchema(), deep: bool = 
         ).fetchone()
         if stray and int(stray[0]):  # type: ignore[call-overload]
             report.problems.append(
-                Problem(None, "partitions", f"{stray[0]} event(s) fell into the default partition: "
-                        "run `pgwarden retention` (it creates monthly partitions) regularly")
+                Problem(
+                    None,
+                    "partitions",
+                    f"{stray[0]} event(s) fell into the default partition: "
+                    "run `pgwarden retention` (it creates monthly partitions) regularly",
+                )
             )
     return report

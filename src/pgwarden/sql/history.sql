@@ -470,6 +470,7 @@ BEGIN
         'ENABLE ALWAYS TRIGGER pgwarden_capture_truncate', nsp, rel);
 
     -- The history owner reads the table for SNAPSHOT and TRUNCATE events.
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA %I TO {owner}', nsp);
     EXECUTE pg_catalog.format('GRANT SELECT ON %I.%I TO {owner}', nsp, rel);
 
     IF NOT was_tracked THEN

@@ -1,0 +1,359 @@
+"""`pgwarden history | as-of | revert | retention | track | untrack | verify`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import click
+from rich.table import Table
+
+from pgwarden.cli.app import err_console, out
+from pgwarden.cli.context import AppContext, pass_app
+from pgwarden.cli.timeparse import TIME
+from pgwarden.connect import connect
+from pgwarden.errors import UserError
+from pgwarden.history import (
+    Event,
+    EventFilter,
+    HistorySchema,
+    apply_retention,
+    as_of,
+    as_of_into,
+    events,
+    parse_table,
+    revert,
+    track,
+    untrack,
+    verify,
+)
+from pgwarden.history.names import TableName
+from pgwarden.history.read import OPS, columns_of
+
+
+def _keys(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    result = {}
+    for pair in pairs:
+        col, sep, value = pair.partition("=")
+        if not sep or not col:
+            raise UserError(f"--key {pair!r} is not COLUMN=VALUE", hint="e.g. --key id=42")
+        result[col] = value
+    return result
+
+
+def _schema(app: AppContext) -> HistorySchema:
+    return HistorySchema(app.loaded.config.history.schema_name)
+
+
+def _short(value: Any) -> str:
+    text = (
+        json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, str) else value
+    )
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _change_text(event: Event) -> str:
+    if event.op in ("INSERT", "SNAPSHOT"):
+        return ", ".join(f"{c}={_short(v)}" for c, v in (event.new or {}).items())
+    if event.op in ("DELETE", "TRUNCATE"):
+        if event.old is None:
+            return "(all rows; marker only)"
+        return ", ".join(f"{c}={_short(v)}" for c, v in event.old.items())
+    return ", ".join(
+        f"{c}: {_short(b)} → {_short(a)}" for c, (b, a) in event.changed_columns().items()
+    )
+
+
+def _render_table(rows: Iterable[Event]) -> int:
+    table = Table(show_lines=False, header_style="bold")
+    for col in ("id", "at", "tx", "table", "op", "key", "change", "who"):
+        table.add_column(col, overflow="fold")
+    count = 0
+    for e in rows:
+        who = e.app_user or e.db_user if not e.app_user else f"{e.app_user} ({e.db_user})"
+        table.add_row(
+            str(e.id),
+            e.at.isoformat(timespec="seconds"),
+            str(e.tx),
+            e.table,
+            e.op,
+            _short(e.key),
+            _change_text(e),
+            who,
+        )
+        count += 1
+    out.print(table)
+    return count
+
+
+def _render_json(rows: Iterable[Event]) -> int:
+    # Streamed object by object: memory stays flat whatever the number of events.
+    write = sys.stdout.write
+    write("[")
+    count = 0
+    for e in rows:
+        write(",\n" if count else "\n")
+        write(json.dumps(e.to_json(), ensure_ascii=False, default=str))
+        count += 1
+    write("\n]\n" if count else "]\n")
+    return count
+
+
+def _render_csv(rows: Iterable[Event]) -> int:
+    fields = ["id", "tx", "at", "table", "op", "key", "old", "new", "db_user", "app_user",
+              "application", "client_addr", "context"]  # fmt: skip
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+    writer.writeheader()
+    count = 0
+    for e in rows:
+        data = e.to_json()
+        for col in ("key", "old", "new"):
+            data[col] = "" if data[col] is None else json.dumps(data[col], ensure_ascii=False)
+        writer.writerow(data)
+        count += 1
+    return count
+
+
+@click.command("history")
+@click.argument("table", required=False)
+@click.option("--key", "key_pairs", multiple=True, metavar="COL=VAL", help="Only this row.")
+@click.option("--since", type=TIME, help="From this time (ISO 8601, 'now', or 2h/3d ago).")
+@click.option("--until", type=TIME, help="Up to this time.")
+@click.option("--actor", help="Application user, login role or role that made the change.")
+@click.option("--op", type=click.Choice(OPS, case_sensitive=False), help="Only this operation.")
+@click.option("--tx", type=int, help="Only this transaction.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N events (newest first).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@pass_app
+def history_cmd(
+    app: AppContext,
+    table: str | None,
+    key_pairs: tuple[str, ...],
+    since: datetime | None,
+    until: datetime | None,
+    actor: str | None,
+    op: str | None,
+    tx: int | None,
+    limit: int | None,
+    fmt: str,
+) -> None:
+    """Show recorded changes: who changed what, when, before → after.
+
+    \b
+    Example:
+      pgwarden history public.test_table --key id=1
+      pgwarden history --since 2h --actor alice --format json
+      pgwarden history --tx 7791 --format csv > tx.csv
+    """
+    flt = EventFilter(
+        table=parse_table(table) if table else None,
+        key=_keys(key_pairs),
+        since=since,
+        until=until,
+        actor=actor,
+        op=op.upper() if op else None,
+        tx=tx,
+        limit=limit,
+    )
+    with connect(app.target()) as conn, conn.transaction():
+        rows: Iterable[Event] = events(conn, flt, schema=_schema(app), newest_first=bool(limit))
+        if limit:
+            rows = sorted(rows, key=lambda e: e.id)  # at most `limit`, shown oldest first
+        renderer = {"table": _render_table, "json": _render_json, "csv": _render_csv}[fmt]
+        count = renderer(rows)
+    if fmt == "table":
+        err_console.print(f"{count} event(s)")
+
+
+@click.command("as-of")
+@click.argument("table")
+@click.argument("time", type=TIME)
+@click.option("--key", "key_pairs", multiple=True, metavar="COL=VAL", help="Only this row.")
+@click.option(
+    "--into", "into", metavar="NEW_TABLE", help="Rebuild the whole table into a new table."
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def as_of_cmd(
+    app: AppContext,
+    table: str,
+    time: datetime,
+    key_pairs: tuple[str, ...],
+    into: str | None,
+    fmt: str,
+) -> None:
+    """Show a table (or one row) as it was at TIME, rebuilt from history.
+
+    TIME is transaction time: a change counts from the moment its transaction began.
+
+    \b
+    Example:
+      pgwarden as-of public.test_table '2026-11-26 10:00' --key id=1
+      pgwarden as-of public.orders 1d --into public.orders_yesterday
+    """
+    name = parse_table(table)
+    with connect(app.target()) as conn:
+        if into:
+            target = parse_table(into)
+            if key_pairs:
+                raise UserError("--into rebuilds the whole table; drop --key")
+            count = as_of_into(conn, name, time, target, schema=_schema(app))
+            out.print(f"created {target} with {count} row(s) as of {time.isoformat()}")
+            return
+        rows = as_of(conn, name, time, key=_keys(key_pairs), schema=_schema(app))
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False, default=str))
+        return
+    view = Table(header_style="bold")
+    cols = columns_of(rows)
+    for col in cols:
+        view.add_column(col, overflow="fold")
+    for row in rows:
+        view.add_row(*(_short(row.get(c)) if row.get(c) is not None else "" for c in cols))
+    out.print(view)
+    err_console.print(f"{len(rows)} row(s) in {name} as of {time.isoformat()}")
+
+
+@click.command("revert")
+@click.argument("tx", type=int)
+@click.option("--dry-run", is_flag=True, help="Show the compensating statements, run nothing.")
+@pass_app
+def revert_cmd(app: AppContext, tx: int, dry_run: bool) -> None:
+    """Undo transaction TX with compensating statements (recorded in history too).
+
+    Refuses, listing the conflicts, when a row it changed was changed again later.
+
+    \b
+    Example:
+      pgwarden history --since 1h          # find the transaction
+      pgwarden revert 7791 --dry-run
+      pgwarden revert 7791
+    """
+    with connect(app.target()) as conn:
+        plan = revert(conn, tx, dry_run=dry_run, schema=_schema(app))
+        shown = [(summary, stmt.as_string(conn)) for summary, stmt in plan.statements]
+    for warning in plan.warnings:
+        err_console.print(f"warning: {warning}")
+    for summary, statement in shown:
+        out.print(f"-- {summary}", markup=False)
+        out.print(statement + ";", markup=False)
+    verb = "would run" if dry_run else "reverted with"
+    err_console.print(f"transaction {tx}: {verb} {len(shown)} statement(s)")
+
+
+@click.command("retention")
+@click.option("--dry-run", is_flag=True, help="Show which partitions would be dropped.")
+@pass_app
+def retention_cmd(app: AppContext, dry_run: bool) -> None:
+    """Remove history older than history.retention (drops whole monthly partitions).
+
+    Also creates the partitions of the coming months: run it daily (cron, CronJob).
+
+    \b
+    Example:
+      pgwarden retention --dry-run
+      pgwarden retention
+    """
+    keep = app.loaded.config.history.retention
+    if keep is None:
+        raise UserError(
+            "history.retention is not set, so no history is old enough to remove",
+            hint="set it in pgwarden.yaml, e.g. `history: {retention: 400d}`",
+        )
+    with connect(app.target()) as conn:
+        result = apply_retention(conn, keep, dry_run=dry_run, schema=_schema(app))
+    verb = "would drop" if dry_run else "dropped"
+    for part in result.dropped:
+        out.print(f"{verb} {part.name} ({part.start:%Y-%m}, ~{part.rows} events)")
+    out.print(
+        f"cutoff {result.cutoff.isoformat(timespec='seconds')}: {verb} {len(result.dropped)} "
+        f"partition(s), {result.kept} kept"
+    )
+
+
+@click.command("track")
+@click.argument("tables", nargs=-1, required=True)
+@click.option("--mode", type=click.Choice(["fail-closed", "fail-open"]), help="Capture mode.")
+@click.option("--exclude-column", "exclude", multiple=True, metavar="COL", help="Never store COL.")
+@pass_app
+def track_cmd(
+    app: AppContext, tables: tuple[str, ...], mode: str | None, exclude: tuple[str, ...]
+) -> None:
+    """Start recording the history of TABLEs now (existing rows get a SNAPSHOT event).
+
+    Tables tracked this way stay tracked whatever history.tables says; `untrack` stops it.
+
+    \b
+    Example:
+      pgwarden track public.users --exclude-column password_hash
+      pgwarden track sales.orders --mode fail-open
+    """
+    names = [parse_table(t) for t in tables]
+    with connect(app.target()) as conn:
+        track(conn, app.loaded.config, names, mode=mode, exclude_columns=exclude)
+    for name in names:
+        out.print(f"tracking {name}")
+
+
+@click.command("untrack")
+@click.argument("tables", nargs=-1, required=True)
+@pass_app
+def untrack_cmd(app: AppContext, tables: tuple[str, ...]) -> None:
+    """Stop recording the history of TABLEs; what was recorded stays.
+
+    A table that history.tables still matches is tracked again by the next `apply`.
+
+    \b
+    Example:
+      pgwarden untrack public.scratch
+    """
+    names = [parse_table(t) for t in tables]
+    with connect(app.target()) as conn:
+        untrack(conn, app.loaded.config, names)
+    for name in names:
+        out.print(f"no longer tracking {name}; its history is kept")
+
+
+@click.command("verify")
+@click.option("--quick", is_flag=True, help="Skip comparing live rows with history.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def verify_cmd(ctx: click.Context, quick: bool, as_json: bool) -> None:
+    """Check history is intact; exit 1 on any problem.
+
+    Reports tracked tables whose triggers are missing or disabled, rows changed while tracking
+    was off (live rows that differ from history), fail-open capture failures, tables a pattern
+    matches that are not tracked, and missing DDL-log triggers.
+
+    \b
+    Example:
+      pgwarden verify && echo "history intact"
+    """
+    app = ctx.find_object(AppContext)
+    assert app is not None
+    with connect(app.target()) as conn:
+        report = verify(conn, schema=_schema(app), deep=not quick)
+    if as_json:
+        click.echo(json.dumps({
+            "ok": report.ok, "tracked": report.tracked, "events": report.events,
+            "problems": [p.__dict__ for p in report.problems],
+        }, indent=2))  # fmt: skip
+    else:
+        out.print(f"{report.tracked} tracked table(s), ~{report.events} event(s)")
+        for p in report.problems:
+            where = f"{p.table}: " if p.table else ""
+            out.print(f"[red]✗[/red] {where}{p.detail} [{p.kind}]", markup=True, highlight=False)
+        if report.ok:
+            out.print("history intact")
+    if not report.ok:
+        ctx.exit(1)
+
+
+COMMANDS = [history_cmd, as_of_cmd, revert_cmd, retention_cmd, track_cmd, untrack_cmd, verify_cmd]
+__all__ = ["COMMANDS", "TableName"]

@@ -1,0 +1,260 @@
+"""Recording: what lands in history for each kind of change, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pgwarden.config import Config
+from pgwarden.converge import build_plan
+from pgwarden.history import set_actor
+from tests.conftest import Database
+from tests.history_helpers import events, history_config, setup_history
+
+
+def test_seed_scenario_insert_update_delete(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE test_table (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO test_table VALUES (1, 'Test Data')")
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO test_table VALUES (2, 'New Data')")
+        conn.execute("UPDATE test_table SET name = 'Changed' WHERE id = 1")
+        conn.execute("DELETE FROM test_table WHERE id = 2")
+        got = [(e["op"], e["row_key"], e["old_row"], e["new_row"]) for e in events(conn)]
+    assert got == [
+        ("SNAPSHOT", {"id": 1}, None, {"id": 1, "name": "Test Data"}),
+        ("INSERT", {"id": 2}, None, {"id": 2, "name": "New Data"}),
+        ("UPDATE", {"id": 1}, {"id": 1, "name": "Test Data"}, {"id": 1, "name": "Changed"}),
+        ("DELETE", {"id": 2}, {"id": 2, "name": "New Data"}, None),
+    ]
+
+
+def test_who_and_transaction_are_recorded(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.commit()
+        with conn.transaction():
+            set_actor(conn, "alice@example.com", context={"request": "r-1"})
+            conn.execute("SET LOCAL application_name = 'billing'")
+            conn.execute("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+            tx = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+        conn.execute("INSERT INTO t VALUES (3, 'c')")  # new transaction, no actor
+        conn.commit()
+        rows = conn.execute(
+            "SELECT app_user, context, application, db_user, role_name, host(client_addr), "
+            "tx::text, tx_at <= stmt_at FROM pgwarden.event WHERE op = 'INSERT' ORDER BY id"
+        ).fetchall()
+    assert tx is not None
+    assert rows[0] == ("alice@example.com", '{"request": "r-1"}', "billing", "postgres",
+                       "postgres", "127.0.0.1", tx[0], True)  # fmt: skip
+    assert rows[1][:2] == ("alice@example.com", '{"request": "r-1"}')
+    assert rows[2][0] is None  # transaction-local: gone after commit
+    assert rows[2][1] is None
+
+
+def test_set_role_is_recorded_as_the_acting_role(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hist_clerk') "
+                     "THEN CREATE ROLE hist_clerk; END IF; END$$")  # fmt: skip
+        conn.execute("GRANT INSERT ON t TO hist_clerk")
+        conn.execute("SET ROLE hist_clerk")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("RESET ROLE")
+        row = conn.execute("SELECT db_user, role_name FROM pgwarden.event").fetchone()
+    assert row == ("postgres", "hist_clerk")
+
+
+def test_multi_row_update_changing_keys_pairs_rows(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, tag text UNIQUE)")
+        conn.execute("INSERT INTO t SELECT g, 'row-' || g FROM generate_series(1, 500) g")
+        # Shift every key (descending order avoids transient duplicates): each old row must be
+        # paired with its own new row.
+        conn.execute("ALTER TABLE t DROP CONSTRAINT t_pkey")
+        conn.execute("ALTER TABLE t ADD PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED")
+        conn.execute("UPDATE t SET id = id + 1000")
+        rows = conn.execute(
+            "SELECT old_row, new_row, row_key FROM pgwarden.event WHERE op = 'UPDATE'"
+        ).fetchall()
+    assert len(rows) == 500
+    for old, new, key in rows:
+        assert old["tag"] == new["tag"]
+        assert new["id"] == old["id"] + 1000
+        assert key == {"id": new["id"]}
+
+
+def test_composite_keys(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (a int, b text, v int, PRIMARY KEY (b, a))")
+        conn.execute("INSERT INTO t VALUES (1, 'x', 0)")
+        conn.execute("UPDATE t SET v = 1")
+        keys = [e["row_key"] for e in events(conn)]
+    assert keys == [{"a": 1, "b": "x"}, {"a": 1, "b": "x"}]
+
+
+def test_excluded_columns_and_noop_updates(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE users (id int PRIMARY KEY, name text, password_hash text)")
+    setup_history(
+        database.url,
+        history_config("public.*", exclude_columns={"public.users": ["password_hash"]}),
+    )
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO users VALUES (1, 'ann', 'secret-hash-1')")
+        conn.execute("UPDATE users SET password_hash = 'secret-hash-2'")  # only excluded
+        conn.execute("UPDATE users SET name = name")  # nothing changed
+        conn.execute("UPDATE users SET name = 'anne'")
+        rows = events(conn)
+        dump = conn.execute("SELECT string_agg(e::text, '') FROM pgwarden.event e").fetchone()
+    assert [e["op"] for e in rows] == ["INSERT", "UPDATE"]
+    assert rows[1]["old_row"] == {"id": 1, "name": "ann"}
+    assert dump is not None
+    assert "secret-hash" not in dump[0]
+
+
+def test_truncate_records_rows_or_a_marker(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    config = history_config("public.*", overrides={"public.b": {"truncate": "marker"}})
+    setup_history(database.url, config)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO a VALUES (1), (2)")
+        conn.execute("INSERT INTO b VALUES (1), (2)")
+        conn.execute("TRUNCATE a, b")
+        a = [(e["op"], e["old_row"]) for e in events(conn, "a") if e["op"] == "TRUNCATE"]
+        b = [(e["op"], e["old_row"]) for e in events(conn, "b") if e["op"] == "TRUNCATE"]
+    assert sorted(a, key=str) == [("TRUNCATE", {"id": 1}), ("TRUNCATE", {"id": 2})]
+    assert b == [("TRUNCATE", None)]
+
+
+def test_rolled_back_changes_leave_no_events(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.commit()
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.rollback()
+        assert events(conn) == []
+
+
+def test_one_subtransaction_at_most_per_statement(database: Database) -> None:
+    """Transaction ids used by a 10k-row UPDATE in each mode: at most 2 per statement."""
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE c (id int PRIMARY KEY, v int)")
+        conn.execute("CREATE TABLE o (id int PRIMARY KEY, v int)")
+    setup_history(
+        database.url, history_config("public.*", overrides={"public.o": {"mode": "fail-open"}})
+    )
+    with database.connect(autocommit=True) as conn:
+        for table in ("c", "o"):
+            conn.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 10000) g")  # noqa: S608
+            before = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            conn.execute(f"UPDATE {table} SET v = v + 1")  # noqa: S608
+            after = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            assert before is not None
+            assert after is not None
+            # `before` and `after` each used one id themselves; the UPDATE sits between them.
+            assert after[0] - before[0] - 1 <= 2, table
+
+
+def test_tables_without_primary_key(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE nokey (v int)")
+        conn.execute("CREATE TABLE ri (v int NOT NULL)")
+        conn.execute("CREATE UNIQUE INDEX ri_v ON ri (v)")
+        conn.execute("ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_v")
+    config = history_config("public.*")
+    with database.connect() as conn:
+        plan = build_plan(conn, config)
+    assert any("nokey" in w and "primary key" in w for w in plan.warnings)
+    setup_history(database.url, config)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO nokey VALUES (1)")
+        conn.execute("INSERT INTO ri VALUES (7)")
+        assert [(e["table_name"], e["row_key"]) for e in events(conn)] == [("ri", {"v": 7})]
+    # Named explicitly, a table without a key is an error, and nothing is applied.
+    from pgwarden.errors import ConfigError
+
+    with database.connect() as conn, pytest.raises(ConfigError, match="no primary key"):
+        build_plan(conn, history_config("public.nokey"))
+
+
+def test_tables_created_later_are_tracked_and_ddl_is_logged(database: Database) -> None:
+    setup_history(database.url, history_config("app_*.*"))
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app_sales")
+        conn.execute("CREATE TABLE app_sales.orders (id int PRIMARY KEY, total numeric)")
+        conn.execute("CREATE TABLE public.elsewhere (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO app_sales.orders VALUES (1, 9.5)")
+        conn.execute("INSERT INTO public.elsewhere VALUES (1)")
+        conn.execute("ALTER TABLE app_sales.orders ADD COLUMN note text")
+        tracked = conn.execute(
+            "SELECT schema_name, table_name, source FROM pgwarden.tracked"
+        ).fetchall()
+        ddl = conn.execute(
+            "SELECT command_tag, object_identity, db_user FROM pgwarden.ddl_log "
+            "WHERE object_identity LIKE 'app_sales.orders%' ORDER BY id"
+        ).fetchall()
+        names = {e["table_name"] for e in events(conn)}
+    assert tracked == [("app_sales", "orders", "rule")]
+    assert names == {"orders"}
+    assert ("CREATE TABLE", "app_sales.orders", "postgres") in ddl
+    assert ("ALTER TABLE", "app_sales.orders", "postgres") in ddl
+
+
+def test_apply_is_idempotent_and_check_detects_drift(database: Database) -> None:
+    config = history_config("public.*")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    setup_history(database.url, config)
+    with database.connect() as conn:
+        assert not build_plan(conn, config)
+        conn.execute("ALTER TABLE t DISABLE TRIGGER pgwarden_capture_update")
+        conn.commit()
+        plan = build_plan(conn, config)
+        assert [op.description for op in plan] == ["repair its triggers on public.t"]
+    setup_history(database.url, config)
+    with database.connect() as conn:
+        assert not build_plan(conn, config)
+
+
+def test_changing_the_config_untracks_and_keeps_history(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    setup_history(database.url, history_config("public.t"))
+    setup_history(database.url, Config.model_validate({"history": {"tables": []}}))
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+        assert conn.execute("SELECT count(*) FROM pgwarden.tracked").fetchone() == (0,)
+        assert [e["op"] for e in events(conn)] == ["SNAPSHOT"]
+
+
+def test_history_is_append_only_even_for_its_owner(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        for statement in (
+            "UPDATE pgwarden.event SET op = 'X'",
+            "DELETE FROM pgwarden.event",
+            "TRUNCATE pgwarden.event",
+            "DELETE FROM pgwarden.ddl_log",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(statement)
+        partition = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'pgwarden.event'::regclass AND c.relname LIKE 'event_p%' LIMIT 1"
+        ).fetchone()
+        assert partition is not None
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f'TRUNCATE pgwarden."{partition[0]}"')
+        assert len(events(conn)) == 1
