@@ -230,40 +230,17 @@ def events(
 def _as_of_query(
     conn: Conn, schema: HistorySchema, oid: int, at: datetime, key: str | None
 ) -> sql.Composed:
-    """Per key, the last image at or before `at`: UPDATEs that changed the key also remove the
-    old key. Rows whose last word is DELETE/TRUNCATE are gone."""
-    key_filter: sql.Composable = sql.SQL("")
-    if key is not None:
-        key_filter = sql.SQL(" AND k = {}::jsonb").format(sql.Literal(key))
-    return sql.SQL(
-        """
-        WITH ev AS (
-            SELECT e.id, e.row_key AS k,
-                   CASE WHEN e.op IN ('DELETE', 'TRUNCATE') THEN NULL ELSE e.new_row END AS img,
-                   1 AS prio
-            FROM {event} e
-            WHERE e.table_oid = {oid} AND e.tx_at <= {at} AND e.row_key IS NOT NULL
-          UNION ALL
-            SELECT u.id, u.old_key, NULL, 0
-            FROM (SELECT e.id, e.row_key,
-                         (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
-                          FROM pg_catalog.jsonb_object_keys(e.row_key) c) AS old_key
-                  FROM {event} e
-                  WHERE e.table_oid = {oid} AND e.tx_at <= {at} AND e.op = 'UPDATE') u
-            WHERE u.old_key <> u.row_key
-        )
-        SELECT img FROM (
-            SELECT DISTINCT ON (k) k, img FROM ev WHERE TRUE {key_filter}
-            ORDER BY k, id DESC, prio DESC
-        ) last
-        WHERE img IS NOT NULL
-        """
-    ).format(
-        event=schema.table("event"),
-        oid=sql.Literal(oid),
-        at=sql.Literal(at),
-        key_filter=key_filter,
+    """Rows as of `at` (see rows_as_of in history.sql), optionally one key only."""
+    query = sql.SQL("SELECT r.img FROM {}({}, {}) AS r(img)").format(
+        schema.func("rows_as_of"), sql.Literal(oid), sql.Literal(at)
     )
+    if key is None:
+        return query
+    # The key columns of the image, compared with the key asked for.
+    return sql.SQL(
+        "{} WHERE (SELECT pg_catalog.jsonb_object_agg(c, r.img -> c) "
+        "FROM pg_catalog.jsonb_object_keys({}::jsonb) c) = {}::jsonb"
+    ).format(query, sql.Literal(key), sql.Literal(key))
 
 
 def _table_for_as_of(conn: Conn, schema: HistorySchema, table: TableName) -> int:

@@ -64,26 +64,12 @@ def _gap(conn: Conn, schema: HistorySchema, table: catalog.TrackedTable) -> Prob
         WITH live AS (
             SELECT pg_catalog.to_jsonb(t) - %(excl)s::text[] AS img FROM ONLY {tbl} t
         ), hist AS (
-            SELECT img FROM (
-                SELECT DISTINCT ON (k) k, img FROM (
-                    SELECT e.id, e.row_key AS k, 1 AS prio,
-                           CASE WHEN e.op IN ('DELETE', 'TRUNCATE') THEN NULL
-                                ELSE e.new_row END AS img
-                    FROM {event} e WHERE e.table_oid = %(oid)s AND e.row_key IS NOT NULL
-                  UNION ALL
-                    SELECT u.id, u.old_key, 0, NULL FROM (
-                        SELECT e.id, e.row_key,
-                               (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
-                                FROM pg_catalog.jsonb_object_keys(e.row_key) c) AS old_key
-                        FROM {event} e WHERE e.table_oid = %(oid)s AND e.op = 'UPDATE') u
-                    WHERE u.old_key <> u.row_key
-                ) ev ORDER BY k, id DESC, prio DESC
-            ) last WHERE img IS NOT NULL
+            SELECT img FROM {rows_as_of}(%(oid)s, 'infinity') AS r(img)
         )
         SELECT (SELECT count(*) FROM (SELECT img FROM live EXCEPT ALL SELECT img FROM hist) a),
                (SELECT count(*) FROM (SELECT img FROM hist EXCEPT ALL SELECT img FROM live) b)
         """
-    ).format(tbl=tbl, event=schema.table("event"))
+    ).format(tbl=tbl, rows_as_of=schema.func("rows_as_of"))
     row = conn.execute(query, {"excl": list(table.exclude_columns), "oid": table.oid}).fetchone()
     assert row is not None
     unrecorded, stale = int(row[0]), int(row[1])  # type: ignore[call-overload]

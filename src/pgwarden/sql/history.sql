@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS {schema}.meta (
 -- One row per changed row. Partitioned by transaction time so retention drops whole partitions.
 CREATE TABLE IF NOT EXISTS {schema}.event (
     id bigint GENERATED ALWAYS AS IDENTITY,
+    stmt_id bigint NOT NULL,
     tx xid8 NOT NULL,
     tx_at timestamptz NOT NULL,
     stmt_at timestamptz NOT NULL,
@@ -48,6 +49,10 @@ CREATE TABLE IF NOT EXISTS {schema}.event (
 ) PARTITION BY RANGE (tx_at);
 
 CREATE TABLE IF NOT EXISTS {schema}.event_default PARTITION OF {schema}.event DEFAULT;
+
+-- One number per capturing statement: orders events of one statement apart from the next, which
+-- event ids alone cannot do when one statement moves a key that another row then takes.
+CREATE SEQUENCE IF NOT EXISTS {schema}.statement_seq;
 
 -- Per-row lookups: (table, hash of the key); the key itself is compared after the index probe.
 CREATE INDEX IF NOT EXISTS event_row_idx ON {schema}.event (table_oid, key_hash);
@@ -172,12 +177,12 @@ DECLARE
     stmt text;
     q text;
     cols constant text :=
-        'INSERT INTO {schema}.event (tx, tx_at, stmt_at, table_oid, schema_name, table_name, op,'
-        ' row_key, key_hash, old_row, new_row, db_user, role_name, application, client_addr,'
-        ' app_user, context, statement) ';
+        'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
+        ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name, application,'
+        ' client_addr, app_user, context, statement) ';
     who constant text :=
-        '$1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,'
-        ' $8, $9, $10, $11, $12, $13, $14';
+        '$16, $1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o,'
+        ' x.n, $8, $9, $10, $11, $12, $13, $14';
     err_state text;
     err_message text;
 BEGIN
@@ -219,7 +224,8 @@ BEGIN
                 {schema}.acting_role(), pg_catalog.current_setting('application_name'),
                 pg_catalog.inet_client_addr(),
                 NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl;
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl,
+                pg_catalog.nextval('{schema}.statement_seq');
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
             RAISE WARNING 'pgwarden: history of % on %.% was not recorded: %',
@@ -238,7 +244,8 @@ BEGIN
             {schema}.acting_role(), pg_catalog.current_setting('application_name'),
             pg_catalog.inet_client_addr(),
             NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-            NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl;
+            NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl,
+                pg_catalog.nextval('{schema}.statement_seq');
     END IF;
     RETURN NULL;
 END
@@ -264,10 +271,10 @@ BEGIN
         stmt := pg_catalog.current_query();
     END IF;
     EXECUTE pg_catalog.format(
-        'INSERT INTO {schema}.event (tx, tx_at, stmt_at, table_oid, schema_name, table_name, op,'
-        ' row_key, key_hash, old_row, new_row, db_user, role_name, application, client_addr,'
-        ' app_user, context, statement)'
-        ' SELECT $1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0),'
+        'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
+        ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name, application,'
+        ' client_addr, app_user, context, statement)'
+        ' SELECT $16, $1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0),'
         ' CASE WHEN $7 = %L THEN x.img END, CASE WHEN $7 = %L THEN x.img END,'
         ' $8, $9, $10, $11, $12, $13, $14'
         ' FROM (SELECT %s AS k, i.img FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15'
@@ -279,7 +286,7 @@ BEGIN
         {schema}.acting_role(), pg_catalog.current_setting('application_name'),
         pg_catalog.inet_client_addr(), NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
         NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt,
-        COALESCE(excl, '{{}}'::text[]);
+        COALESCE(excl, '{{}}'::text[]), pg_catalog.nextval('{schema}.statement_seq');
     GET DIAGNOSTICS written = ROW_COUNT;
     RETURN written;
 END
@@ -298,9 +305,9 @@ BEGIN
     SELECT t.mode, t.truncate_mode INTO cfg FROM {schema}.tracked t WHERE t.table_oid = TG_RELID;
     BEGIN
         IF cfg.truncate_mode = 'marker' THEN
-            INSERT INTO {schema}.event (tx, tx_at, stmt_at, table_oid, schema_name, table_name,
-                op, db_user, role_name, application, client_addr, app_user, context)
-            VALUES (pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, db_user, role_name, application, client_addr, app_user, context)
+            VALUES (pg_catalog.nextval('{schema}.statement_seq'), pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
                 pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
                 'TRUNCATE', pg_catalog.session_user()::text, {schema}.acting_role(),
                 pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
@@ -505,6 +512,36 @@ BEGIN
 END
 $body$;
 
+-- The rows of a table as of a time (transaction time), rebuilt from history alone: per key, the
+-- last word wins. An UPDATE that moved a row to a new key also removes the old key; inside one
+-- statement, a key being taken beats it being vacated (a multi-row key shift vacates and retakes
+-- keys in any order). Rows whose last word is DELETE or TRUNCATE are gone.
+CREATE OR REPLACE FUNCTION {schema}.rows_as_of(relid oid, at timestamptz)
+RETURNS SETOF jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT last.img FROM (
+        SELECT DISTINCT ON (ev.k) ev.k, ev.img
+        FROM (
+            SELECT e.stmt_id, e.id, e.row_key AS k, 1 AS prio,
+                   CASE WHEN e.op IN ('DELETE', 'TRUNCATE') THEN NULL ELSE e.new_row END AS img
+            FROM {schema}.event e
+            WHERE e.table_oid = relid AND e.tx_at <= at AND e.row_key IS NOT NULL
+          UNION ALL
+            SELECT u.stmt_id, u.id, u.old_key, 0, NULL
+            FROM (SELECT e.stmt_id, e.id, e.row_key,
+                         (SELECT pg_catalog.jsonb_object_agg(c, e.old_row OPERATOR(pg_catalog.->) c)
+                          FROM pg_catalog.jsonb_object_keys(e.row_key) AS c) AS old_key
+                  FROM {schema}.event e
+                  WHERE e.table_oid = relid AND e.tx_at <= at AND e.op = 'UPDATE') u
+            WHERE u.old_key OPERATOR(pg_catalog.<>) u.row_key
+        ) ev
+        ORDER BY ev.k, ev.stmt_id DESC, ev.prio DESC, ev.id DESC
+    ) last
+    WHERE last.img IS NOT NULL
+$$;
+
 REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC;
 ALTER FUNCTION {schema}.capture() OWNER TO {owner};
@@ -514,3 +551,4 @@ ALTER FUNCTION {schema}.acting_role() OWNER TO {owner};
 ALTER FUNCTION {schema}.key_columns(oid) OWNER TO {owner};
 ALTER FUNCTION {schema}.key_expression(text[], text) OWNER TO {owner};
 ALTER FUNCTION {schema}.forbid_change() OWNER TO {owner};
+ALTER FUNCTION {schema}.rows_as_of(oid, timestamptz) OWNER TO {owner};
