@@ -18,7 +18,9 @@ from tests.conftest import Database
 from tests.history_helpers import setup_history
 
 REFERENCE = """
-CREATE TABLE IF NOT EXISTS ref_log (seq bigserial, step text, tbl text, op text, old jsonb, new jsonb);
+CREATE TABLE IF NOT EXISTS ref_log (
+    seq bigserial, step text, tbl text, op text, old jsonb, new jsonb
+);
 CREATE OR REPLACE FUNCTION ref_row() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO ref_log (step, tbl, op, old, new) VALUES (
@@ -29,7 +31,8 @@ BEGIN
 END $$;
 CREATE OR REPLACE FUNCTION ref_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('INSERT INTO ref_log (step, tbl, op, old) SELECT %L, %L, %L, to_jsonb(r) FROM %I r',
+    EXECUTE format('INSERT INTO ref_log (step, tbl, op, old) '
+                   'SELECT %L, %L, %L, to_jsonb(r) FROM %I r',
                    current_setting('pgwarden.context', true), TG_TABLE_NAME, 'TRUNCATE',
                    TG_TABLE_NAME);
     RETURN NULL;
@@ -55,7 +58,10 @@ def _statement(table: str, op: tuple[str, list[int], int]) -> str:
         values = ", ".join(f"({k}, {value}, 'n{k}')" for k in keys)
         return f"INSERT INTO {table} VALUES {values}"
     if kind == "update":
-        return f"UPDATE {table} SET val = val + {value} + 1, note = note || 'u' WHERE id IN ({in_list})"
+        return (
+            f"UPDATE {table} SET val = val + {value} + 1, note = note || 'u' "
+            f"WHERE id IN ({in_list})"
+        )
     if kind == "noop":
         return f"UPDATE {table} SET val = val WHERE id IN ({in_list})"
     if kind == "rekey":
