@@ -154,9 +154,9 @@ def test_one_subtransaction_at_most_per_statement(database: Database) -> None:
     )
     with database.connect(autocommit=True) as conn:
         for table in ("c", "o"):
-            conn.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 10000) g")  # noqa: S608
+            conn.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 10000) g")
             before = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
-            conn.execute(f"UPDATE {table} SET v = v + 1")  # noqa: S608
+            conn.execute(f"UPDATE {table} SET v = v + 1")
             after = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
             assert before is not None
             assert after is not None

@@ -260,7 +260,13 @@ class LocalServer:
     def down(self) -> StopOutcome:
         if not self.is_running():
             return StopOutcome.NOT_RUNNING
-        self._pg_ctl("stop", "-m", "fast", "-w", "-t", "120")
+        try:
+            self._pg_ctl("stop", "-m", "fast", "-w", "-t", "120")
+        except ServerError:
+            # It may have died on its own meanwhile (a crash racing the stop): that is stopped.
+            self._wait_for_zombie()
+            if self.is_running():
+                raise
         return StopOutcome.STOPPED
 
     def purge(self) -> None:
