@@ -23,6 +23,7 @@ OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
 @dataclass(frozen=True)
 class Event:
     id: int
+    stmt_id: int
     tx: int
     at: datetime
     table: str
@@ -194,7 +195,7 @@ def events(
     """
     _require_installed(conn, schema)
     query = sql.SQL(
-        "SELECT e.id, e.tx::text::bigint AS tx, e.tx_at, e.schema_name, e.table_name, e.op,"
+        "SELECT e.id, e.stmt_id, e.tx::text::bigint AS tx, e.tx_at, e.schema_name, e.table_name, e.op,"
         " e.row_key, e.old_row, e.new_row, e.db_user, e.role_name, e.app_user, e.application,"
         " host(e.client_addr) AS client_addr, e.context"
         " FROM {} e WHERE {} ORDER BY e.id {} {}"
@@ -211,6 +212,7 @@ def events(
         for r in cur:
             yield Event(
                 id=r["id"],
+                stmt_id=r["stmt_id"],
                 tx=r["tx"],
                 at=r["tx_at"],
                 table=str(TableName(r["schema_name"], r["table_name"])),

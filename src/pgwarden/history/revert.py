@@ -38,35 +38,61 @@ def _old_key(event: Event) -> Any:
     return {col: event.old.get(col) for col in event.key}
 
 
-def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> list[Conflict]:
-    """Later events (other transactions) on any row this transaction touched."""
-    touched: dict[tuple[str, str], set[str]] = {}
-    last_id = max(e.id for e in evs)
+def _final_states(evs: list[Event]) -> dict[tuple[str, str], Any]:
+    """(table, key) → the row image the transaction left (None: it left no row there)."""
+    state: dict[tuple[str, str], Any] = {}
+    statements: dict[int, list[Event]] = {}
     for e in evs:
-        for key in (e.key, _old_key(e)):
-            if key is not None:
-                touched.setdefault(_split(e.table), set()).add(json.dumps(key, sort_keys=True))
+        statements.setdefault(e.stmt_id, []).append(e)
+    for stmt_id in sorted(statements):
+        group = statements[stmt_id]
+        # Inside one statement a key being vacated comes before it being taken (key shifts).
+        for e in group:
+            old_key = _old_key(e)
+            if e.op == "UPDATE" and old_key != e.key:
+                state[(e.table, json.dumps(old_key, sort_keys=True))] = None
+        for e in group:
+            if e.key is not None:
+                image = None if e.op in ("DELETE", "TRUNCATE") else e.new
+                state[(e.table, json.dumps(e.key, sort_keys=True))] = image
+    return state
+
+
+def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> list[Conflict]:
+    """Rows this transaction touched whose live content is no longer what it left: reverting
+    them would overwrite later work. Later changes that were themselves undone are fine."""
+    tracked = {str(t.name): t for t in catalog.tracked_tables(conn, schema)}
     found: list[Conflict] = []
-    for (nsp, rel), keys in touched.items():
-        rows = conn.execute(
+    last_id = max(e.id for e in evs)
+    for (table, key_text), image in _final_states(evs).items():
+        name = TableName(*_split(table))
+        if catalog.table_oid(conn, name) is None:
+            continue  # reported by _compensate
+        excluded = list(tracked[table].exclude_columns) if table in tracked else []
+        tbl = sql.Identifier(name.schema, name.table)
+        row = conn.execute(
+            sql.SQL("SELECT pg_catalog.to_jsonb(t) - %s::text[] FROM {tbl} t WHERE {match}").format(
+                tbl=tbl, match=_key_match(tbl, json.loads(key_text))
+            ),
+            (excluded,),
+        ).fetchone()
+        live = row[0] if row else None
+        if live == image:
+            continue
+        later = conn.execute(
             sql.SQL(
-                """
-                SELECT e.tx::text::bigint, e.op, e.row_key, e.tx_at::text
-                FROM {event} e
-                WHERE e.schema_name = %s AND e.table_name = %s AND e.id > %s
-                  AND e.tx <> %s::xid8
-                  AND (e.row_key = ANY (%s::jsonb[])
-                       OR (e.op = 'UPDATE'
-                           AND (SELECT pg_catalog.jsonb_object_agg(c, e.old_row -> c)
-                           FROM pg_catalog.jsonb_object_keys(e.row_key) c) = ANY (%s::jsonb[]))
-                       OR e.op = 'TRUNCATE' AND e.row_key IS NULL)
-                ORDER BY e.id
-                """
-            ).format(event=schema.table("event")),
-            (nsp, rel, last_id, str(tx), sorted(keys), sorted(keys)),
-        ).fetchall()
-        for later_tx, op, key, at in rows:
-            found.append(Conflict(str(TableName(nsp, rel)), key, int(later_tx), str(op), str(at)))  # type: ignore[call-overload]
+                "SELECT e.tx::text::bigint, e.op, e.tx_at::text FROM {} e "
+                "WHERE e.schema_name = %s AND e.table_name = %s AND e.id > %s "
+                "AND e.tx <> %s::xid8 ORDER BY e.id DESC LIMIT 1"
+            ).format(schema.table("event")),
+            (name.schema, name.table, last_id, str(tx)),
+        ).fetchone()
+        if later:
+            found.append(
+                Conflict(table, json.loads(key_text), int(later[0]), str(later[1]), str(later[2]))
+            )  # type: ignore[call-overload]
+        else:
+            found.append(Conflict(table, json.loads(key_text), 0, "unrecorded change", "?"))
     return found
 
 
