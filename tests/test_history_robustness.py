@@ -249,7 +249,8 @@ def test_crash_during_write_load_keeps_every_committed_event(tmp_path, pg_bin) -
                     n = 0
                     while not stop.is_set():
                         conn.execute(
-                            "INSERT INTO load SELECT g, 0 FROM generate_series(%s::bigint, %s::bigint) g",
+                            "INSERT INTO load SELECT g, 0 "
+                            "FROM generate_series(%s::bigint, %s::bigint) g",
                             (n * 50 + 1, n * 50 + 50),
                         )
                         committed.append(n)

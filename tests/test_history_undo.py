@@ -15,7 +15,7 @@ from pgwarden.errors import UserError
 from pgwarden.history import EventFilter, TableName, as_of, as_of_into, events, revert, verify
 from pgwarden.history.retention import apply_retention, partitions
 from tests.conftest import Database, Run
-from tests.history_helpers import history_config, setup_history
+from tests.history_helpers import setup_history
 
 T = TableName("public", "test_table")
 

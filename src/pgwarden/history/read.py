@@ -195,7 +195,8 @@ def events(
     """
     _require_installed(conn, schema)
     query = sql.SQL(
-        "SELECT e.id, e.stmt_id, e.tx::text::bigint AS tx, e.tx_at, e.schema_name, e.table_name, e.op,"
+        "SELECT e.id, e.stmt_id, e.tx::text::bigint AS tx, e.tx_at, e.schema_name, e.table_name,"
+        " e.op,"
         " e.row_key, e.old_row, e.new_row, e.db_user, e.role_name, e.app_user, e.application,"
         " host(e.client_addr) AS client_addr, e.context"
         " FROM {} e WHERE {} ORDER BY e.id {} {}"

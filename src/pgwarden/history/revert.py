@@ -88,9 +88,8 @@ def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> 
             (name.schema, name.table, last_id, str(tx)),
         ).fetchone()
         if later:
-            found.append(
-                Conflict(table, json.loads(key_text), int(later[0]), str(later[1]), str(later[2]))
-            )  # type: ignore[call-overload]
+            tx_later, op, at = (str(v) for v in later)
+            found.append(Conflict(table, json.loads(key_text), int(tx_later), op, at))
         else:
             found.append(Conflict(table, json.loads(key_text), 0, "unrecorded change", "?"))
     return found
