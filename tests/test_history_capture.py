@@ -258,3 +258,32 @@ def test_history_is_append_only_even_for_its_owner(database: Database) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(f'TRUNCATE pgwarden."{partition[0]}"')
         assert len(events(conn)) == 1
+
+
+def test_key_change_refreshes_triggers(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL UNIQUE)")
+        conn.execute("INSERT INTO t VALUES (1, 'a')")
+        conn.execute("ALTER TABLE t DROP CONSTRAINT t_pkey, ADD PRIMARY KEY (code)")
+        conn.execute("UPDATE t SET id = 2")
+        conn.execute("ALTER TABLE t RENAME COLUMN code TO label")
+        conn.execute("UPDATE t SET id = 3")
+        keys = [e["row_key"] for e in events(conn)]
+        state = conn.execute("SELECT pgwarden.trigger_state('t'::regclass)").fetchone()
+    assert keys == [{"id": 1}, {"code": "a"}, {"label": "a"}]
+    assert state == ("ok",)
+
+
+def test_record_statement_applies_in_one_go(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    config = history_config("public.*", record_statement=True)
+    setup_history(database.url, history_config("public.*"))
+    setup_history(database.url, config)
+    with database.connect(autocommit=True) as conn:
+        assert not build_plan(conn, config)
+        conn.execute("INSERT INTO t VALUES (42) /* marker */")
+        row = conn.execute("SELECT statement FROM pgwarden.event WHERE op = 'INSERT'").fetchone()
+    assert row is not None
+    assert "marker" in row[0]

@@ -6,7 +6,7 @@ from pgwarden.history.names import TableName, parse_table
 from pgwarden.history.read import Event, EventFilter, as_of, as_of_into, events
 from pgwarden.history.retention import apply_retention
 from pgwarden.history.revert import plan_revert, revert
-from pgwarden.history.track import track, untrack
+from pgwarden.history.track import install, track, untrack
 from pgwarden.history.verify import verify
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "as_of",
     "as_of_into",
     "events",
+    "install",
     "parse_table",
     "plan_revert",
     "revert",

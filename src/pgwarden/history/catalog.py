@@ -59,7 +59,7 @@ class TrackedTable:
     exclude_columns: tuple[str, ...]
     truncate_mode: str
     source: str
-    triggers_ok: bool  # all four capture triggers present and ENABLE ALWAYS
+    triggers_ok: bool  # all four capture triggers present, ENABLE ALWAYS, arguments current
 
 
 CAPTURE_TRIGGERS = (
@@ -113,14 +113,12 @@ def tracked_tables(conn: Conn, schema: HistorySchema) -> list[TrackedTable]:
         """
         SELECT t.table_oid, t.schema_name, t.table_name, t.mode, t.exclude_columns,
                t.truncate_mode, t.source,
-               (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger g
-                WHERE g.tgrelid = t.table_oid AND g.tgname = ANY (%s) AND g.tgenabled = 'A'
-               ) = 4 AS triggers_ok
+               {state}(t.table_oid) = 'ok' AS triggers_ok
         FROM {} t ORDER BY t.schema_name, t.table_name
         """
-    ).format(schema.table("tracked"))
+    ).format(schema.table("tracked"), state=schema.func("trigger_state"))
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(query, (list(CAPTURE_TRIGGERS),)).fetchall()
+        rows = cur.execute(query).fetchall()
     return [
         TrackedTable(
             oid=int(r["table_oid"]),

@@ -312,7 +312,8 @@ def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
     ops = install_operations(conn, schema)
     if _missing_partitions(conn, schema):
         ops.append(partition_operation(schema))
-    ops.extend(_meta_operations(conn, schema, history))
+    meta_ops = _meta_operations(conn, schema, history)
+    ops.extend(meta_ops)
     ops.extend(_rule_operations(conn, schema, history))
     ops.extend(_table_setting_operations(conn, schema, history))
 
@@ -349,15 +350,20 @@ def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
                 )
             )
         elif (
-            have.mode,
-            tuple(sorted(have.exclude_columns)),
-            have.truncate_mode,
-        ) != (
-            settings.mode,
-            settings.exclude_columns,
-            settings.truncate_mode,
-        ) or not have.triggers_ok:
-            why = "repair its triggers" if have.triggers_ok is False else "update its settings"
+            meta_ops
+            or (
+                have.mode,
+                tuple(sorted(have.exclude_columns)),
+                have.truncate_mode,
+            )
+            != (
+                settings.mode,
+                settings.exclude_columns,
+                settings.truncate_mode,
+            )
+            or not have.triggers_ok
+        ):
+            why = "repair its triggers" if not have.triggers_ok else "update its settings"
             ops.append(track_operation(schema, name, settings, have.source, f"{why} on {name}"))
     for oid, have in tracked.items():
         if oid not in wanted and have.source != "manual":

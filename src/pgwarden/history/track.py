@@ -34,6 +34,17 @@ def _existing(conn: Conn, schema: HistorySchema, names: Sequence[TableName]) -> 
             )
 
 
+def install(conn: Conn, config: Config) -> list[Operation]:
+    """Install (or upgrade) the history schema without tracking anything; returns what ran."""
+    schema = HistorySchema(config.history.schema_name)
+    with conn.transaction():
+        ops = install_operations(conn, schema)
+        if _missing_partitions(conn, schema):
+            ops.append(partition_operation(schema))
+    apply_plan(conn, ops)
+    return ops
+
+
 def track(
     conn: Conn,
     config: Config,

@@ -33,7 +33,9 @@ _TRIGGER_STATE = {"O": "enabled (not ALWAYS: session_replication_role=replica sk
                   "D": "disabled", "R": "enabled only for replicas"}  # fmt: skip
 
 
-def _trigger_problems(conn: Conn, table: catalog.TrackedTable) -> list[Problem]:
+def _trigger_problems(
+    conn: Conn, schema: HistorySchema, table: catalog.TrackedTable
+) -> list[Problem]:
     rows = conn.execute(
         "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger "
         "WHERE tgrelid = %s AND tgname = ANY (%s)",
@@ -41,6 +43,17 @@ def _trigger_problems(conn: Conn, table: catalog.TrackedTable) -> list[Problem]:
     ).fetchall()
     present = {str(name): str(state) for name, state in rows}
     problems = []
+    stale = conn.execute(
+        sql.SQL("SELECT {}(%s)").format(schema.func("trigger_state")), (table.oid,)
+    ).fetchone()
+    if stale and stale[0] == "stale":
+        problems.append(
+            Problem(
+                str(table.name),
+                "stale-trigger",
+                "capture triggers carry outdated settings or key columns: run `pgwarden apply`",
+            )
+        )
     for trigger in CAPTURE_TRIGGERS:
         state = present.get(trigger)
         if state is None:
@@ -101,7 +114,7 @@ def verify(
         ).fetchone()
         report.events = max(int(count[0]), 0) if count else 0  # type: ignore[call-overload]
         for table in tracked:
-            report.problems.extend(_trigger_problems(conn, table))
+            report.problems.extend(_trigger_problems(conn, schema, table))
             if deep:
                 gap = _gap(conn, schema, table)
                 if gap:

@@ -9,6 +9,7 @@ AS $body$
 DECLARE
     cmd record;
     r record;
+    tr record;
     setting record;
 BEGIN
     FOR cmd IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
@@ -19,12 +20,24 @@ BEGIN
             cmd.command_tag, cmd.object_type, cmd.schema_name, cmd.object_identity,
             pg_catalog.current_query());
 
-        CONTINUE WHEN cmd.object_type IS DISTINCT FROM 'table'
+        -- RENAME COLUMN reports the object as a 'table column' of the table (objid).
+        CONTINUE WHEN cmd.object_type NOT IN ('table', 'table column')
             OR cmd.command_tag NOT IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO',
                                        'ALTER TABLE')
             OR cmd.schema_name = {schema_name}
-            OR COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') = 'on'
-            OR EXISTS (SELECT 1 FROM {schema}.tracked t WHERE t.table_oid = cmd.objid);
+            OR COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') = 'on';
+
+        -- A tracked table whose key changed (or a renamed key column): refresh its triggers.
+        SELECT t.* INTO tr FROM {schema}.tracked t WHERE t.table_oid = cmd.objid;
+        IF FOUND THEN
+            IF {schema}.trigger_state(cmd.objid) = 'stale'
+               AND {schema}.key_columns(cmd.objid) IS NOT NULL THEN
+                PERFORM {schema}.track(cmd.objid::regclass, tr.mode, tr.exclude_columns,
+                                       tr.truncate_mode, tr.source);
+            END IF;
+            CONTINUE;
+        END IF;
+        CONTINUE WHEN cmd.object_type <> 'table';
 
         SELECT ru.* INTO r FROM {schema}.rule ru, pg_catalog.pg_class c
         WHERE c.oid = cmd.objid

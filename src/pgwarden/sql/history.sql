@@ -152,8 +152,222 @@ AS $$
     JOIN pg_catalog.pg_attribute a ON a.attrelid = idx.indrelid AND a.attnum = k.attnum
 $$;
 
+-- fail-open: the statement went through but its history did not. Say so and count it.
+CREATE OR REPLACE FUNCTION {schema}.note_failure(relid oid, nsp text, rel text, op text,
+                                                  err_state text, err_message text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+BEGIN
+    RAISE WARNING 'pgwarden: history of % on %.% was not recorded: %', op, nsp, rel, err_message
+        USING HINT = 'fail-open mode: the change itself went through; see pgwarden verify';
+    INSERT INTO {schema}.capture_failure (tx, table_oid, schema_name, table_name, op, sqlstate,
+                                          message)
+    VALUES (pg_catalog.pg_current_xact_id(), relid, nsp, rel, op, err_state, err_message);
+END
+$body$;
+
+-- The capture trigger for INSERT, UPDATE and DELETE (statement level, transition tables).
+-- Static SQL throughout: plpgsql compiles one copy per table and caches each plan for the
+-- session, so a one-row statement pays no parsing or planning. A branch that does not run is
+-- never planned, which is why one function can name both transition tables.
+CREATE OR REPLACE FUNCTION {schema}.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    -- Settings arrive as trigger arguments (mode, excluded columns, key columns, whether to
+    -- record the statement), written by track(): no lookup at all per statement. Typed
+    -- variables, not a record, so plpgsql keeps one cached plan per statement below.
+    v_mode text := TG_ARGV[0];
+    v_excluded text[] := COALESCE(TG_ARGV[1]::text[], '{{}}'::text[]);
+    v_keys text[] := TG_ARGV[2]::text[];
+    v_statement text;
+    v_key1 text;
+    v_nonkey text[];
+    sid bigint;
+    err_state text;
+    err_message text;
+BEGIN
+    IF TG_NARGS < 3 THEN  -- a trigger made by hand without arguments: whole keys from the catalog
+        v_keys := {schema}.key_columns(TG_RELID);
+    END IF;
+    IF TG_ARGV[3] = 'on' THEN
+        v_statement := pg_catalog.current_query();
+    END IF;
+    IF pg_catalog.cardinality(v_keys) = 1 THEN
+        v_key1 := v_keys[1];  -- the common case: a one-column key, straight from the image
+    ELSE
+        -- A composite key: the image minus the other columns (read once per statement).
+        v_nonkey := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
+                            AND a.attname::text <> ALL (COALESCE(v_keys, '{{}}'::text[])));
+    END IF;
+    sid := pg_catalog.nextval('{schema}.statement_seq');
+    IF TG_OP = 'INSERT' THEN
+        IF v_mode = 'fail-open' THEN
+            BEGIN
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
+                application, client_addr, app_user, context, statement)
+            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
+                pg_catalog.session_user()::text,
+                CASE WHEN pg_catalog.current_setting('role') = 'none'
+                     THEN pg_catalog.session_user()::text
+                     ELSE pg_catalog.current_setting('role') END,
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                             THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
+                             ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
+                        j OPERATOR(pg_catalog.-) v_excluded AS n
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) x;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+                PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                                               err_state, err_message);
+            END;
+        ELSE
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
+                application, client_addr, app_user, context, statement)
+            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
+                pg_catalog.session_user()::text,
+                CASE WHEN pg_catalog.current_setting('role') = 'none'
+                     THEN pg_catalog.session_user()::text
+                     ELSE pg_catalog.current_setting('role') END,
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                             THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
+                             ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
+                        j OPERATOR(pg_catalog.-) v_excluded AS n
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) x;
+        END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        IF v_mode = 'fail-open' THEN
+            BEGIN
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
+                application, client_addr, app_user, context, statement)
+            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
+                pg_catalog.session_user()::text,
+                CASE WHEN pg_catalog.current_setting('role') = 'none'
+                     THEN pg_catalog.session_user()::text
+                     ELSE pg_catalog.current_setting('role') END,
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                             THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
+                             ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
+                        j OPERATOR(pg_catalog.-) v_excluded AS o, NULL::jsonb AS n
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) x;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+                PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                                               err_state, err_message);
+            END;
+        ELSE
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
+                application, client_addr, app_user, context, statement)
+            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
+                pg_catalog.session_user()::text,
+                CASE WHEN pg_catalog.current_setting('role') = 'none'
+                     THEN pg_catalog.session_user()::text
+                     ELSE pg_catalog.current_setting('role') END,
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                             THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
+                             ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
+                        j OPERATOR(pg_catalog.-) v_excluded AS o, NULL::jsonb AS n
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) x;
+        END IF;
+    ELSE
+        -- Old and new rows pair by position (see the notes at the top); rows where nothing,
+        -- or only excluded columns, changed are skipped.
+        IF v_mode = 'fail-open' THEN
+            BEGIN
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
+                application, client_addr, app_user, context, statement)
+            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
+                pg_catalog.session_user()::text,
+                CASE WHEN pg_catalog.current_setting('role') = 'none'
+                     THEN pg_catalog.session_user()::text
+                     ELSE pg_catalog.current_setting('role') END,
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                             THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
+                             ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
+                         od.img AS o, nw.img AS n
+                  FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) v_excluded AS img,
+                               pg_catalog.row_number() OVER () AS pos
+                        FROM old_rows r) od
+                  JOIN (SELECT j, j OPERATOR(pg_catalog.-) v_excluded AS img,
+                               pg_catalog.row_number() OVER () AS pos
+                        FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw
+                    ON od.pos OPERATOR(pg_catalog.=) nw.pos
+                  WHERE od.img IS DISTINCT FROM nw.img
+                  OFFSET 0) x;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+                PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                                               err_state, err_message);
+            END;
+        ELSE
+            INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
+                application, client_addr, app_user, context, statement)
+            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
+                pg_catalog.session_user()::text,
+                CASE WHEN pg_catalog.current_setting('role') = 'none'
+                     THEN pg_catalog.session_user()::text
+                     ELSE pg_catalog.current_setting('role') END,
+                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
+                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                             THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
+                             ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
+                         od.img AS o, nw.img AS n
+                  FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) v_excluded AS img,
+                               pg_catalog.row_number() OVER () AS pos
+                        FROM old_rows r) od
+                  JOIN (SELECT j, j OPERATOR(pg_catalog.-) v_excluded AS img,
+                               pg_catalog.row_number() OVER () AS pos
+                        FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw
+                    ON od.pos OPERATOR(pg_catalog.=) nw.pos
+                  WHERE od.img IS DISTINCT FROM nw.img
+                  OFFSET 0) x;
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$body$;
+
 -- `jsonb_build_object('c1', <row>.c1, …)` for the key columns, as an SQL expression over a row
--- alias. (Built from the row's columns, not from its JSONB image: cheaper, and the same values.)
+-- alias (used for whole-table captures, where the query is built once per call anyway).
 CREATE OR REPLACE FUNCTION {schema}.key_expression(key_cols text[], alias text) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -164,94 +378,6 @@ AS $$
                          pg_catalog.format('%L::text, %s.%I', c, alias, c), ', ') || ')' END
     FROM pg_catalog.unnest(key_cols) AS c
 $$;
-
--- The capture trigger for INSERT, UPDATE and DELETE (statement level, transition tables).
-CREATE OR REPLACE FUNCTION {schema}.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $body$
-DECLARE
-    cfg record;
-    key_cols text[];
-    excl text[];
-    stmt text;
-    q text;
-    cols constant text :=
-        'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
-        ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name, application,'
-        ' client_addr, app_user, context, statement) ';
-    who constant text :=
-        '$16, $1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o,'
-        ' x.n, $8, $9, $10, $11, $12, $13, $14';
-    err_state text;
-    err_message text;
-BEGIN
-    SELECT t.mode, t.exclude_columns INTO cfg
-    FROM {schema}.tracked t WHERE t.table_oid = TG_RELID;
-    excl := COALESCE(cfg.exclude_columns, '{{}}'::text[]);
-    key_cols := {schema}.key_columns(TG_RELID);
-    IF (SELECT m.value FROM {schema}.meta m WHERE m.key = 'record_statement') = 'on' THEN
-        stmt := pg_catalog.current_query();
-    END IF;
-
-    -- OFFSET 0 keeps each subquery from being flattened into the INSERT: flattened, every
-    -- reference to k or an image would evaluate to_jsonb()/jsonb_build_object() again per row.
-    IF TG_OP = 'INSERT' THEN
-        q := cols || 'SELECT ' || who || ' FROM (SELECT '
-            || {schema}.key_expression(key_cols, 'r') || ' AS k, NULL::jsonb AS o,'
-            || ' pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS n'
-            || ' FROM new_rows r OFFSET 0) x';
-    ELSIF TG_OP = 'DELETE' THEN
-        q := cols || 'SELECT ' || who || ' FROM (SELECT '
-            || {schema}.key_expression(key_cols, 'r') || ' AS k,'
-            || ' pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS o, NULL::jsonb AS n'
-            || ' FROM old_rows r OFFSET 0) x';
-    ELSE
-        -- Pair by position; skip rows where nothing (or only excluded columns) changed.
-        q := cols || 'SELECT ' || who || ' FROM (SELECT nw.k, od.img AS o, nw.img AS n'
-            || ' FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img,'
-            || ' pg_catalog.row_number() OVER () AS pos FROM old_rows r) od'
-            || ' JOIN (SELECT ' || {schema}.key_expression(key_cols, 'r') || ' AS k,'
-            || ' pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img,'
-            || ' pg_catalog.row_number() OVER () AS pos FROM new_rows r) nw'
-            || ' ON od.pos OPERATOR(pg_catalog.=) nw.pos'
-            || ' WHERE od.img IS DISTINCT FROM nw.img OFFSET 0) x';
-    END IF;
-
-    IF cfg.mode = 'fail-open' THEN
-        BEGIN
-            EXECUTE q USING pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA::text,
-                TG_TABLE_NAME::text, TG_OP, pg_catalog.session_user()::text,
-                {schema}.acting_role(), pg_catalog.current_setting('application_name'),
-                pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl,
-                pg_catalog.nextval('{schema}.statement_seq');
-        EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
-            RAISE WARNING 'pgwarden: history of % on %.% was not recorded: %',
-                TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, err_message
-                USING HINT = 'fail-open mode: the change itself went through; '
-                             'see pgwarden verify';
-            INSERT INTO {schema}.capture_failure
-                (tx, table_oid, schema_name, table_name, op, sqlstate, message)
-            VALUES (pg_catalog.pg_current_xact_id(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                    TG_OP, err_state, err_message);
-        END;
-    ELSE
-        EXECUTE q USING pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-            pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA::text,
-            TG_TABLE_NAME::text, TG_OP, pg_catalog.session_user()::text,
-            {schema}.acting_role(), pg_catalog.current_setting('application_name'),
-            pg_catalog.inet_client_addr(),
-            NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-            NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), stmt, excl,
-                pg_catalog.nextval('{schema}.statement_seq');
-    END IF;
-    RETURN NULL;
-END
-$body$;
 
 -- Rows of a whole table as events (TRUNCATE's removed rows, or SNAPSHOT when tracking starts).
 CREATE OR REPLACE FUNCTION {schema}.write_table_rows(relid oid, op text) RETURNS bigint
@@ -396,6 +522,41 @@ BEGIN
 END
 $body$;
 
+-- The arguments the capture triggers of a tracked table should carry.
+CREATE OR REPLACE FUNCTION {schema}.capture_args(relid oid) RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY[t.mode, t.exclude_columns::text, {schema}.key_columns(relid)::text,
+                 COALESCE((SELECT m.value FROM {schema}.meta m WHERE m.key = 'record_statement'),
+                          'off')]
+    FROM {schema}.tracked t WHERE t.table_oid = relid
+$$;
+
+-- 'ok', 'missing' (a capture trigger is gone), 'disabled' (not ENABLE ALWAYS) or 'stale' (its
+-- arguments no longer match the table's settings or key, e.g. after a primary key change).
+CREATE OR REPLACE FUNCTION {schema}.trigger_state(relid oid) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH want AS (SELECT {schema}.capture_args(relid) AS args),
+    have AS (
+        SELECT g.tgname, g.tgenabled,
+               (pg_catalog.regexp_split_to_array(pg_catalog.encode(g.tgargs, 'escape'), '\\000'))[1:4]
+                   AS args
+        FROM pg_catalog.pg_trigger g
+        WHERE g.tgrelid = relid AND g.tgname IN ('pgwarden_capture_insert',
+              'pgwarden_capture_update', 'pgwarden_capture_delete', 'pgwarden_capture_truncate')
+    )
+    SELECT CASE
+        WHEN (SELECT pg_catalog.count(*) FROM have) < 4 THEN 'missing'
+        WHEN EXISTS (SELECT 1 FROM have WHERE have.tgenabled <> 'A') THEN 'disabled'
+        WHEN EXISTS (SELECT 1 FROM have, want
+                     WHERE have.tgname <> 'pgwarden_capture_truncate'
+                       AND have.args IS DISTINCT FROM want.args) THEN 'stale'
+        ELSE 'ok' END
+$$;
+
 -- Start tracking a table: triggers (ENABLE ALWAYS, so session_replication_role = replica does
 -- not skip them), its settings, and a SNAPSHOT of its rows when it was not tracked before.
 CREATE OR REPLACE FUNCTION {schema}.track(
@@ -414,6 +575,7 @@ DECLARE
     kind "char";
     key_cols text[];
     was_tracked boolean;
+    args text[];
     snapshot bigint := 0;
     bad text;
 BEGIN
@@ -457,18 +619,22 @@ BEGIN
             source = CASE WHEN t.source = 'manual' AND EXCLUDED.source <> 'manual'
                           THEN t.source ELSE EXCLUDED.source END;
 
+    args := {schema}.capture_args(relid);
     EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER pgwarden_capture_insert AFTER INSERT ON %I.%I '
         'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
-        'EXECUTE FUNCTION {schema}.capture()', nsp, rel);
+        'EXECUTE FUNCTION {schema}.capture(%L, %L, %L, %L)',
+        nsp, rel, args[1], args[2], args[3], args[4]);
     EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER pgwarden_capture_update AFTER UPDATE ON %I.%I '
         'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT '
-        'EXECUTE FUNCTION {schema}.capture()', nsp, rel);
+        'EXECUTE FUNCTION {schema}.capture(%L, %L, %L, %L)',
+        nsp, rel, args[1], args[2], args[3], args[4]);
     EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER pgwarden_capture_delete AFTER DELETE ON %I.%I '
         'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT '
-        'EXECUTE FUNCTION {schema}.capture()', nsp, rel);
+        'EXECUTE FUNCTION {schema}.capture(%L, %L, %L, %L)',
+        nsp, rel, args[1], args[2], args[3], args[4]);
     EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER pgwarden_capture_truncate BEFORE TRUNCATE ON %I.%I '
         'FOR EACH STATEMENT EXECUTE FUNCTION {schema}.capture_truncate()', nsp, rel);
@@ -552,5 +718,8 @@ ALTER FUNCTION {schema}.write_table_rows(oid, text) OWNER TO {owner};
 ALTER FUNCTION {schema}.acting_role() OWNER TO {owner};
 ALTER FUNCTION {schema}.key_columns(oid) OWNER TO {owner};
 ALTER FUNCTION {schema}.key_expression(text[], text) OWNER TO {owner};
+ALTER FUNCTION {schema}.capture_args(oid) OWNER TO {owner};
+ALTER FUNCTION {schema}.trigger_state(oid) OWNER TO {owner};
+ALTER FUNCTION {schema}.note_failure(oid, text, text, text, text, text) OWNER TO {owner};
 ALTER FUNCTION {schema}.forbid_change() OWNER TO {owner};
 ALTER FUNCTION {schema}.rows_as_of(oid, timestamptz) OWNER TO {owner};

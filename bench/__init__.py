@@ -1,0 +1,1 @@
+"""pgwarden's benchmarks: `python -m bench [--quick]` (see README)."""

@@ -1,0 +1,178 @@
+"""Run the benchmarks against a fresh local server; print a table, write JSON and a chart.
+
+python -m bench            # the full run (W1 100k rows, W2 scale 10, W3 10M events)
+python -m bench --quick    # a small run for CI, so the harness never rots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.server import bench_server, fresh_database
+from bench.w1 import STATEMENTS, VARIANTS, run_w1
+from bench.w2 import run_w2
+from bench.w3 import run_w3
+
+RESULTS = Path(__file__).parent / "results"
+
+FULL = {"w1_rows": 100_000, "w1_reps": 3, "w2_scale": 10, "w2_seconds": 30, "w2_reps": 3,
+        "w3_small": 10_000, "w3_large": 10_000_000, "w3_as_of_rows": 1_000_000, "w3_samples": 300}  # fmt: skip
+QUICK = {"w1_rows": 5_000, "w1_reps": 3, "w2_scale": 1, "w2_seconds": 3, "w2_reps": 1,
+         "w3_small": 2_000, "w3_large": 20_000, "w3_as_of_rows": 5_000, "w3_samples": 50}  # fmt: skip
+
+
+def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    w1 = data["w1"]
+    rows: list[tuple[str, str, bool]] = []
+    for variant in ("pgwarden-fail-closed", "pgwarden-fail-open"):
+        for statement in STATEMENTS:
+            r = w1["R"][variant][statement]
+            limit = 2.5 if statement == "UPDATE" else 1.5
+            rows.append((f"W1 {variant} {statement} R ≤ {limit}", f"{r:.2f}", r <= limit))
+            seed = max(w1["R"]["seed-fail-open"][statement], w1["R"]["seed-fail-closed"][statement])
+            seed_min = min(
+                w1["R"]["seed-fail-open"][statement], w1["R"]["seed-fail-closed"][statement]
+            )
+            rows.append((f"W1 {variant} {statement} ≤ ½ seed's overhead",
+                         f"{r:.2f} vs seed {seed_min:.2f}–{seed:.2f}", r <= seed_min / 2))  # fmt: skip
+            xids = w1["xids_per_statement"][variant][statement]
+            rows.append((f"W1 {variant} {statement} xids ≤ 2", str(xids), xids <= 2))
+    w2 = data["w2"]
+    rows.append(("W2 tracked TPS ≥ 0.85 × untracked", f"{w2['tracked_over_untracked']:.2f}",
+                 w2["tracked_over_untracked"] >= 0.85))  # fmt: skip
+    complete = all(c["missing"] == 0 and c["extra"] == 0 for c in w2["completeness"])
+    rows.append(("W2 every change has its event", json.dumps(w2["completeness"]), complete))
+    w3 = data["w3"]
+    rows.append(("W3 lookup p99 large ≤ 2 × small", f"{w3['lookup_p99_ratio']:.2f}",
+                 w3["lookup_p99_ratio"] <= 2))  # fmt: skip
+    rows.append(
+        ("W3 as-of --into ≤ 3 × CTAS", f"{w3['as_of_over_ctas']:.2f}", w3["as_of_over_ctas"] <= 3)
+    )
+    rows.append(("W3 streaming json peak ≤ 200 MB", f"{w3['stream_peak_mb']:.0f} MB",
+                 w3["stream_peak_mb"] <= 200))  # fmt: skip
+    return rows
+
+
+def _table(data: dict[str, Any]) -> str:
+    w1 = data["w1"]
+    lines = [
+        f"W1: one statement over {w1['rows']:,} rows, median of {w1['reps']} interleaved runs",
+        "",
+        "| variant | INSERT s | UPDATE s | DELETE s | R INSERT | R UPDATE | R DELETE | xids/stmt (max) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        secs = w1["median_seconds"][v]
+        r = w1["R"][v]
+        x = w1["xids_per_statement"][v]
+        lines.append(
+            f"| {v} | {secs['INSERT']:.3f} | {secs['UPDATE']:.3f} | {secs['DELETE']:.3f} | "
+            f"{r['INSERT']:.2f} | {r['UPDATE']:.2f} | {r['DELETE']:.2f} | "
+            f"{max(x.values()):,} |"
+        )
+    w2 = data["w2"]
+    lines += ["", f"W2: pgbench tpcb-like, scale {w2['scale']}, 4 clients, {w2['seconds']} s per run", "",
+              "| variant | TPS (median) |", "|---|---|"]  # fmt: skip
+    for v in ("untracked", "tracked"):
+        tps = sorted(w2["tps"][v])
+        lines.append(f"| {v} | {tps[len(tps) // 2]:.0f} |")
+    w3 = data["w3"]
+    lines += ["", "W3: reading history", "", "| measure | value |", "|---|---|"]
+    for size, p99 in w3["lookup_p99_ms"].items():
+        lines.append(f"| per-row lookup p99, {int(size):,} events | {p99:.2f} ms |")
+    lines.append(f"| as-of --into, {w3['as_of_rows']:,} rows | {w3['as_of_into_seconds']:.2f} s |")
+    lines.append(f"| CREATE TABLE AS, same table | {w3['ctas_seconds']:.2f} s |")
+    lines.append(
+        f"| history --format json, {w3['stream_events']:,} events | peak {w3['stream_peak_mb']:.0f} MB |"
+    )
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for name, value, ok in _targets(data):
+        lines.append(f"| {name} | {value} | {'yes' if ok else 'no'} |")
+    return "\n".join(lines)
+
+
+def _chart(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w1 = data["w1"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    variants = [v for v in VARIANTS if v != "untracked"]
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        xs = [j + i * width for j in range(len(STATEMENTS))]
+        ax1.bar(xs, [w1["R"][v][s] for s in STATEMENTS], width, label=v)
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(STATEMENTS))], STATEMENTS)
+    ax1.axhline(1.5, color="grey", linestyle="--", linewidth=1)
+    ax1.axhline(2.5, color="grey", linestyle=":", linewidth=1)
+    ax1.set_ylabel("overhead R (extra plain writes per row)")
+    ax1.set_title(f"W1: {w1['rows']:,}-row statements (lower is better)")
+    ax1.legend(fontsize=8)
+    w2 = data["w2"]
+    ax2.bar(
+        ["untracked", "tracked"],
+        [sorted(w2["tps"][v])[len(w2["tps"][v]) // 2] for v in ("untracked", "tracked")],
+    )
+    ax2.set_title("W2: pgbench TPS")
+    fig.suptitle(
+        f"pgwarden bench {data['date']} · PostgreSQL {data['machine']['postgres']} · {data['machine']['cores']} cores"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    parser.add_argument("--pg-bin", type=Path, help="PostgreSQL bin dir (default: embedded)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    with bench_server(args.pg_bin) as server:
+        data: dict[str, Any] = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "quick": args.quick,
+            "sizes": sizes,
+            "machine": {
+                "cores": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "postgres": server.binaries.version,
+            },
+        }
+        log(f"bench on {server.binaries.describe()} ({'quick' if args.quick else 'full'})")
+        w1 = run_w1(fresh_database(server, "bench_w1"), sizes["w1_rows"], sizes["w1_reps"], log)
+        data["w1"] = w1.to_json()
+        w2 = run_w2(fresh_database(server, "bench_w2"), server.binaries.bindir, sizes["w2_scale"],
+                    sizes["w2_seconds"], sizes["w2_reps"], log)  # fmt: skip
+        data["w2"] = w2.to_json()
+        w3 = run_w3(fresh_database(server, "bench_w3"), sizes["w3_small"], sizes["w3_large"],
+                    sizes["w3_as_of_rows"], sizes["w3_samples"], log)  # fmt: skip
+        data["w3"] = w3.to_json()
+
+    data["targets"] = [{"target": n, "measured": v, "met": ok} for n, v, ok in _targets(data)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = data["date"] + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    _chart(data, args.out / f"{stem}.png")
+    table = _table(data)
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwritten: {args.out / (stem + '.json')}, .png, .md", file=sys.stderr)
+    if not w2.complete:
+        sys.exit("W2 completeness failed: some committed changes have no event")

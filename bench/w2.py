@@ -1,0 +1,118 @@
+"""W2: OLTP. pgbench tpcb-like, 4 clients, default durability; the four tables tracked or not."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from pgwarden.config import Config
+from pgwarden.history import install
+
+TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
+
+
+@dataclass
+class W2Result:
+    scale: int
+    seconds: int
+    clients: int
+    tps: dict[str, list[float]] = field(default_factory=lambda: {"untracked": [], "tracked": []})
+    completeness: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.tps["tracked"]) / statistics.median(self.tps["untracked"])
+
+    @property
+    def complete(self) -> bool:
+        return all(c["missing"] == 0 and c["extra"] == 0 for c in self.completeness)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "scale": self.scale,
+            "seconds": self.seconds,
+            "clients": self.clients,
+            "tps": self.tps,
+            "tracked_over_untracked": self.ratio,
+            "completeness": self.completeness,
+        }
+
+
+def _env(url: str) -> dict[str, str]:
+    params = conninfo_to_dict(url)
+    return {
+        "PGHOST": str(params["host"]),
+        "PGPORT": str(params["port"]),
+        "PGUSER": str(params["user"]),
+        "PGPASSWORD": str(params["password"]),
+        "PGDATABASE": str(params["dbname"]),
+        "PATH": "/usr/bin:/bin",
+    }
+
+
+def _pgbench(bindir: Path, url: str, *args: str) -> str:
+    result = subprocess.run(
+        [str(bindir / "pgbench"), *args], env=_env(url), capture_output=True, text=True, check=True
+    )
+    return result.stdout + result.stderr
+
+
+def run_w2(
+    url: str, bindir: Path, scale: int, seconds: int, reps: int, log: object = print
+) -> W2Result:
+    result = W2Result(scale=scale, seconds=seconds, clients=4)
+    _pgbench(bindir, url, "-i", "-q", "-s", str(scale))
+    with psycopg.connect(url, autocommit=True) as conn:
+        # pgbench_history has no key; pgwarden tracks only tables whose rows have one. Both
+        # variants get the column, so they run the same workload.
+        conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+        install(conn, Config())
+        conn.execute("VACUUM ANALYZE")
+    for rep in range(reps):
+        for variant in ("untracked", "tracked") if rep % 2 == 0 else ("tracked", "untracked"):
+            with psycopg.connect(url, autocommit=True) as conn:
+                for table in TABLES:
+                    if variant == "tracked":
+                        conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
+                    else:
+                        conn.execute(
+                            "SELECT pgwarden.untrack(%s::regclass) FROM pgwarden.tracked "
+                            "WHERE table_oid = %s::regclass",
+                            (table, table),
+                        )
+                conn.execute("CHECKPOINT")
+                start = conn.execute("SELECT coalesce(max(id), 0) FROM pgwarden.event").fetchone()
+                hist = conn.execute("SELECT coalesce(max(id), 0) FROM pgbench_history").fetchone()
+            out = _pgbench(bindir, url, "-n", "-c", "4", "-j", "2", "-T", str(seconds))
+            tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+            txns = int(re.search(r"actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+            result.tps[variant].append(tps)
+            if variant == "tracked":
+                with psycopg.connect(url) as conn:
+                    assert start is not None and hist is not None
+                    counts = conn.execute(
+                        "SELECT count(*) FILTER (WHERE op = 'UPDATE'), "
+                        "count(*) FILTER (WHERE op = 'INSERT') FROM pgwarden.event WHERE id > %s "
+                        "AND op IN ('UPDATE', 'INSERT')",
+                        (start[0],),
+                    ).fetchone()
+                    zero = conn.execute(
+                        "SELECT count(*) FROM pgbench_history WHERE id > %s AND delta = 0",
+                        (hist[0],),
+                    ).fetchone()
+                assert counts is not None and zero is not None
+                # An UPDATE that changes nothing (delta 0) is rightly not recorded.
+                expected = 3 * (txns - int(str(zero[0]))) + txns
+                got = int(str(counts[0])) + int(str(counts[1]))
+                result.completeness.append(
+                    {"transactions": txns, "events": got, "expected": expected,
+                     "missing": max(expected - got, 0), "extra": max(got - expected, 0)}
+                )  # fmt: skip
+            log(f"  W2 rep {rep + 1}/{reps} {variant:9s} tps {tps:.0f} ({txns} txns)")  # type: ignore[operator]
+    return result

@@ -1,0 +1,161 @@
+"""W3: reading history. Per-row lookups at small and large history, as-of --into versus CREATE
+TABLE AS, and the memory of streaming `history --format json`."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from pgwarden.config import Config
+from pgwarden.history import install
+from pgwarden.history import EventFilter, TableName, as_of_into, events
+
+TABLES = 100
+
+
+@dataclass
+class W3Result:
+    lookup_p99_ms: dict[int, float] = field(default_factory=dict)  # events in history → p99
+    as_of_rows: int = 0
+    as_of_seconds: float = 0.0
+    ctas_seconds: float = 0.0
+    stream_events: int = 0
+    stream_peak_mb: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        sizes = sorted(self.lookup_p99_ms)
+        return {
+            "lookup_p99_ms": {str(k): v for k, v in self.lookup_p99_ms.items()},
+            "lookup_p99_ratio": self.lookup_p99_ms[sizes[-1]] / self.lookup_p99_ms[sizes[0]],
+            "as_of_rows": self.as_of_rows,
+            "as_of_into_seconds": self.as_of_seconds,
+            "ctas_seconds": self.ctas_seconds,
+            "as_of_over_ctas": self.as_of_seconds / self.ctas_seconds,
+            "stream_events": self.stream_events,
+            "stream_peak_mb": self.stream_peak_mb,
+        }
+
+
+def _fill(conn: psycopg.Connection[tuple[object, ...]], upto: int, keys_per_table: int) -> None:
+    """Grow history to `upto` synthetic UPDATE events spread over the 100 tables."""
+    row = conn.execute(
+        "SELECT coalesce(max(stmt_id), 0) FROM pgwarden.event WHERE tx = '1'"
+    ).fetchone()
+    have = int(str(row[0])) if row else 0
+    step = 500_000
+    for start in range(have + 1, upto + 1, step):
+        end = min(start + step - 1, upto)
+        conn.execute(
+            """
+            INSERT INTO pgwarden.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
+                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name)
+            SELECT g, '1', now() - interval '1 day', now() - interval '1 day', m.oid, 'public',
+                   m.name, 'UPDATE', k.key, hashtextextended(k.key::text, 0),
+                   jsonb_build_object('id', k.id, 'v', g - 1), jsonb_build_object('id', k.id, 'v', g),
+                   'bench', 'bench'
+            FROM generate_series(%s::bigint, %s::bigint) g
+            JOIN w3_tables m ON m.n = g %% %s
+            CROSS JOIN LATERAL (SELECT ((g / %s) %% %s)::int AS id) i
+            CROSS JOIN LATERAL (SELECT i.id, jsonb_build_object('id', i.id) AS key) k
+            """,
+            (start, end, TABLES, TABLES, keys_per_table),
+        )
+    conn.execute("ANALYZE pgwarden.event")
+
+
+def _p99_lookup(url: str, samples: int, keys_per_table: int) -> float:
+    rng = random.Random(42)
+    times = []
+    with psycopg.connect(url) as conn:
+        for _ in range(samples):
+            table = TableName("public", f"t{rng.randrange(TABLES):03d}")
+            key = {"id": str(rng.randrange(keys_per_table))}
+            started = time.perf_counter()
+            with conn.transaction():
+                found = list(events(conn, EventFilter(table=table, key=key)))
+            times.append(time.perf_counter() - started)
+            assert found is not None
+    times.sort()
+    return 1000 * times[int(0.99 * (len(times) - 1))]
+
+
+def run_w3(
+    url: str, small: int, large: int, as_of_rows: int, samples: int, log: object = print
+) -> W3Result:
+    result = W3Result()
+    keys = max(large // TABLES // 10, 10)  # about ten events per row at the large size
+    with psycopg.connect(url, autocommit=True) as conn:
+        install(conn, Config())
+        conn.execute("CREATE TABLE w3_tables (n int PRIMARY KEY, oid oid, name text)")
+        for n in range(TABLES):
+            name = f"t{n:03d}"
+            conn.execute(
+                sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(sql.Identifier(name))
+            )
+            conn.execute("INSERT INTO w3_tables VALUES (%s, %s::regclass, %s)", (n, name, name))
+        for size in (small, large):
+            started = time.perf_counter()
+            _fill(conn, size, keys)
+            log(f"  W3 history filled to {size:,} events ({time.perf_counter() - started:.0f}s)")  # type: ignore[operator]
+            _p99_lookup(url, 20, keys)  # warm up
+            result.lookup_p99_ms[size] = statistics.median(
+                _p99_lookup(url, samples, keys) for _ in range(3)
+            )
+            log(f"  W3 per-row lookup p99 at {size:,} events: {result.lookup_p99_ms[size]:.2f} ms")  # type: ignore[operator]
+
+        conn.execute("CREATE TABLE big (id int PRIMARY KEY, name text, v numeric)")
+        conn.execute(
+            "INSERT INTO big SELECT g, 'row ' || g, g * 1.5 FROM generate_series(1, %s) g",
+            (as_of_rows,),
+        )
+        conn.execute("SELECT pgwarden.track('big'::regclass)")  # one SNAPSHOT event per row
+        conn.execute("VACUUM ANALYZE big")
+        conn.execute("ANALYZE pgwarden.event")
+        at = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        ctas, into = [], []
+        for rep in range(3):
+            conn.execute("CHECKPOINT")
+            started = time.perf_counter()
+            conn.execute(
+                sql.SQL("CREATE TABLE {} AS SELECT * FROM big").format(
+                    sql.Identifier(f"ctas_{rep}")
+                )
+            )
+            ctas.append(time.perf_counter() - started)
+            conn.execute("CHECKPOINT")
+            started = time.perf_counter()
+            as_of_into(conn, TableName("public", "big"), at, TableName("public", f"asof_{rep}"))
+            into.append(time.perf_counter() - started)
+        result.as_of_rows = as_of_rows
+        result.ctas_seconds = statistics.median(ctas)
+        result.as_of_seconds = statistics.median(into)
+        log(
+            f"  W3 as-of --into {as_of_rows:,} rows {result.as_of_seconds:.2f}s, CTAS {result.ctas_seconds:.2f}s"
+        )  # type: ignore[operator]
+
+    # Streaming: a child process, so its peak RSS is its own.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    env = dict(os.environ, PGWARDEN_DSN=url)
+    started = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        subprocess.run(
+            [sys.executable, "-m", "pgwarden", "history", "public.big", "--format", "json"],
+            env=env, stdout=sink, check=True,
+        )  # fmt: skip
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result.stream_events = as_of_rows
+    result.stream_peak_mb = max(peak, before) / 1024
+    log(
+        f"  W3 history --format json over {as_of_rows:,} events: peak {result.stream_peak_mb:.0f} MB "  # type: ignore[operator]
+        f"({time.perf_counter() - started:.1f}s)"
+    )
+    return result
