@@ -54,4 +54,15 @@ elif [ -n "${CI:-}" ]; then
 else
   echo "== skipping the PostgreSQL 15 leg: $PG15_BIN is missing (run as root to install it)"
 fi
+# The benchmark harness, small, so it never rots (targets are reported, not enforced here: only
+# the full run on a quiet machine measures them; a harness error or missing history fails).
+echo "== bench --quick"
+bench_out=$(mktemp -d)
+if ! .venv/bin/python -m bench --quick --out "$bench_out" > "$bench_out/table.md"; then
+  echo "bench --quick failed" >&2
+  status=1
+else
+  tail -n 30 "$bench_out/table.md"
+fi
+rm -rf "$bench_out"
 exit $status
