@@ -123,6 +123,12 @@ def _role(conn: psycopg.Connection[tuple[object, ...]], name: str) -> None:
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
     if not exists:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app-pw'").format(sql.Identifier(name)))
+    # pgwarden's hardening revoked CONNECT from PUBLIC: grant it as a real deployment would.
+    conn.execute(
+        sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(conn.info.dbname), sql.Identifier(name)
+        )
+    )
 
 
 def test_application_role_cannot_tamper_or_disable_tracking(database: Database) -> None:
@@ -176,6 +182,11 @@ def test_search_path_hijack_runs_no_attacker_code(database: Database) -> None:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         _role(conn, app)
         conn.execute(sql.SQL("GRANT ALL ON t TO {}").format(sql.Identifier(app)))
+        conn.execute(  # a well-equipped attacker: may create temporary objects too
+            sql.SQL("GRANT TEMP ON DATABASE {} TO {}").format(
+                sql.Identifier(conn.info.dbname), sql.Identifier(app)
+            )
+        )
         conn.execute(sql.SQL("CREATE SCHEMA evil AUTHORIZATION {}").format(sql.Identifier(app)))
         conn.execute("CREATE TABLE public.hijacked (who text)")
         conn.execute(sql.SQL("GRANT INSERT ON public.hijacked TO {}").format(sql.Identifier(app)))

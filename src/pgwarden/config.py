@@ -187,16 +187,101 @@ class HistoryConfig(_Section):
         return value
 
 
-class AccessConfig(_Section):
-    """Roles and privileges (filled in by the access issue)."""
+class Privilege(StrEnum):
+    SELECT = "SELECT"
+    INSERT = "INSERT"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+    TRUNCATE = "TRUNCATE"
+    REFERENCES = "REFERENCES"
+    TRIGGER = "TRIGGER"
 
+
+def _upper_privileges(value: object) -> object:
+    if isinstance(value, dict):
+        return {
+            key: [p.upper() if isinstance(p, str) else p for p in privs]
+            if isinstance(privs, list)
+            else privs
+            for key, privs in value.items()
+        }
+    return value
+
+
+class RoleConfig(_Section):
+    """One role pgwarden manages: login or not, memberships, and what it may do."""
+
+    login: bool = Field(False, description="Whether the role can log in.")
+    member_of: list[str] = Field(default_factory=list, description="Roles it is a member of.")
+    connect: bool = Field(True, description="CONNECT on the managed database.")
+    schemas: list[str] = Field(default_factory=list, description="Schemas it gets USAGE on.")
+    tables: Annotated[dict[str, list[Privilege]], BeforeValidator(_upper_privileges)] = Field(
+        default_factory=dict,
+        description="Table privileges by name or pattern: {'public.*': [SELECT, INSERT]}. "
+        "A whole-schema pattern also covers tables created later (default privileges).",
+    )
+    password_env: str | None = Field(None, description="Environment variable with its password.")
+    password_file: Path | None = Field(None, description="File whose first line is its password.")
+
+    @field_validator("member_of", "schemas")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_ident(name)
+        if len(set(value)) != len(value):
+            raise ValueError("lists a name twice")
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.password_env and self.password_file:
+            raise ValueError("set password_env or password_file, not both")
+
+
+class AccessConfig(_Section):
+    """Roles and privileges, the manager role that owns the schema, and hardening."""
+
+    mode: Literal["additive", "authoritative"] = Field(
+        "additive",
+        description="additive: grant and create only. authoritative: also revoke and drop what "
+        "the config does not list (not implemented yet: refused).",
+    )
     manager_role: str = Field("manager", description="Role that owns the managed objects.")
     managers: list[str] = Field(default_factory=list, description="Login roles that are managers.")
+    managed_schemas: list[str] = Field(
+        default_factory=lambda: ["public"],
+        description="Schemas whose objects the manager role owns.",
+    )
+    auditor_role: str = Field("auditor", description="Role that may read history.")
+    auditors: list[str] = Field(default_factory=list, description="Members of the auditor role.")
+    hardening: bool = Field(
+        True,
+        description="REVOKE CREATE ON SCHEMA public and ALL ON DATABASE from PUBLIC, then grant "
+        "CONNECT explicitly.",
+    )
+    roles: dict[str, RoleConfig] = Field(default_factory=dict, description="Roles to manage.")
 
-    @field_validator("manager_role")
+    @field_validator("manager_role", "auditor_role")
     @classmethod
     def _valid_role(cls, value: str) -> str:
         return _check_ident(value)
+
+    @field_validator("managers", "auditors", "managed_schemas")
+    @classmethod
+    def _valid_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_ident(name)
+        if len(set(value)) != len(value):
+            raise ValueError("lists a name twice")
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _valid_role_names(cls, value: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        for name in value:
+            _check_ident(name)
+            if name.startswith("pg_"):
+                raise ValueError(f"{name!r}: names starting with pg_ are PostgreSQL's own")
+        return value
 
 
 class KubernetesConfig(_Section):
@@ -271,10 +356,33 @@ def parse_config_file(path: Path) -> Config:
     return parse_config_text(text, source=str(path))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{key!r} is listed twice (first on line {seen[key]})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def parse_config_text(text: str, *, source: str) -> Config:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from pgwarden.access.planner import plan_access
 from pgwarden.config import Config
 from pgwarden.history.planner import plan_history, untracked_without_key
 from pgwarden.plan import Plan, apply_plan
@@ -22,9 +23,13 @@ def _history(conn: Conn, config: Config, plan: Plan) -> None:
         )
 
 
-# Order matters: roles before the grants that name them, history objects before the triggers
-# that use them.
-PLANNERS: list[tuple[str, Planner]] = [("history", _history)]
+def _access(conn: Conn, config: Config, plan: Plan) -> None:
+    plan.extend(plan_access(conn, config))
+
+
+# Order matters: history objects before the grants on them, roles before the grants that name
+# them (access orders its own operations).
+PLANNERS: list[tuple[str, Planner]] = [("history", _history), ("access", _access)]
 
 
 def build_plan(conn: Conn, config: Config) -> Plan:

@@ -24,6 +24,9 @@ class Operation:
     transactional: bool = True
     # What to print instead of the SQL when it carries a secret.
     display: str | None = None
+    # Statements sent separately just before, e.g. `SET LOCAL log_statement = 'none'`: in the
+    # same query string they would take effect too late (the server logs a string on receipt).
+    prelude: tuple[sql.SQL, ...] = ()
 
     def render(self, conn: psycopg.Connection[tuple[object, ...]]) -> str:
         if self.display is not None:
@@ -65,6 +68,8 @@ def apply_plan(
         conn.autocommit = False
         with conn.transaction():
             for current in inside:
+                for setup in current.prelude:
+                    conn.execute(setup)
                 conn.execute(current.statement)
     except psycopg.Error as exc:
         step = current.description if current else "?"

@@ -7,6 +7,7 @@ import sys
 import click
 
 from pgwarden import __version__
+from pgwarden.cli.access_cmds import access_group
 from pgwarden.cli.app import run_guarded
 from pgwarden.cli.config_cmds import config_group, init_cmd
 from pgwarden.cli.context import AppContext
@@ -59,6 +60,7 @@ for command in (
     apply_cmd,
     check_cmd,
     *HISTORY_COMMANDS,
+    access_group,
 ):
     cli.add_command(command)
 

@@ -30,6 +30,9 @@ class TablePattern:
     def is_glob(self) -> bool:
         return bool(GLOB_CHARS & set(self.schema + self.table))
 
+    def is_glob_schema(self) -> bool:
+        return bool(GLOB_CHARS & set(self.schema))
+
     def schema_regex(self) -> str:
         return _glob_to_regex(self.schema)
 

@@ -1,0 +1,364 @@
+"""access: desired roles and privileges (pgwarden.yaml) versus the catalog → operations.
+
+Operations come grouped: roles first (they must exist before anything names them), then
+memberships, the database, schemas, ownership, table privileges, and the auditor's read access
+to history. Mode `additive` (the default) only creates and grants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from psycopg import sql
+
+from pgwarden.access import catalog
+from pgwarden.access.catalog import Conn
+from pgwarden.access.secrets import read_password, scram_verifier, verifier_matches
+from pgwarden.config import AccessConfig, Config, RoleConfig
+from pgwarden.errors import ConfigError, UserError
+from pgwarden.history.catalog import HistorySchema
+from pgwarden.history.catalog import is_installed as history_installed
+from pgwarden.history.names import TableName, TablePattern, parse_pattern
+from pgwarden.plan import Operation
+
+DOMAIN = "access"
+HISTORY_TABLES = ("event", "ddl_log", "tracked", "capture_failure", "rule", "table_setting", "meta")
+_KIND_SQL = {
+    "schema": "SCHEMA",
+    "table": "TABLE",
+    "view": "VIEW",
+    "materialized view": "MATERIALIZED VIEW",
+    "sequence": "SEQUENCE",
+    "foreign table": "FOREIGN TABLE",
+}
+
+
+def _op(
+    description: str, statement: sql.Composed | sql.SQL, display: str | None = None
+) -> Operation:
+    return Operation(DOMAIN, description, statement, display=display)
+
+
+def _ident(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
+
+
+def _declared_roles(access: AccessConfig) -> dict[str, RoleConfig]:
+    roles = dict(access.roles)
+    for special in (access.manager_role, access.auditor_role):
+        if special in roles and roles[special].login:
+            raise ConfigError(f"access.roles.{special}: the {special!r} role must not log in")
+    return roles
+
+
+def _role_operations(
+    conn: Conn, access: AccessConfig, existing: dict[str, catalog.Role], superuser: bool
+) -> list[Operation]:
+    ops: list[Operation] = []
+    wanted: dict[str, bool] = {access.manager_role: False, access.auditor_role: False}
+    wanted.update({name: role.login for name, role in access.roles.items()})
+    for name, login in wanted.items():
+        have = existing.get(name)
+        if have is None:
+            ops.append(
+                _op(
+                    f"role {name}: create ({'LOGIN' if login else 'NOLOGIN'})",
+                    sql.SQL("CREATE ROLE {} {}").format(
+                        _ident(name), sql.SQL("LOGIN" if login else "NOLOGIN")
+                    ),
+                )
+            )
+        elif have.superuser:
+            raise ConfigError(
+                f"access.roles.{name}: {name!r} is a superuser; pgwarden never manages superusers",
+                hint="remove it from access.roles",
+            )
+        elif have.login != login:
+            ops.append(
+                _op(
+                    f"role {name}: {'allow' if login else 'forbid'} login",
+                    sql.SQL("ALTER ROLE {} {}").format(
+                        _ident(name), sql.SQL("LOGIN" if login else "NOLOGIN")
+                    ),
+                )
+            )
+    for name, role in access.roles.items():
+        password = read_password(name, role)
+        if password is None:
+            continue
+        if not role.login:
+            raise ConfigError(f"access.roles.{name}: a password needs login: true")
+        if name in existing and verifier_matches(catalog.stored_password(conn, name), password):
+            continue
+        if name in existing and not superuser:
+            continue  # cannot read the stored verifier: only set passwords of new roles
+        verifier = scram_verifier(conn, name, password)
+        quiet: tuple[sql.SQL, ...] = ()
+        if superuser:
+            quiet = (
+                sql.SQL("SET LOCAL log_statement = 'none'"),
+                sql.SQL("SET LOCAL log_min_duration_statement = -1"),
+            )
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"role {name}: set its password (SCRAM-SHA-256, hashed here, not logged)",
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(_ident(name), sql.Literal(verifier)),
+                display=f"ALTER ROLE \"{name}\" PASSWORD '***'",
+                prelude=quiet,
+            )
+        )
+    return ops
+
+
+def _membership_operations(
+    conn: Conn, access: AccessConfig, existing: dict[str, catalog.Role], major: int
+) -> list[Operation]:
+    ops: list[Operation] = []
+    known = set(existing) | set(access.roles) | {access.manager_role, access.auditor_role}
+    pairs: list[tuple[str, str, bool]] = []  # (member, group, sudo-like)
+    for name, role in access.roles.items():
+        pairs.extend((name, group, False) for group in role.member_of)
+    pairs.extend((m, access.manager_role, True) for m in access.managers)
+    pairs.extend((a, access.auditor_role, False) for a in access.auditors)
+    for member, group, sudo in pairs:
+        for who in (member, group):
+            if who not in known:
+                raise ConfigError(
+                    f"access: role {who!r} does not exist",
+                    hint="create it, or declare it under access.roles",
+                )
+        have = existing.get(member)
+        options = sql.SQL("")
+        if sudo and major >= 16:
+            # Like sudo: managers must SET ROLE manager to change the schema on purpose.
+            options = sql.SQL(" WITH INHERIT FALSE, SET TRUE")
+        if have is not None and group in have.member_of:
+            if (
+                sudo
+                and major >= 16
+                and catalog.membership_options(conn, member, group) != (False, True)
+            ):
+                ops.append(
+                    _op(
+                        f"role {member}: manager membership without INHERIT, with SET",
+                        sql.SQL("GRANT {} TO {}{}").format(_ident(group), _ident(member), options),
+                    )
+                )
+            continue
+        ops.append(
+            _op(
+                f"role {member}: member of {group}",
+                sql.SQL("GRANT {} TO {}{}").format(_ident(group), _ident(member), options),
+            )
+        )
+    return ops
+
+
+def _database_operations(conn: Conn, config: Config) -> list[Operation]:
+    access = config.access
+    ops: list[Operation] = []
+    grants = catalog.database_grants(conn)
+    db = sql.SQL("DATABASE {}").format(sql.Identifier(conn.info.dbname))
+    if access.hardening and grants.get("PUBLIC"):
+        ops.append(
+            _op(
+                "database: revoke every privilege from PUBLIC (connect is granted explicitly)",
+                sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(db),
+            )
+        )
+    connectors = [access.manager_role, access.auditor_role, *access.managers, *access.auditors]
+    connectors += [name for name, role in access.roles.items() if role.connect]
+    for name in dict.fromkeys(connectors):
+        if "CONNECT" not in grants.get(name, set()):
+            ops.append(
+                _op(
+                    f"role {name}: CONNECT on the database",
+                    sql.SQL("GRANT CONNECT ON {} TO {}").format(db, _ident(name)),
+                )
+            )
+    return ops
+
+
+def _schema_operations(conn: Conn, access: AccessConfig) -> list[Operation]:
+    ops: list[Operation] = []
+    if (
+        access.hardening
+        and catalog.schema_exists(conn, "public")
+        and catalog.public_has_schema_create(conn, "public")
+    ):
+        ops.append(
+            _op(
+                "schema public: revoke CREATE from PUBLIC",
+                sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC"),
+            )
+        )
+    for name, role in access.roles.items():
+        for schema in role.schemas:
+            if not catalog.schema_exists(conn, schema):
+                raise ConfigError(f"access.roles.{name}.schemas: schema {schema!r} does not exist")
+            if not catalog.has_schema_privilege(conn, name, schema, "USAGE"):
+                ops.append(
+                    _op(
+                        f"role {name}: USAGE on schema {schema}",
+                        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                            _ident(schema), _ident(name)
+                        ),
+                    )
+                )
+    return ops
+
+
+def _ownership_operations(conn: Conn, access: AccessConfig) -> list[Operation]:
+    manager = access.manager_role
+    ops: list[Operation] = []
+    for schema in access.managed_schemas:
+        if not catalog.schema_exists(conn, schema):
+            raise ConfigError(f"access.managed_schemas: schema {schema!r} does not exist")
+    for obj in catalog.owned_objects(conn, list(access.managed_schemas)):
+        if obj.owner == manager:
+            continue
+        if obj.kind in ("function", "procedure"):
+            target: sql.Composable = sql.SQL("{} {}.{}").format(
+                sql.SQL(obj.kind.upper()),
+                _ident(obj.schema),
+                sql.SQL(_function_signature(conn, obj)),
+            )
+        elif obj.kind == "schema":
+            target = sql.SQL("SCHEMA {}").format(_ident(obj.name))
+        else:
+            target = sql.SQL("{} {}").format(
+                sql.SQL(_KIND_SQL[obj.kind]), sql.Identifier(obj.schema, obj.name)
+            )
+        label = obj.name if obj.kind == "schema" else f"{obj.schema}.{obj.name}"
+        ops.append(
+            _op(
+                f"{obj.kind} {label}: owner {obj.owner} → {manager}",
+                sql.SQL("ALTER {} OWNER TO {}").format(target, _ident(manager)),
+            )
+        )
+    return ops
+
+
+def _function_signature(conn: Conn, obj: catalog.OwnedObject) -> str:
+    # pg_get_function_identity_arguments output is valid SQL for the argument list; the name is
+    # quoted here. The signature comes from the catalog, never from user input.
+    name, _, args = obj.name.partition("(")
+    return sql.Identifier(name).as_string(conn) + "(" + args
+
+
+def _table_operations(conn: Conn, config: Config) -> list[Operation]:
+    access = config.access
+    ops: list[Operation] = []
+    history_schema = config.history.schema_name
+    patterns_by_role: dict[str, list[tuple[TablePattern, list[str]]]] = {}
+    for name, role in access.roles.items():
+        for text, wanted in role.tables.items():
+            try:
+                pattern = parse_pattern(text)
+            except UserError as exc:
+                raise ConfigError(f"access.roles.{name}.tables: {exc.message}") from None
+            patterns_by_role.setdefault(name, []).append(
+                (pattern, sorted({p.value for p in wanted}))
+            )
+    if not patterns_by_role:
+        return ops
+    all_tables = catalog.tables_in(conn, [])
+    granted = catalog.table_privileges(conn, sorted({s for s, _ in all_tables}))
+    defaults = catalog.default_privileges(conn, access.manager_role)
+
+    for name, pats in patterns_by_role.items():
+        for pattern, privileges in pats:
+            matches = [
+                (s, t)
+                for s, t in all_tables
+                if s != history_schema and pattern.matches(TableName(s, t))
+            ]
+            if not pattern.is_glob and not matches:
+                raise ConfigError(
+                    f"access.roles.{name}.tables: table {pattern.exact()} does not exist",
+                    hint="create it first, or use a pattern (e.g. 'public.*') that also covers "
+                    "tables created later",
+                )
+            for schema, table in matches:
+                missing = [
+                    p for p in privileges if p not in granted.get((name, schema, table), set())
+                ]
+                if missing:
+                    ops.append(
+                        _op(
+                            f"role {name}: {', '.join(missing)} on {schema}.{table}",
+                            sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                                sql.SQL(", ").join(sql.SQL(p) for p in missing),
+                                sql.Identifier(schema, table),
+                                _ident(name),
+                            ),
+                        )
+                    )
+            if pattern.table == "*" and not pattern.is_glob_schema():
+                missing = [
+                    p for p in privileges if p not in defaults.get((name, pattern.schema), set())
+                ]
+                if missing:
+                    ops.append(
+                        _op(
+                            f"role {name}: {', '.join(missing)} on tables the manager creates "
+                            f"later in {pattern.schema}",
+                            sql.SQL(
+                                "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} "
+                                "GRANT {} ON TABLES TO {}"
+                            ).format(
+                                _ident(access.manager_role),
+                                _ident(pattern.schema),
+                                sql.SQL(", ").join(sql.SQL(p) for p in missing),
+                                _ident(name),
+                            ),
+                        )
+                    )
+    return ops
+
+
+def _auditor_operations(conn: Conn, config: Config) -> list[Operation]:
+    schema = HistorySchema(config.history.schema_name)
+    will_exist = history_installed(conn, schema) or bool(config.history.tables)
+    if not will_exist:
+        return []
+    auditor = config.access.auditor_role
+    if history_installed(conn, schema) and catalog.has_schema_privilege(
+        conn, auditor, schema.name, "USAGE"
+    ):
+        granted = catalog.table_privileges(conn, [schema.name])
+        if all("SELECT" in granted.get((auditor, schema.name, t), set()) for t in HISTORY_TABLES):
+            return []
+    return [
+        _op(
+            f"role {auditor}: read-only access to history (schema {schema.name})",
+            sql.SQL("GRANT USAGE ON SCHEMA {s} TO {a}; GRANT SELECT ON TABLE {t} TO {a}").format(
+                s=schema.ident,
+                a=_ident(auditor),
+                t=sql.SQL(", ").join(schema.table(t) for t in HISTORY_TABLES),
+            ),
+        )
+    ]
+
+
+def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
+    access = config.access
+    if access.mode == "authoritative":
+        raise UserError(
+            "access.mode: authoritative is not implemented yet",
+            hint="use additive (the default); pgwarden check still reports what is missing",
+        )
+    _declared_roles(access)
+    existing = catalog.roles(conn)
+    superuser = bool(existing.get(conn.info.user) and existing[conn.info.user].superuser)
+    major = catalog.server_major(conn)
+    ops: list[Operation] = []
+    ops += _role_operations(conn, access, existing, superuser)
+    ops += _membership_operations(conn, access, existing, major)
+    ops += _database_operations(conn, config)
+    ops += _schema_operations(conn, access)
+    ops += _ownership_operations(conn, access)
+    ops += _table_operations(conn, config)
+    ops += _auditor_operations(conn, config)
+    return ops

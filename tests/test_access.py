@@ -1,0 +1,215 @@
+"""Access control on real PostgreSQL: the seed's manager scenario, convergence, bad input."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgwarden.config import Config
+from pgwarden.converge import apply_config, build_plan
+from pgwarden.errors import UserError
+from tests.conftest import Database, Run
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:6]}"
+
+
+def _url_as(database: Database, user: str, password: str) -> str:
+    host = database.url.split("@", 1)[1]
+    return f"postgresql://{user}:{password}@{host}"
+
+
+def _config(**access: object) -> Config:
+    return Config.model_validate({"access": access})
+
+
+def test_seed_scenario_manager_can_alter_staff_cannot(
+    database: Database, monkeypatch: pytest.MonkeyPatch, pg_major: int
+) -> None:
+    alice, bob = _name("alice"), _name("bob")
+    monkeypatch.setenv("ALICE_PW", "alice-secret-1")
+    monkeypatch.setenv("BOB_PW", "bob-secret-1")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE test_table (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO test_table VALUES (1, 'Test Data')")
+    config = _config(
+        managers=[alice],
+        roles={
+            alice: {"login": True, "password_env": "ALICE_PW"},
+            bob: {
+                "login": True,
+                "password_env": "BOB_PW",
+                "schemas": ["public"],
+                "tables": {"public.*": ["select", "insert", "update", "delete"]},
+            },
+        },
+    )
+    with database.connect() as conn:
+        apply_config(conn, config)
+        owner = conn.execute(
+            "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'test_table'::regclass"
+        ).fetchone()
+        assert owner == ("manager",)
+        assert not build_plan(conn, config)  # idempotent: a second plan is empty
+
+    with psycopg.connect(_url_as(database, bob, "bob-secret-1"), autocommit=True) as conn:
+        conn.execute("INSERT INTO test_table VALUES (2, 'staff may write data')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must be owner"):
+            conn.execute("ALTER TABLE test_table ADD COLUMN note text")
+    with psycopg.connect(_url_as(database, alice, "alice-secret-1"), autocommit=True) as conn:
+        if pg_major >= 16:
+            # sudo-like: the membership does not inherit, so alice must SET ROLE on purpose.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("ALTER TABLE test_table ADD COLUMN note text")
+            conn.execute("SET ROLE manager")
+        conn.execute("ALTER TABLE test_table ADD COLUMN note text")
+    with database.connect() as conn:
+        cols = conn.execute(
+            "SELECT attname FROM pg_attribute "
+            "WHERE attrelid = 'test_table'::regclass AND attnum > 0"
+        ).fetchall()
+        assert [c[0] for c in cols] == ["id", "name", "note"]
+        if pg_major >= 16:
+            assert conn.execute(
+                "SELECT inherit_option, set_option FROM pg_auth_members m "
+                "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s",
+                (alice,),
+            ).fetchone() == (False, True)
+
+
+def test_hardening_is_in_the_plan(database: Database) -> None:
+    with database.connect() as conn:
+        descriptions = [op.description for op in build_plan(conn, Config())]
+        rendered = [op.render(conn) for op in build_plan(conn, Config())]
+    assert any("revoke every privilege from PUBLIC" in d for d in descriptions)
+    assert any("REVOKE ALL ON DATABASE" in r for r in rendered)
+    with database.connect() as conn:
+        apply_config(conn, Config())
+        assert not build_plan(conn, Config())
+        public = conn.execute(
+            "SELECT has_database_privilege('public', current_database(), 'CONNECT')"
+        ).fetchone()
+    assert public == (False,)
+
+
+def test_drift_is_detected_and_repaired(
+    database: Database, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader = _name("reader")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    config = _config(roles={reader: {"schemas": ["public"], "tables": {"public.t": ["SELECT"]}}})
+    with database.connect() as conn:
+        apply_config(conn, config)
+        assert not build_plan(conn, config)
+        conn.execute(sql.SQL("REVOKE SELECT ON t FROM {}").format(sql.Identifier(reader)))
+        conn.commit()
+        plan = build_plan(conn, config)
+        assert [op.description for op in plan] == [f"role {reader}: SELECT on public.t"]
+        apply_config(conn, config)
+        assert not build_plan(conn, config)
+        # A table created later by the manager gets the grant through default privileges.
+        conn.execute("SET ROLE manager")
+        conn.execute("CREATE TABLE later (id int PRIMARY KEY)")
+        conn.execute("RESET ROLE")
+        conn.commit()
+    whole = _config(roles={reader: {"schemas": ["public"], "tables": {"public.*": ["SELECT"]}}})
+    with database.connect() as conn:
+        apply_config(conn, whole)
+        conn.execute("SET ROLE manager")
+        conn.execute("CREATE TABLE even_later (id int PRIMARY KEY)")
+        conn.execute("RESET ROLE")
+        granted = conn.execute(
+            "SELECT has_table_privilege(%s, 'even_later', 'SELECT')", (reader,)
+        ).fetchone()
+    assert granted == (True,)
+
+
+def test_passwords_never_show(
+    database: Database, run: Run, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shared_server
+) -> None:  # type: ignore[no-untyped-def]
+    role = _name("svc")
+    secret = "s3cret-" + uuid.uuid4().hex
+    monkeypatch.setenv("SVC_PW", secret)
+    (tmp_path / "pgwarden.yaml").write_text(
+        f"access:\n  roles:\n    {role}:\n      login: true\n      password_env: SVC_PW\n"
+    )
+    monkeypatch.setenv("PGWARDEN_DSN", database.url)
+    plan = run("plan")
+    assert plan.code == 0, plan.err
+    assert secret not in plan.out
+    assert "***" in plan.out
+    assert "SCRAM-SHA-256$" not in plan.out
+    assert run("apply").code == 0
+    assert run("check").code == 0  # the stored verifier matches: nothing to change
+    with psycopg.connect(_url_as(database, role, secret)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+        activity = conn.execute("SELECT string_agg(query, ' ') FROM pg_stat_activity").fetchone()
+    assert activity is not None
+    assert secret not in (activity[0] or "")
+    log = shared_server.state.log_file.read_text(errors="replace")
+    assert secret not in log
+    assert f'ALTER ROLE "{role}" PASSWORD' not in log  # statement logging was off for it
+    monkeypatch.setenv("SVC_PW", "another-" + secret)
+    assert run("check").code == 1  # a changed password is drift
+
+
+@pytest.mark.parametrize(
+    ("access", "message"),
+    [
+        ({"roles": {"r1": {"tables": {"public.t": ["SELECT", "FLY"]}}}}, "FLY"),
+        ({"roles": {"r2": {"tables": {"public.nope": ["SELECT"]}}}}, "does not exist"),
+        ({"roles": {"r3": {"login": True, "password_env": "PGWARDEN_UNSET_VAR"}}}, "is not set"),
+        ({"managers": ["ghost_role"]}, "does not exist"),
+        ({"managers": ["x", "x"]}, "twice"),
+        ({"mode": "authoritative"}, "not implemented"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_applies_nothing(
+    database: Database, access: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGWARDEN_UNSET_VAR", raising=False)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        before = conn.execute("SELECT count(*) FROM pg_roles").fetchone()
+
+    def attempt() -> None:
+        config = Config.model_validate({"access": access})
+        with database.connect() as conn:
+            apply_config(conn, config)
+
+    with pytest.raises((UserError, ValueError), match=message):
+        attempt()
+    with database.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_roles").fetchone() == before
+        owner = conn.execute(
+            "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 't'"
+        ).fetchone()
+        assert owner == ("postgres",)
+
+
+def test_duplicate_role_in_yaml_is_refused(tmp_path: Path, run: Run) -> None:
+    (tmp_path / "pgwarden.yaml").write_text("access:\n  roles:\n    app: {}\n    app: {}\n")
+    result = run("config", "show")
+    assert result.code == 2
+    assert "'app' is listed twice" in result.err
+
+
+def test_access_report(database: Database, run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        apply_config(conn, Config())
+    monkeypatch.setenv("PGWARDEN_DSN", database.url)
+    data = json.loads(run("access", "report", "--format", "json").out)
+    assert {"kind": "table", "schema": "public", "name": "t", "owner": "manager"} in data["owners"]
+    assert any(r["owner"] == "manager" for r in data["schema_changers"])
+    table = run("access", "report")
+    assert table.code == 0
+    assert "Who may change the schema" in table.out
