@@ -24,8 +24,8 @@ echo "== installing pgwarden and its dev tools into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v -i -E "^\s*$|warning|location .* is ignored" || true
 
-echo "== ruff check";  .venv/bin/ruff check src tests
-echo "== ruff format"; .venv/bin/ruff format --check src tests
+echo "== ruff check";  .venv/bin/ruff check src tests bench
+echo "== ruff format"; .venv/bin/ruff format --check src tests bench
 echo "== mypy --strict src/"; .venv/bin/mypy --strict src/
 
 status=0
