@@ -16,8 +16,7 @@ import psycopg
 from psycopg import sql
 
 from pgwarden.config import Config
-from pgwarden.history import install
-from pgwarden.history import EventFilter, TableName, as_of_into, events
+from pgwarden.history import EventFilter, TableName, as_of_into, events, install
 
 TABLES = 100
 
