@@ -213,3 +213,67 @@ def test_access_report(database: Database, run: Run, monkeypatch: pytest.MonkeyP
     table = run("access", "report")
     assert table.code == 0
     assert "Who may change the schema" in table.out
+
+
+def test_ddl_guard(database: Database, monkeypatch: pytest.MonkeyPatch, pg_major: int) -> None:
+    alice, bob = _name("alice"), _name("bob")
+    monkeypatch.setenv("GUARD_PW", "guard-pw-1")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA side")
+        conn.execute("CREATE TABLE test_table (id int PRIMARY KEY, name text)")
+    config = Config.model_validate(
+        {
+            "history": {"tables": ["public.*", "side.*"]},
+            "access": {
+                "ddl_guard": True,
+                "managers": [alice],
+                "roles": {
+                    alice: {"login": True, "password_env": "GUARD_PW"},
+                    bob: {"login": True, "password_env": "GUARD_PW", "schemas": ["public"]},
+                },
+            },
+        }
+    )
+    with database.connect() as conn:
+        apply_config(conn, config)
+        assert not build_plan(conn, config)
+        # A misconfiguration the guard must still catch: bob may create in public and owns a
+        # tracked table in another schema.
+        conn.execute(
+            sql.SQL("GRANT CREATE ON SCHEMA public, side TO {}").format(sql.Identifier(bob))
+        )
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA side TO {}").format(sql.Identifier(bob)))
+        conn.commit()
+    with psycopg.connect(_url_as(database, bob, "guard-pw-1"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs the manager role"):
+            conn.execute("CREATE TABLE public.sneaky (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE side.mine (id int PRIMARY KEY)")  # not a managed schema
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="switch off"):
+            conn.execute("ALTER TABLE side.mine DISABLE TRIGGER pgwarden_capture_insert")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="switch off"):
+            conn.execute("DROP TRIGGER pgwarden_capture_update ON side.mine")
+        conn.execute("INSERT INTO side.mine VALUES (1)")
+    with psycopg.connect(_url_as(database, alice, "guard-pw-1"), autocommit=True) as conn:
+        if pg_major < 16:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs the manager"):
+                conn.execute("ALTER TABLE test_table ADD COLUMN note text")
+        conn.execute("SET ROLE manager")
+        conn.execute("ALTER TABLE test_table ADD COLUMN note text")  # allowed, and logged
+    with database.connect() as conn:
+        assert conn.execute("SELECT to_regclass('public.sneaky')").fetchone() == (None,)
+        assert conn.execute("SELECT pgwarden.trigger_state('side.mine'::regclass)").fetchone() == (
+            "ok",
+        )
+        logged = conn.execute(
+            "SELECT role_name FROM pgwarden.ddl_log WHERE object_identity = 'public.test_table' "
+            "AND command_tag = 'ALTER TABLE'"
+        ).fetchall()
+        assert ("manager",) in logged
+        conn.commit()
+        # Switching the guard off removes it.
+        off = Config.model_validate({**config.model_dump(by_alias=True), "access": {
+            **config.access.model_dump(), "ddl_guard": False}})  # fmt: skip
+        apply_config(conn, off)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgwarden_guard%'"
+        ).fetchone() == (0,)

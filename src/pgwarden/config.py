@@ -258,6 +258,11 @@ class AccessConfig(_Section):
         description="REVOKE CREATE ON SCHEMA public and ALL ON DATABASE from PUBLIC, then grant "
         "CONNECT explicitly.",
     )
+    ddl_guard: bool = Field(
+        False,
+        description="Event trigger rejecting DDL on managed schemas and history from non-managers "
+        "(needs a superuser to install).",
+    )
     roles: dict[str, RoleConfig] = Field(default_factory=dict, description="Roles to manage.")
 
     @field_validator("manager_role", "auditor_role")

@@ -18,8 +18,11 @@ from pgwarden.config import AccessConfig, Config, RoleConfig
 from pgwarden.errors import ConfigError, UserError
 from pgwarden.history.catalog import HistorySchema
 from pgwarden.history.catalog import is_installed as history_installed
+from pgwarden.history.catalog import meta as history_meta
 from pgwarden.history.names import TableName, TablePattern, parse_pattern
+from pgwarden.history.planner import install_operations, set_meta
 from pgwarden.plan import Operation
+from pgwarden.sqlfiles import compose, sql_version
 
 DOMAIN = "access"
 HISTORY_TABLES = ("event", "ddl_log", "tracked", "capture_failure", "rule", "table_setting", "meta")
@@ -342,6 +345,82 @@ def _auditor_operations(conn: Conn, config: Config) -> list[Operation]:
     ]
 
 
+def _guard_operations(conn: Conn, config: Config, superuser: bool) -> list[Operation]:
+    schema = HistorySchema(config.history.schema_name)
+    access = config.access
+    present = {
+        str(r[0])
+        for r in conn.execute(
+            "SELECT evtname FROM pg_catalog.pg_event_trigger "
+            "WHERE evtname IN ('pgwarden_guard_end', 'pgwarden_guard_drop') AND evtenabled = 'A'"
+        ).fetchall()
+    }
+    if not access.ddl_guard:
+        if not present:
+            return []
+        return [
+            _op(
+                "DDL guard: remove (access.ddl_guard is off)",
+                sql.SQL(
+                    "DROP EVENT TRIGGER IF EXISTS pgwarden_guard_end; "
+                    "DROP EVENT TRIGGER IF EXISTS pgwarden_guard_drop"
+                ),
+            )
+        ]
+    if not superuser:
+        raise ConfigError(
+            "access.ddl_guard needs a superuser to install its event triggers",
+            hint="run pgwarden apply as a superuser, or set ddl_guard: false",
+        )
+    ops: list[Operation] = []
+    installed = history_installed(conn, schema)
+    if not installed and not config.history.tables:
+        ops += install_operations(conn, schema)  # the guard lives beside history
+    meta = history_meta(conn, schema)
+    version = sql_version("guard.sql")
+    if meta.get("guard_version") != version or len(present) < 2:
+        ops.append(
+            _op(
+                "DDL guard: install (rejects DDL on managed schemas from non-managers)",
+                sql.Composed(
+                    [
+                        compose("guard.sql", **schema.placeholders()),
+                        set_meta(schema, "guard_version", version),
+                    ]
+                ),
+                display=f"-- pgwarden/sql/guard.sql, version {version}",
+            )
+        )
+    if meta.get("manager_role") != access.manager_role:
+        ops.append(
+            _op(
+                f"DDL guard: schema changes need the {access.manager_role} role",
+                set_meta(schema, "manager_role", access.manager_role),
+            )
+        )
+    guarded: set[str] = set()
+    if installed and conn.execute(
+        "SELECT pg_catalog.to_regclass(%s) IS NOT NULL", (f"{schema.name}.guarded_schema",)
+    ).fetchone() == (True,):
+        guarded = {
+            str(r[0])
+            for r in conn.execute(
+                sql.SQL("SELECT schema_name FROM {}").format(schema.table("guarded_schema"))
+            ).fetchall()
+        }
+    wanted = set(access.managed_schemas)
+    if guarded != wanted:
+        ops.append(
+            _op(
+                f"DDL guard: guard schemas {', '.join(sorted(wanted)) or '(none)'}",
+                sql.SQL(
+                    "DELETE FROM {t}; INSERT INTO {t} (schema_name) SELECT unnest({s}::text[])"
+                ).format(t=schema.table("guarded_schema"), s=sql.Literal(sorted(wanted))),
+            )
+        )
+    return ops
+
+
 def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
     access = config.access
     if access.mode == "authoritative":
@@ -361,4 +440,5 @@ def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
     ops += _ownership_operations(conn, access)
     ops += _table_operations(conn, config)
     ops += _auditor_operations(conn, config)
+    ops += _guard_operations(conn, config, superuser)
     return ops

@@ -94,7 +94,7 @@ def install_operations(conn: Conn, schema: HistorySchema) -> list[Operation]:
                 sql.Composed(
                     [
                         compose("history.sql", **schema.placeholders()),
-                        _set_meta(schema, "version", version),
+                        set_meta(schema, "version", version),
                     ]
                 ),
                 display=f"-- pgwarden/sql/history.sql, version {version}",
@@ -110,7 +110,7 @@ def install_operations(conn: Conn, schema: HistorySchema) -> list[Operation]:
                     sql.Composed(
                         [
                             compose("ddl.sql", **schema.placeholders()),
-                            _set_meta(schema, "ddl_version", ddl_version),
+                            set_meta(schema, "ddl_version", ddl_version),
                         ]
                     ),
                     display=f"-- pgwarden/sql/ddl.sql, version {ddl_version}",
@@ -119,7 +119,7 @@ def install_operations(conn: Conn, schema: HistorySchema) -> list[Operation]:
     return ops
 
 
-def _set_meta(schema: HistorySchema, key: str, value: str) -> sql.Composed:
+def set_meta(schema: HistorySchema, key: str, value: str) -> sql.Composed:
     return sql.SQL(
         "\nINSERT INTO {} (key, value) VALUES ({}, {}) "
         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;\n"
@@ -299,7 +299,7 @@ def _meta_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) 
         Operation(
             DOMAIN,
             f"turn statement text recording {wanted}",
-            _set_meta(schema, "record_statement", wanted),
+            set_meta(schema, "record_statement", wanted),
         )
     ]
 
