@@ -29,6 +29,18 @@ echo "== ruff format"; .venv/bin/ruff format --check src tests bench
 echo "== mypy --strict src/"; .venv/bin/mypy --strict src/
 
 status=0
+# The benchmark harness, small, so it never rots (targets are reported, not enforced here: only
+# the full run on a quiet machine measures them; a harness error or missing history fails).
+echo "== bench --quick"
+bench_out=$(mktemp -d)
+if ! .venv/bin/python -m bench --quick --out "$bench_out" > "$bench_out/table.md"; then
+  echo "bench --quick failed" >&2
+  status=1
+else
+  tail -n 30 "$bench_out/table.md"
+fi
+rm -rf "$bench_out"
+
 run_leg() {
   local name=$1; shift
   echo "== pytest on $name"
@@ -54,15 +66,4 @@ elif [ -n "${CI:-}" ]; then
 else
   echo "== skipping the PostgreSQL 15 leg: $PG15_BIN is missing (run as root to install it)"
 fi
-# The benchmark harness, small, so it never rots (targets are reported, not enforced here: only
-# the full run on a quiet machine measures them; a harness error or missing history fails).
-echo "== bench --quick"
-bench_out=$(mktemp -d)
-if ! .venv/bin/python -m bench --quick --out "$bench_out" > "$bench_out/table.md"; then
-  echo "bench --quick failed" >&2
-  status=1
-else
-  tail -n 30 "$bench_out/table.md"
-fi
-rm -rf "$bench_out"
 exit $status

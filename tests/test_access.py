@@ -167,7 +167,7 @@ def test_passwords_never_show(
         ({"roles": {"r3": {"login": True, "password_env": "PGWARDEN_UNSET_VAR"}}}, "is not set"),
         ({"managers": ["ghost_role"]}, "does not exist"),
         ({"managers": ["x", "x"]}, "twice"),
-        ({"mode": "authoritative"}, "not implemented"),
+        ({"mode": "sometimes"}, "additive"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_applies_nothing(
@@ -277,3 +277,46 @@ def test_ddl_guard(database: Database, monkeypatch: pytest.MonkeyPatch, pg_major
         assert conn.execute(
             "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgwarden_guard%'"
         ).fetchone() == (0,)
+
+
+def test_authoritative_mode_revokes_exactly_what_the_config_drops(database: Database) -> None:
+    keep, gone, outsider = _name("keep"), _name("gone"), _name("outsider")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(outsider)))
+    before = {
+        keep: {"schemas": ["public"], "tables": {"public.a": ["SELECT"], "public.b": ["SELECT"]}},
+        gone: {"schemas": ["public"], "tables": {"public.*": ["SELECT", "INSERT"]}},
+    }
+    with database.connect() as conn:
+        apply_config(conn, _config(roles=before))
+        # Hand-made grants: one to a managed role (beyond its config), one to an outsider.
+        conn.execute(sql.SQL("GRANT DELETE ON a TO {}").format(sql.Identifier(keep)))
+        conn.execute(sql.SQL("GRANT SELECT ON a TO {}").format(sql.Identifier(outsider)))
+        conn.commit()
+    after = _config(
+        mode="authoritative",
+        roles={keep: {"schemas": ["public"], "tables": {"public.a": ["SELECT"]}}},
+    )
+    with database.connect() as conn:
+        plan = [op.description for op in build_plan(conn, after)]
+        assert any(f"role {gone}: not in the config" in d for d in plan)
+        assert f"role {keep}: no DELETE on public.a" in plan
+        assert f"role {keep}: no SELECT on public.b" in plan
+        assert not any(outsider in d for d in plan)  # outside pgwarden's scope
+        apply_config(conn, after)
+        assert not build_plan(conn, after)
+        privileges = dict(
+            conn.execute(
+                "SELECT grantee, string_agg(privilege_type, ',' ORDER BY privilege_type) "
+                "FROM information_schema.role_table_grants WHERE table_name IN ('a', 'b') "
+                "AND grantee IN (%s, %s) GROUP BY grantee",
+                (keep, outsider),
+            ).fetchall()
+        )
+        exists = conn.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname = %s", (gone,)
+        ).fetchone()
+    assert privileges == {keep: "SELECT", outsider: "SELECT"}
+    assert exists == (0,)

@@ -242,8 +242,8 @@ class AccessConfig(_Section):
 
     mode: Literal["additive", "authoritative"] = Field(
         "additive",
-        description="additive: grant and create only. authoritative: also revoke and drop what "
-        "the config does not list (not implemented yet: refused).",
+        description="additive: grant and create only. authoritative: also revoke and drop, "
+        "inside pgwarden's scope, what the config does not list.",
     )
     manager_role: str = Field("manager", description="Role that owns the managed objects.")
     managers: list[str] = Field(default_factory=list, description="Login roles that are managers.")

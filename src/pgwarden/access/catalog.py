@@ -9,12 +9,16 @@ import psycopg
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
+MANAGED_MARK = "managed by pgwarden"
+
+
 @dataclass(frozen=True)
 class Role:
     name: str
     login: bool
     superuser: bool
     member_of: frozenset[str]
+    managed: bool = False  # carries pgwarden's mark: inside the scope authoritative mode owns
 
 
 @dataclass(frozen=True)
@@ -34,16 +38,18 @@ def roles(conn: Conn) -> dict[str, Role]:
     rows = conn.execute(
         """
         SELECT r.rolname, r.rolcanlogin, r.rolsuper,
-               COALESCE(array_agg(g.rolname) FILTER (WHERE g.rolname IS NOT NULL), '{}')
+               COALESCE(array_agg(g.rolname) FILTER (WHERE g.rolname IS NOT NULL), '{}'),
+               pg_catalog.shobj_description(r.oid, 'pg_authid') IS NOT DISTINCT FROM %s
         FROM pg_catalog.pg_roles r
         LEFT JOIN pg_catalog.pg_auth_members m ON m.member = r.oid
         LEFT JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
-        GROUP BY r.rolname, r.rolcanlogin, r.rolsuper
-        """
+        GROUP BY r.oid, r.rolname, r.rolcanlogin, r.rolsuper
+        """,
+        (MANAGED_MARK,),
     ).fetchall()
     return {
-        str(n): Role(str(n), bool(login), bool(su), frozenset(str(x) for x in groups))  # type: ignore[attr-defined]
-        for n, login, su, groups in rows
+        str(n): Role(str(n), bool(login), bool(su), frozenset(str(x) for x in groups), bool(mark))  # type: ignore[attr-defined]
+        for n, login, su, groups, mark in rows
     }
 
 
@@ -128,6 +134,21 @@ def table_privileges(conn: Conn, schemas: list[str]) -> dict[tuple[str, str, str
     result: dict[tuple[str, str, str], set[str]] = {}
     for grantee, nsp, rel, priv in rows:
         result.setdefault((str(grantee), str(nsp), str(rel)), set()).add(str(priv))
+    return result
+
+
+def schema_usage(conn: Conn) -> dict[str, set[str]]:
+    """role → schemas it has USAGE on by a direct grant (owners not counted)."""
+    rows = conn.execute(
+        """
+        SELECT pg_catalog.pg_get_userbyid(a.grantee), n.nspname
+        FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+        WHERE a.privilege_type = 'USAGE' AND a.grantee <> 0 AND a.grantee <> n.nspowner
+        """
+    ).fetchall()
+    result: dict[str, set[str]] = {}
+    for role, schema in rows:
+        result.setdefault(str(role), set()).add(str(schema))
     return result
 
 

@@ -19,7 +19,7 @@ from pgwarden.errors import ConfigError, UserError
 from pgwarden.history.catalog import HistorySchema
 from pgwarden.history.catalog import is_installed as history_installed
 from pgwarden.history.catalog import meta as history_meta
-from pgwarden.history.names import TableName, TablePattern, parse_pattern
+from pgwarden.history.names import TableName, parse_pattern
 from pgwarden.history.planner import install_operations, set_meta
 from pgwarden.plan import Operation
 from pgwarden.sqlfiles import compose, sql_version
@@ -66,17 +66,30 @@ def _role_operations(
             ops.append(
                 _op(
                     f"role {name}: create ({'LOGIN' if login else 'NOLOGIN'})",
-                    sql.SQL("CREATE ROLE {} {}").format(
-                        _ident(name), sql.SQL("LOGIN" if login else "NOLOGIN")
+                    sql.SQL("CREATE ROLE {} {}; COMMENT ON ROLE {} IS {}").format(
+                        _ident(name),
+                        sql.SQL("LOGIN" if login else "NOLOGIN"),
+                        _ident(name),
+                        sql.Literal(catalog.MANAGED_MARK),
                     ),
                 )
             )
+            continue
         elif have.superuser:
             raise ConfigError(
                 f"access.roles.{name}: {name!r} is a superuser; pgwarden never manages superusers",
                 hint="remove it from access.roles",
             )
-        elif have.login != login:
+        if not have.managed:
+            ops.append(
+                _op(
+                    f"role {name}: mark as managed by pgwarden",
+                    sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                        _ident(name), sql.Literal(catalog.MANAGED_MARK)
+                    ),
+                )
+            )
+        if have.login != login:
             ops.append(
                 _op(
                     f"role {name}: {'allow' if login else 'forbid'} login",
@@ -250,33 +263,24 @@ def _function_signature(conn: Conn, obj: catalog.OwnedObject) -> str:
     return sql.Identifier(name).as_string(conn) + "(" + args
 
 
-def _table_operations(conn: Conn, config: Config) -> list[Operation]:
+TableGrants = dict[tuple[str, str, str], set[str]]  # (role, schema, table) → privileges
+DefaultGrants = dict[tuple[str, str], set[str]]  # (role, schema) → privileges on future tables
+
+
+def _desired_table_grants(conn: Conn, config: Config) -> tuple[TableGrants, DefaultGrants]:
     access = config.access
-    ops: list[Operation] = []
     history_schema = config.history.schema_name
-    patterns_by_role: dict[str, list[tuple[TablePattern, list[str]]]] = {}
+    tables = [(s, t) for s, t in catalog.tables_in(conn, []) if s != history_schema]
+    grants: TableGrants = {}
+    defaults: DefaultGrants = {}
     for name, role in access.roles.items():
         for text, wanted in role.tables.items():
             try:
                 pattern = parse_pattern(text)
             except UserError as exc:
                 raise ConfigError(f"access.roles.{name}.tables: {exc.message}") from None
-            patterns_by_role.setdefault(name, []).append(
-                (pattern, sorted({p.value for p in wanted}))
-            )
-    if not patterns_by_role:
-        return ops
-    all_tables = catalog.tables_in(conn, [])
-    granted = catalog.table_privileges(conn, sorted({s for s, _ in all_tables}))
-    defaults = catalog.default_privileges(conn, access.manager_role)
-
-    for name, pats in patterns_by_role.items():
-        for pattern, privileges in pats:
-            matches = [
-                (s, t)
-                for s, t in all_tables
-                if s != history_schema and pattern.matches(TableName(s, t))
-            ]
+            privileges = {p.value for p in wanted}
+            matches = [(s, t) for s, t in tables if pattern.matches(TableName(s, t))]
             if not pattern.is_glob and not matches:
                 raise ConfigError(
                     f"access.roles.{name}.tables: table {pattern.exact()} does not exist",
@@ -284,40 +288,50 @@ def _table_operations(conn: Conn, config: Config) -> list[Operation]:
                     "tables created later",
                 )
             for schema, table in matches:
-                missing = [
-                    p for p in privileges if p not in granted.get((name, schema, table), set())
-                ]
-                if missing:
-                    ops.append(
-                        _op(
-                            f"role {name}: {', '.join(missing)} on {schema}.{table}",
-                            sql.SQL("GRANT {} ON TABLE {} TO {}").format(
-                                sql.SQL(", ").join(sql.SQL(p) for p in missing),
-                                sql.Identifier(schema, table),
-                                _ident(name),
-                            ),
-                        )
-                    )
+                grants.setdefault((name, schema, table), set()).update(privileges)
             if pattern.table == "*" and not pattern.is_glob_schema():
-                missing = [
-                    p for p in privileges if p not in defaults.get((name, pattern.schema), set())
-                ]
-                if missing:
-                    ops.append(
-                        _op(
-                            f"role {name}: {', '.join(missing)} on tables the manager creates "
-                            f"later in {pattern.schema}",
-                            sql.SQL(
-                                "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} "
-                                "GRANT {} ON TABLES TO {}"
-                            ).format(
-                                _ident(access.manager_role),
-                                _ident(pattern.schema),
-                                sql.SQL(", ").join(sql.SQL(p) for p in missing),
-                                _ident(name),
-                            ),
-                        )
-                    )
+                defaults.setdefault((name, pattern.schema), set()).update(privileges)
+    return grants, defaults
+
+
+def _privilege_list(privileges: set[str]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.SQL(p) for p in sorted(privileges))
+
+
+def _table_operations(
+    conn: Conn, config: Config, desired: TableGrants, desired_defaults: DefaultGrants
+) -> list[Operation]:
+    manager = config.access.manager_role
+    ops: list[Operation] = []
+    if not desired and not desired_defaults:
+        return ops
+    granted = catalog.table_privileges(conn, sorted({s for _, s, _ in desired}))
+    defaults = catalog.default_privileges(conn, manager)
+    for (name, schema, table), privileges in sorted(desired.items()):
+        missing = privileges - granted.get((name, schema, table), set())
+        if missing:
+            ops.append(
+                _op(
+                    f"role {name}: {', '.join(sorted(missing))} on {schema}.{table}",
+                    sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                        _privilege_list(missing), sql.Identifier(schema, table), _ident(name)
+                    ),
+                )
+            )
+    for (name, schema), privileges in sorted(desired_defaults.items()):
+        missing = privileges - defaults.get((name, schema), set())
+        if missing:
+            ops.append(
+                _op(
+                    f"role {name}: {', '.join(sorted(missing))} on tables the manager creates "
+                    f"later in {schema}",
+                    sql.SQL(
+                        "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT {} ON TABLES TO {}"
+                    ).format(
+                        _ident(manager), _ident(schema), _privilege_list(missing), _ident(name)
+                    ),
+                )
+            )
     return ops
 
 
@@ -421,13 +435,124 @@ def _guard_operations(conn: Conn, config: Config, superuser: bool) -> list[Opera
     return ops
 
 
+def _desired_memberships(access: AccessConfig) -> set[tuple[str, str]]:
+    pairs = {(name, group) for name, role in access.roles.items() for group in role.member_of}
+    pairs |= {(m, access.manager_role) for m in access.managers}
+    pairs |= {(a, access.auditor_role) for a in access.auditors}
+    return pairs
+
+
+def _authoritative_operations(
+    conn: Conn,
+    config: Config,
+    existing: dict[str, catalog.Role],
+    desired: TableGrants,
+    desired_defaults: DefaultGrants,
+) -> list[Operation]:
+    """Revoke and drop, inside pgwarden's scope only, what the config does not list.
+
+    The scope is the roles carrying pgwarden's mark (every role it created or was told to
+    manage), the manager and the auditor. Superusers and pg_* roles are never in it.
+    """
+    access = config.access
+    manager = access.manager_role
+    special = {manager, access.auditor_role}
+    declared = set(access.roles) | special
+    scope = {
+        r.name
+        for r in existing.values()
+        if (r.managed or r.name in special) and not r.superuser and not r.name.startswith("pg_")
+    }
+    ops: list[Operation] = []
+    # Roles no longer declared: hand what they own to the manager first, then drop them.
+    for name in sorted(scope - declared):
+        ops.append(
+            _op(
+                f"role {name}: not in the config: reassign what it owns to {manager}, drop it",
+                sql.SQL("REASSIGN OWNED BY {r} TO {m}; DROP OWNED BY {r}; DROP ROLE {r}").format(
+                    r=_ident(name), m=_ident(manager)
+                ),
+            )
+        )
+    kept = scope & declared
+    # Memberships in groups pgwarden manages, or of roles it manages, that are not listed.
+    wanted = _desired_memberships(access)
+    for role in sorted(existing.values(), key=lambda r: r.name):
+        if role.superuser or role.name.startswith("pg_") or role.name in scope - declared:
+            continue
+        for group in sorted(role.member_of):
+            in_scope = group in kept or (role.name in kept and group in scope)
+            if in_scope and (role.name, group) not in wanted:
+                ops.append(
+                    _op(
+                        f"role {role.name}: no longer a member of {group}",
+                        sql.SQL("REVOKE {} FROM {}").format(_ident(group), _ident(role.name)),
+                    )
+                )
+    db = sql.SQL("DATABASE {}").format(sql.Identifier(conn.info.dbname))
+    grants = catalog.database_grants(conn)
+    connectors = special | set(access.managers) | set(access.auditors)
+    connectors |= {n for n, r in access.roles.items() if r.connect}
+    for name in sorted(kept - connectors):
+        if "CONNECT" in grants.get(name, set()):
+            ops.append(
+                _op(
+                    f"role {name}: no CONNECT (connect: false)",
+                    sql.SQL("REVOKE CONNECT ON {} FROM {}").format(db, _ident(name)),
+                )
+            )
+    usage = catalog.schema_usage(conn)
+    history_schema = config.history.schema_name
+    for name in sorted(kept):
+        allowed = set(access.roles[name].schemas) if name in access.roles else set()
+        if name == access.auditor_role:
+            allowed.add(history_schema)
+        for schema in sorted(usage.get(name, set()) - allowed):
+            ops.append(
+                _op(
+                    f"role {name}: no USAGE on schema {schema}",
+                    sql.SQL("REVOKE USAGE ON SCHEMA {} FROM {}").format(
+                        _ident(schema), _ident(name)
+                    ),
+                )
+            )
+    granted = catalog.table_privileges(
+        conn, sorted(set(access.managed_schemas) | {s for _, s, _ in desired})
+    )
+    for (grantee, schema, table), privileges in sorted(granted.items()):
+        if grantee not in kept or grantee == manager or schema == history_schema:
+            continue
+        extra = privileges - desired.get((grantee, schema, table), set())
+        if extra:
+            ops.append(
+                _op(
+                    f"role {grantee}: no {', '.join(sorted(extra))} on {schema}.{table}",
+                    sql.SQL("REVOKE {} ON TABLE {} FROM {}").format(
+                        _privilege_list(extra), sql.Identifier(schema, table), _ident(grantee)
+                    ),
+                )
+            )
+    for (grantee, schema), privileges in sorted(catalog.default_privileges(conn, manager).items()):
+        if grantee not in kept:
+            continue
+        extra = privileges - desired_defaults.get((grantee, schema), set())
+        if extra:
+            ops.append(
+                _op(
+                    f"role {grantee}: no {', '.join(sorted(extra))} on future tables in {schema}",
+                    sql.SQL(
+                        "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} "
+                        "REVOKE {} ON TABLES FROM {}"
+                    ).format(
+                        _ident(manager), _ident(schema), _privilege_list(extra), _ident(grantee)
+                    ),
+                )
+            )
+    return ops
+
+
 def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
     access = config.access
-    if access.mode == "authoritative":
-        raise UserError(
-            "access.mode: authoritative is not implemented yet",
-            hint="use additive (the default); pgwarden check still reports what is missing",
-        )
     _declared_roles(access)
     existing = catalog.roles(conn)
     superuser = bool(existing.get(conn.info.user) and existing[conn.info.user].superuser)
@@ -438,7 +563,10 @@ def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
     ops += _database_operations(conn, config)
     ops += _schema_operations(conn, access)
     ops += _ownership_operations(conn, access)
-    ops += _table_operations(conn, config)
+    desired, desired_defaults = _desired_table_grants(conn, config)
+    ops += _table_operations(conn, config, desired, desired_defaults)
     ops += _auditor_operations(conn, config)
     ops += _guard_operations(conn, config, superuser)
+    if access.mode == "authoritative":
+        ops += _authoritative_operations(conn, config, existing, desired, desired_defaults)
     return ops
