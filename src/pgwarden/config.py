@@ -289,8 +289,96 @@ class AccessConfig(_Section):
         return value
 
 
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
+
+
+def _quantity(value: str) -> str:
+    if not _QUANTITY.match(value):
+        hint = ""
+        match = re.match(r"^([0-9.]+)\s*([KMGTPE])B$", value, re.IGNORECASE)
+        if match:
+            hint = f"; did you mean {match.group(1)}{match.group(2).upper()}i?"
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 20Gi or 500m{hint}")
+    return value
+
+
+Quantity = Annotated[str, BeforeValidator(lambda v: _quantity(str(v)))]
+
+
+class EfsConfig(_Section):
+    """EFS through the EFS CSI driver."""
+
+    file_system_id: str = Field(
+        ..., description="The EFS file system id, e.g. fs-0123456789abcdef0."
+    )
+    uid: int = Field(999, description="uid the access point forces (the postgres image's user).")
+    gid: int = Field(999, description="gid the access point forces.")
+    directory_perms: str = Field("700", description="Permissions of the access point's root.")
+
+    @field_validator("file_system_id")
+    @classmethod
+    def _fs_id(cls, value: str) -> str:
+        if not re.fullmatch(r"fs-[0-9a-f]{8,17}", value):
+            raise ValueError(f"{value!r} is not an EFS file system id such as fs-0123456789abcdef0")
+        return value
+
+
+class StorageConfig(_Section):
+    """Where PGDATA lives."""
+
+    kind: Literal["ebs", "efs", "efs-static", "existing"] = Field(
+        "ebs",
+        description="ebs: gp3 volumes (recommended for PGDATA). efs: EFS with dynamic access "
+        "points. efs-static: the seed's static EFS PV and PVC. existing: a StorageClass you have.",
+    )
+    size: Quantity = Field("20Gi", description="Volume size, e.g. 20Gi.")
+    class_name: str | None = Field(None, description="StorageClass name (required for existing).")
+    efs: EfsConfig | None = None
+
+
+class ResourcesConfig(_Section):
+    requests: dict[str, Quantity] = Field(default_factory=lambda: {"cpu": "500m", "memory": "1Gi"})
+    limits: dict[str, Quantity] = Field(default_factory=lambda: {"memory": "2Gi"})
+
+
 class KubernetesConfig(_Section):
-    """Kubernetes rendering (filled in by the Kubernetes issue)."""
+    """Rendering for Kubernetes: `pgwarden k8s render`."""
+
+    flavor: Literal["statefulset", "cloudnative-pg"] = Field(
+        "statefulset", description="statefulset: one hardened instance. cloudnative-pg: HA."
+    )
+    namespace: str = Field("default", description="Namespace of every object.")
+    name: str = Field("postgres", description="Base name of the objects.")
+    image: str | None = Field(None, description="Container image (default per flavor).")
+    replicas: int = Field(1, ge=1, description="statefulset flavor: must stay 1.")
+    instances: int = Field(3, ge=1, description="cloudnative-pg flavor: number of instances.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    allowed_cidrs: list[str] = Field(
+        default_factory=lambda: ["10.0.0.0/8"],
+        description="Client networks allowed to connect (scram-sha-256 only).",
+    )
+    existing_secret: str | None = Field(
+        None, description="Use this Secret (key: password) instead of a generated one."
+    )
+    kubernetes_version: str = Field("1.33", description="Version to validate against.")
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", value):
+            raise ValueError(f"{value!r} is not a DNS label (lower case, digits, '-')")
+        return value
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a network such as 10.0.0.0/8") from None
+        return value
 
 
 class BackupConfig(_Section):

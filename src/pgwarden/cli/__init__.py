@@ -13,6 +13,7 @@ from pgwarden.cli.config_cmds import config_group, init_cmd
 from pgwarden.cli.context import AppContext
 from pgwarden.cli.converge_cmds import apply_cmd, check_cmd, plan_cmd
 from pgwarden.cli.history_cmds import COMMANDS as HISTORY_COMMANDS
+from pgwarden.cli.k8s_cmds import k8s_group
 from pgwarden.cli.server_cmds import down_cmd, logs_cmd, psql_cmd, status_cmd, up_cmd, url_cmd
 
 
@@ -61,6 +62,7 @@ for command in (
     check_cmd,
     *HISTORY_COMMANDS,
     access_group,
+    k8s_group,
 ):
     cli.add_command(command)
 

@@ -1,0 +1,1 @@
+"""Kubernetes: render, validate and apply manifests from the `kubernetes` section."""

@@ -1,0 +1,456 @@
+"""Rendering Kubernetes objects from pgwarden.yaml (the statefulset flavor).
+
+Plain dicts in a fixed order, dumped as YAML with stable key order: the same config (and the same
+generated password in the state directory) gives byte-identical output.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgwarden import pgconf
+from pgwarden.config import Config, KubernetesConfig
+from pgwarden.errors import ConfigError
+
+PG_PORT = 5432
+PGDATA_MOUNT = "/var/lib/postgresql/data"
+PGDATA = f"{PGDATA_MOUNT}/pgdata"  # a subdirectory: volumes may carry lost+found at their root
+CONFIG_DIR = "/etc/pgwarden"
+POSTGRES_UID = 999  # the official postgres image's user
+DEFAULT_IMAGE = "postgres:18"
+
+Manifest = dict[str, Any]
+
+
+@dataclass
+class Rendered:
+    objects: list[Manifest]
+    warnings: list[str] = field(default_factory=list)
+
+    def stream(self) -> str:
+        return "".join("---\n" + dump(obj) for obj in self.objects)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (config files, SQL) as readable literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(obj: Manifest) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _meta(k8s: KubernetesConfig, name: str, *, namespaced: bool = True) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if namespaced:
+        meta["namespace"] = k8s.namespace
+    meta["labels"] = _labels(k8s)
+    return meta
+
+
+def _labels(k8s: KubernetesConfig) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "postgresql",
+        "app.kubernetes.io/instance": k8s.name,
+        "app.kubernetes.io/managed-by": "pgwarden",
+    }
+
+
+def _selector(k8s: KubernetesConfig) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "postgresql", "app.kubernetes.io/instance": k8s.name}
+
+
+def check_config(config: Config) -> list[str]:
+    """Refuse unsafe or incomplete settings; return warnings for questionable ones."""
+    k8s = config.kubernetes
+    storage = k8s.storage
+    warnings: list[str] = []
+    if k8s.flavor == "statefulset" and k8s.replicas > 1:
+        shared = storage.kind in ("efs", "efs-static")
+        raise ConfigError(
+            f"kubernetes.replicas: {k8s.replicas} instances of the statefulset flavor "
+            + (
+                "would run several postmasters on one shared PGDATA: the classic way to corrupt "
+                "a cluster (EFS locking is advisory and does not stop it)"
+                if shared
+                else "would be independent primaries with diverging data, not replicas"
+            ),
+            hint="keep replicas: 1, or use flavor: cloudnative-pg for real high availability "
+            "(streaming replicas, each on its own volume, with automatic failover)",
+        )
+    if storage.kind in ("efs", "efs-static") and storage.efs is None:
+        raise ConfigError(
+            f"kubernetes.storage.efs.file_system_id is required for storage kind {storage.kind}",
+            hint="add `efs: {file_system_id: fs-0123456789abcdef0}` under kubernetes.storage",
+        )
+    if storage.kind == "existing" and not storage.class_name:
+        raise ConfigError(
+            "kubernetes.storage.class_name is required for storage kind existing",
+            hint="name a StorageClass that exists in the cluster",
+        )
+    if storage.kind in ("efs", "efs-static"):
+        warnings.append(
+            "PGDATA on EFS: every write and fsync crosses the network (~2.7 ms each), locking is "
+            "advisory only, and AWS lists EBS, not EFS, for databases. EBS (storage.kind: ebs) is "
+            "the better home for PGDATA; EFS or S3 is the better place for backups."
+        )
+    return warnings
+
+
+def _storage_class_name(k8s: KubernetesConfig) -> str:
+    storage = k8s.storage
+    if storage.kind == "existing":
+        assert storage.class_name is not None
+        return storage.class_name
+    return {
+        "ebs": f"{k8s.name}-gp3",
+        "efs": f"{k8s.name}-efs",
+        "efs-static": f"{k8s.name}-efs-static",
+    }[storage.kind]
+
+
+def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
+    storage = k8s.storage
+    name = _storage_class_name(k8s)
+    if storage.kind == "existing":
+        return []
+    if storage.kind == "ebs":
+        return [
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "metadata": _meta(k8s, name, namespaced=False),
+                "provisioner": "ebs.csi.aws.com",
+                "parameters": {"type": "gp3", "encrypted": "true", "fsType": "ext4"},
+                "reclaimPolicy": "Retain",
+                "allowVolumeExpansion": True,
+                "volumeBindingMode": "WaitForFirstConsumer",
+            }
+        ]
+    assert storage.efs is not None
+    efs = storage.efs
+    if storage.kind == "efs":
+        return [
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "metadata": _meta(k8s, name, namespaced=False),
+                "provisioner": "efs.csi.aws.com",
+                "parameters": {
+                    "provisioningMode": "efs-ap",
+                    "fileSystemId": efs.file_system_id,
+                    "directoryPerms": efs.directory_perms,
+                    # The access point forces this uid/gid: the postgres image's user, so
+                    # initdb never needs to chown (which access points forbid).
+                    "uid": str(efs.uid),
+                    "gid": str(efs.gid),
+                    "basePath": f"/{k8s.namespace}-{k8s.name}",
+                },
+                "reclaimPolicy": "Retain",
+                "volumeBindingMode": "Immediate",
+            }
+        ]
+    # The seed's shape: a static PV on the file system, and a claim bound to it.
+    return [
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": _meta(k8s, name, namespaced=False),
+            "provisioner": "efs.csi.aws.com",
+            "reclaimPolicy": "Retain",
+            "volumeBindingMode": "Immediate",
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": _meta(k8s, f"{k8s.name}-data", namespaced=False),
+            "spec": {
+                "capacity": {"storage": storage.size},
+                "volumeMode": "Filesystem",
+                "accessModes": ["ReadWriteOncePod"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": name,
+                "csi": {"driver": "efs.csi.aws.com", "volumeHandle": efs.file_system_id},
+                "claimRef": {"namespace": k8s.namespace, "name": f"{k8s.name}-data"},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": _meta(k8s, f"{k8s.name}-data"),
+            "spec": {
+                "accessModes": ["ReadWriteOncePod"],
+                "storageClassName": name,
+                "volumeName": f"{k8s.name}-data",
+                "resources": {"requests": {"storage": storage.size}},
+            },
+        },
+    ]
+
+
+def k8s_password(state_dir: Path) -> str:
+    """The superuser password for the cluster, generated once and kept in the state dir (0600),
+    so that rendering again gives the same Secret."""
+    path = state_dir / "k8s-password"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def render_statefulset(config: Config, bootstrap: str, password: str | None) -> Rendered:
+    k8s = config.kubernetes
+    warnings = check_config(config)
+    secret_name = k8s.existing_secret or f"{k8s.name}-credentials"
+    placement = pgconf.Placement(
+        listen_addresses=["*"],
+        port=PG_PORT,
+        socket_dirs=["/var/run/postgresql"],  # the image's entrypoint initialises over it
+        allowed_cidrs=k8s.allowed_cidrs,
+        ident_users=("postgres",),
+        admin_user="postgres",
+    )
+    files = pgconf.render_all(config.server, placement)
+    objects: list[Manifest] = [*_storage_objects(k8s)]
+    if not k8s.existing_secret:
+        assert password is not None
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": _meta(k8s, secret_name),
+                "type": "Opaque",
+                "stringData": {"password": password},
+            }
+        )
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(k8s, f"{k8s.name}-config"),
+            "data": {
+                "postgresql.conf": f"data_directory = '{PGDATA}'\n" + files["postgresql.conf"],
+                "pg_hba.conf": files["pg_hba.conf"],
+                "pg_ident.conf": files["pg_ident.conf"],
+            },
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(k8s, f"{k8s.name}-bootstrap"),
+            "data": {"010-pgwarden.sql": bootstrap},
+        }
+    )
+    service_port = {
+        "name": "postgres",
+        "port": PG_PORT,
+        "targetPort": "postgres",
+        "protocol": "TCP",
+    }
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(k8s, f"{k8s.name}-headless"),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": _selector(k8s),
+                "ports": [service_port],
+            },
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(k8s, k8s.name),
+            "spec": {"type": "ClusterIP", "selector": _selector(k8s), "ports": [service_port]},
+        }
+    )
+    objects.append(_statefulset(config, secret_name))
+    objects.append(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(k8s, k8s.name),
+            # One instance: voluntary evictions (node drains) wait until an operator moves the
+            # database on purpose, instead of stopping it in the middle of the day.
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": _selector(k8s)}},
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(k8s, k8s.name),
+            "spec": {
+                "podSelector": {"matchLabels": _selector(k8s)},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [{"ipBlock": {"cidr": cidr}} for cidr in k8s.allowed_cidrs],
+                        "ports": [{"protocol": "TCP", "port": PG_PORT}],
+                    }
+                ],
+            },
+        }
+    )
+    return Rendered(objects, warnings)
+
+
+def _probe(config: Config, **timing: int) -> dict[str, Any]:
+    return {
+        "exec": {
+            "command": [
+                "pg_isready",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(PG_PORT),
+                "-U",
+                "postgres",
+                "-d",
+                config.database,
+            ]
+        },
+        **timing,
+    }
+
+
+def _statefulset(config: Config, secret_name: str) -> Manifest:
+    k8s = config.kubernetes
+    storage = k8s.storage
+    grace = 120
+    container = {
+        "name": "postgres",
+        "image": k8s.image or DEFAULT_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "args": [
+            "-c",
+            f"config_file={CONFIG_DIR}/postgresql.conf",
+            "-c",
+            f"hba_file={CONFIG_DIR}/pg_hba.conf",
+            "-c",
+            f"ident_file={CONFIG_DIR}/pg_ident.conf",
+        ],
+        "env": [
+            {"name": "PGDATA", "value": PGDATA},
+            {"name": "POSTGRES_DB", "value": config.database},
+            {"name": "POSTGRES_USER", "value": "postgres"},
+            {
+                "name": "POSTGRES_PASSWORD",
+                "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "password"}},
+            },
+            {
+                "name": "POSTGRES_INITDB_ARGS",
+                "value": "--data-checksums --auth-host=scram-sha-256 --auth-local=peer",
+            },
+        ],
+        "ports": [{"name": "postgres", "containerPort": PG_PORT, "protocol": "TCP"}],
+        "startupProbe": _probe(config, periodSeconds=5, failureThreshold=120, timeoutSeconds=5),
+        "readinessProbe": _probe(config, periodSeconds=5, failureThreshold=3, timeoutSeconds=5),
+        "livenessProbe": _probe(config, periodSeconds=10, failureThreshold=6, timeoutSeconds=5),
+        "lifecycle": {
+            # A fast shutdown (roll back sessions, checkpoint) instead of SIGTERM's smart
+            # shutdown, which waits for clients and then gets SIGKILLed.
+            "preStop": {
+                "exec": {"command": ["/bin/sh", "-c", 'pg_ctl -D "$PGDATA" -m fast -w -t 100 stop']}
+            }
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "resources": {
+            "requests": dict(k8s.resources.requests),
+            "limits": dict(k8s.resources.limits),
+        },
+        "volumeMounts": [
+            {"name": "data", "mountPath": PGDATA_MOUNT},
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "bootstrap", "mountPath": "/docker-entrypoint-initdb.d", "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 - a volume mount path
+            {"name": "run", "mountPath": "/var/run/postgresql"},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
+        ],
+    }
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": f"{k8s.name}-config"}},
+        {"name": "bootstrap", "configMap": {"name": f"{k8s.name}-bootstrap"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        {"name": "run", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    spec: dict[str, Any] = {
+        "replicas": k8s.replicas,
+        "serviceName": f"{k8s.name}-headless",
+        "podManagementPolicy": "OrderedReady",
+        "updateStrategy": {"type": "RollingUpdate"},
+        "selector": {"matchLabels": _selector(k8s)},
+        "template": {
+            "metadata": {"labels": _labels(k8s)},
+            "spec": {
+                "terminationGracePeriodSeconds": grace,
+                "enableServiceLinks": False,
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": POSTGRES_UID,
+                    "runAsGroup": POSTGRES_UID,
+                    "fsGroup": POSTGRES_UID,
+                    "fsGroupChangePolicy": "OnRootMismatch",
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [container],
+                "volumes": volumes,
+            },
+        },
+    }
+    if storage.kind == "efs-static":
+        volumes.insert(
+            0, {"name": "data", "persistentVolumeClaim": {"claimName": f"{k8s.name}-data"}}
+        )
+    else:
+        spec["volumeClaimTemplates"] = [
+            {
+                "metadata": {"name": "data", "labels": _labels(k8s)},
+                "spec": {
+                    "accessModes": ["ReadWriteOncePod"],
+                    "storageClassName": _storage_class_name(k8s),
+                    "resources": {"requests": {"storage": storage.size}},
+                },
+            }
+        ]
+        spec["persistentVolumeClaimRetentionPolicy"] = {
+            "whenDeleted": "Retain",
+            "whenScaled": "Retain",
+        }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _meta(k8s, k8s.name),
+        "spec": spec,
+    }

@@ -1,0 +1,33 @@
+"""`pgwarden k8s render` as one function: check, bootstrap, render, validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pgwarden.config import Config
+from pgwarden.errors import UserError
+from pgwarden.kube.bootstrap import bootstrap_sql
+from pgwarden.kube.render import Rendered, check_config, k8s_password, render_statefulset
+from pgwarden.kube.validate import validate_objects
+
+
+def render(
+    config: Config, state_dir: Path, *, pg_bin: Path | None = None, version: str | None = None
+) -> Rendered:
+    k8s = config.kubernetes
+    if k8s.flavor == "cloudnative-pg":
+        raise UserError(
+            "kubernetes.flavor: cloudnative-pg is not implemented yet",
+            hint="use flavor: statefulset (one hardened instance) for now",
+        )
+    check_config(config)  # refuse bad settings before starting anything
+    password = None if k8s.existing_secret else k8s_password(state_dir)
+    rendered = render_statefulset(config, bootstrap_sql(config, pg_bin), password)
+    report = validate_objects(rendered.objects, version or k8s.kubernetes_version)
+    if not report.ok:
+        raise UserError(
+            "the rendered objects do not validate:\n  " + "\n  ".join(report.errors),
+            hint="a pgwarden bug unless the config asks for something odd; nothing was written",
+        )
+    rendered.warnings.extend(report.warnings)
+    return rendered
