@@ -14,7 +14,6 @@ import yaml
 from psycopg import sql
 
 from pgwarden.config import Config, parse_config_text
-from pgwarden.errors import ConfigError, UserError
 from pgwarden.kube.service import render
 from pgwarden.kube.validate import SUPPORTED, validate_objects
 from pgwarden.server import LocalServer
@@ -24,12 +23,13 @@ GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PGWARDEN_UPDATE_GOLDEN") == "1"
 
 CONFIGS = {
-    "ebs": "history: {tables: ['public.*']}\naccess: {managers: [alice], roles: {alice: {login: true}}}\n",
+    "ebs": "history: {tables: ['public.*']}\n"
+    "access: {managers: [alice], roles: {alice: {login: true}}}\n",
     "efs": "kubernetes:\n  storage: {kind: efs, efs: {file_system_id: fs-0123456789abcdef0}}\n",
     "efs-static": "kubernetes:\n  namespace: data\n  storage:\n    kind: efs-static\n"
     "    size: 50Gi\n    efs: {file_system_id: fs-0123456789abcdef0}\n",
-    "existing": "kubernetes:\n  existing_secret: pg-admin\n  storage: {kind: existing, class_name: fast-ssd}\n"
-    "  allowed_cidrs: [172.16.0.0/12]\n",
+    "existing": "kubernetes:\n  existing_secret: pg-admin\n"
+    "  storage: {kind: existing, class_name: fast-ssd}\n  allowed_cidrs: [172.16.0.0/12]\n",
 }
 
 
@@ -105,8 +105,11 @@ def test_efs_pgdata_warns_and_statefulset_is_hardened(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("kubernetes: {replicas: 2, storage: {kind: efs-static, efs: {file_system_id: fs-0123456789abcdef0}}}",
-         "cloudnative-pg"),
+        (
+            "kubernetes: {replicas: 2, storage: {kind: efs-static, "
+            "efs: {file_system_id: fs-0123456789abcdef0}}}",
+            "cloudnative-pg",
+        ),
         ("kubernetes: {replicas: 3}", "independent primaries"),
         ("kubernetes: {storage: {kind: efs}}", "file_system_id is required"),
         ("kubernetes: {storage: {size: 20GB}}", "did you mean 20Gi"),
