@@ -46,6 +46,15 @@ def _check_ident(value: str) -> str:
     return value
 
 
+def _check_cidrs(value: list[str]) -> list[str]:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not a network such as 10.0.0.0/8") from None
+    return value
+
+
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -115,12 +124,7 @@ class ServerConfig(_Section):
     @field_validator("allowed_cidrs")
     @classmethod
     def _valid_cidrs(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a network such as 10.0.0.0/8") from None
-        return value
+        return _check_cidrs(value)
 
     @field_validator("admin_user", "service_user")
     @classmethod
@@ -373,12 +377,7 @@ class KubernetesConfig(_Section):
     @field_validator("allowed_cidrs")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a network such as 10.0.0.0/8") from None
-        return value
+        return _check_cidrs(value)
 
 
 class BackupConfig(_Section):

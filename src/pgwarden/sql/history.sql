@@ -171,7 +171,9 @@ $body$;
 -- The capture trigger for INSERT, UPDATE and DELETE (statement level, transition tables).
 -- Static SQL throughout: plpgsql compiles one copy per table and caches each plan for the
 -- session, so a one-row statement pays no parsing or planning. A branch that does not run is
--- never planned, which is why one function can name both transition tables.
+-- never planned, which is why one function can name both transition tables. Each INSERT appears
+-- twice, inside and outside a BEGIN … EXCEPTION block: plpgsql cannot make a handler conditional,
+-- and fail-closed must not pay for (or be exposed to) a subtransaction at all.
 CREATE OR REPLACE FUNCTION {schema}.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
