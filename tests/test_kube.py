@@ -28,6 +28,11 @@ CONFIGS = {
     "efs": "kubernetes:\n  storage: {kind: efs, efs: {file_system_id: fs-0123456789abcdef0}}\n",
     "efs-static": "kubernetes:\n  namespace: data\n  storage:\n    kind: efs-static\n"
     "    size: 50Gi\n    efs: {file_system_id: fs-0123456789abcdef0}\n",
+    "cnpg": "history: {tables: ['public.*']}\n"
+    "access: {managers: [alice], roles: {alice: {login: true}, "
+    "app_rw: {login: true, tables: {'public.*': [SELECT, INSERT]}}}}\n"
+    "kubernetes: {flavor: cloudnative-pg, instances: 3}\n"
+    "backup: {s3: {bucket: my-backups, prefix: pg/prod}, retention: 30d}\n",
     "existing": "kubernetes:\n  existing_secret: pg-admin\n"
     "  storage: {kind: existing, class_name: fast-ssd}\n  allowed_cidrs: [172.16.0.0/12]\n",
 }
@@ -144,10 +149,56 @@ def test_render_out_writes_files_and_kustomization(run: Run, tmp_path: Path) -> 
     assert (tmp_path / ".pgwarden" / "k8s-password").stat().st_mode & 0o777 == 0o600
 
 
-def test_cloudnative_pg_is_refused_clearly(run: Run, tmp_path: Path) -> None:
-    result = run("k8s", "render", "--flavor", "cloudnative-pg")
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "cloudnative-pg"
+
+
+def test_cloudnative_pg_objects(tmp_path: Path) -> None:
+    rendered = _render(CONFIGS["cnpg"], tmp_path)
+    kinds = [o["kind"] for o in rendered.objects]
+    assert kinds == ["StorageClass", "ConfigMap", "Cluster", "ObjectStore", "ScheduledBackup"]
+    cluster = rendered.objects[2]["spec"]
+    assert cluster["instances"] == 3
+    assert cluster["postgresql"]["synchronous"] == {"method": "any", "number": 1,
+                                                     "dataDurability": "required"}  # fmt: skip
+    assert cluster["affinity"]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert cluster["plugins"][0]["name"] == "barman-cloud.cloudnative-pg.io"
+    assert "barmanObjectStore" not in yaml.safe_dump(cluster)  # deprecated since 1.26
+    roles = {r["name"]: r for r in cluster["managed"]["roles"]}
+    assert roles["alice"]["inRoles"] == ["manager"]
+    assert roles["alice"]["passwordSecret"] == {"name": "postgres-role-alice"}
+    assert all("trust" not in line for line in cluster["postgresql"]["pg_hba"])
+    assert any("postgres-role-alice" in w for w in rendered.warnings)
+    store = rendered.objects[3]["spec"]
+    assert store["configuration"]["destinationPath"] == "s3://my-backups/pg/prod"
+    assert store["retentionPolicy"] == "30d"
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason="CloudNativePG CRD schemas not present")
+def test_cloudnative_pg_objects_match_the_crds(tmp_path: Path) -> None:
+    import jsonschema
+
+    schemas = {}
+    for file in CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(file.read_text())
+        version = crd["spec"]["versions"][0]
+        schemas[(crd["spec"]["group"], crd["spec"]["names"]["kind"])] = version["schema"][
+            "openAPIV3Schema"
+        ]["properties"]["spec"]
+    for obj in _render(CONFIGS["cnpg"], tmp_path).objects:
+        group = obj["apiVersion"].split("/")[0]
+        schema = schemas.get((group, obj["kind"]))
+        if schema is not None:
+            jsonschema.validate(obj["spec"], schema)
+
+
+def test_cloudnative_pg_refuses_a_shared_volume(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "pgwarden.yaml").write_text(
+        "kubernetes: {flavor: cloudnative-pg, storage: {kind: efs-static, "
+        "efs: {file_system_id: fs-0123456789abcdef0}}}\n"
+    )
+    result = run("k8s", "render")
     assert result.code == 2
-    assert "not implemented yet" in result.err
+    assert "volume of its own" in result.err
 
 
 def test_kubectl_missing_or_no_cluster(

@@ -380,8 +380,42 @@ class KubernetesConfig(_Section):
         return _check_cidrs(value)
 
 
+class S3BackupConfig(_Section):
+    """Base backups and WAL to S3 (through the Barman Cloud plugin on CloudNativePG)."""
+
+    bucket: str = Field(..., description="S3 bucket name.")
+    prefix: str = Field("", description="Path inside the bucket.")
+    endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO, …).")
+    credentials_secret: str = Field(
+        "backup-s3-credentials", description="Secret holding the access keys (never in YAML)."
+    )
+    access_key_id_key: str = Field("ACCESS_KEY_ID", description="Key of the access key id.")
+    secret_access_key_key: str = Field("ACCESS_SECRET_KEY", description="Key of the secret key.")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            raise ValueError(f"{value!r} is not an S3 bucket name")
+        return value
+
+
 class BackupConfig(_Section):
-    """Backups and WAL archiving (filled in by the durability issue)."""
+    """Backups and WAL archiving. Destinations are sub-sections, so that local base backups and
+    WAL archiving to a directory can sit beside `s3` later."""
+
+    s3: S3BackupConfig | None = None
+    retention: str = Field("30d", description="Keep backups and WAL this long: 30d, 8w, 6m.")
+    schedule: str = Field(
+        "0 0 2 * * *", description="When to take base backups (6-field cron, seconds first)."
+    )
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        if not re.fullmatch(r"[1-9][0-9]*[dwm]", value):
+            raise ValueError(f"{value!r} is not a retention such as 30d, 8w or 6m")
+        return value
 
 
 class Config(_Section):

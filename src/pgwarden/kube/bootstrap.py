@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from pgwarden.binaries import embedded_bindir
 from pgwarden.config import Config
@@ -41,7 +42,9 @@ def _without_passwords(config: Config) -> Config:
     return Config.model_validate(data)
 
 
-def bootstrap_sql(config: Config, pg_bin: Path | None = None) -> str:
+def bootstrap_sql(
+    config: Config, pg_bin: Path | None = None, *, existing_roles: list[str] | None = None
+) -> str:
     """Plan on the embedded PostgreSQL 18 by default: the same major as the default image, since
     some SQL differs by version (sudo-like memberships need 16+)."""
     pg_bin = pg_bin or embedded_bindir()
@@ -53,6 +56,14 @@ def bootstrap_sql(config: Config, pg_bin: Path | None = None) -> str:
         try:
             server.up()
             ensure_database(server)
+            with psycopg.connect(server.url("postgres"), autocommit=True) as admin:
+                for role in existing_roles or []:  # roles the target creates before our SQL
+                    admin.execute(
+                        sql.SQL(
+                            "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {n}) "
+                            "THEN CREATE ROLE {r} LOGIN; END IF; END$$"
+                        ).format(n=sql.Literal(role), r=sql.Identifier(role))
+                    )
             with psycopg.connect(server.url()) as conn:
                 plan = build_plan(conn, planned)
                 statements = [

@@ -50,10 +50,17 @@ _Dumper.add_representer(str, _str)
 
 
 def dump(obj: Manifest) -> str:
-    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+    return yaml.dump(
+        obj,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        width=100,
+        allow_unicode=True,
+    )
 
 
-def _meta(k8s: KubernetesConfig, name: str, *, namespaced: bool = True) -> dict[str, Any]:
+def meta(k8s: KubernetesConfig, name: str, *, namespaced: bool = True) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if namespaced:
         meta["namespace"] = k8s.namespace
@@ -110,7 +117,7 @@ def check_config(config: Config) -> list[str]:
     return warnings
 
 
-def _storage_class_name(k8s: KubernetesConfig) -> str:
+def storage_class_name(k8s: KubernetesConfig) -> str:
     storage = k8s.storage
     if storage.kind == "existing":
         assert storage.class_name is not None
@@ -122,9 +129,9 @@ def _storage_class_name(k8s: KubernetesConfig) -> str:
     }[storage.kind]
 
 
-def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
+def storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
     storage = k8s.storage
-    name = _storage_class_name(k8s)
+    name = storage_class_name(k8s)
     if storage.kind == "existing":
         return []
     if storage.kind == "ebs":
@@ -132,7 +139,7 @@ def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
             {
                 "apiVersion": "storage.k8s.io/v1",
                 "kind": "StorageClass",
-                "metadata": _meta(k8s, name, namespaced=False),
+                "metadata": meta(k8s, name, namespaced=False),
                 "provisioner": "ebs.csi.aws.com",
                 "parameters": {"type": "gp3", "encrypted": "true", "fsType": "ext4"},
                 "reclaimPolicy": "Retain",
@@ -147,7 +154,7 @@ def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
             {
                 "apiVersion": "storage.k8s.io/v1",
                 "kind": "StorageClass",
-                "metadata": _meta(k8s, name, namespaced=False),
+                "metadata": meta(k8s, name, namespaced=False),
                 "provisioner": "efs.csi.aws.com",
                 "parameters": {
                     "provisioningMode": "efs-ap",
@@ -168,7 +175,7 @@ def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
         {
             "apiVersion": "storage.k8s.io/v1",
             "kind": "StorageClass",
-            "metadata": _meta(k8s, name, namespaced=False),
+            "metadata": meta(k8s, name, namespaced=False),
             "provisioner": "efs.csi.aws.com",
             "reclaimPolicy": "Retain",
             "volumeBindingMode": "Immediate",
@@ -176,7 +183,7 @@ def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
         {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
-            "metadata": _meta(k8s, f"{k8s.name}-data", namespaced=False),
+            "metadata": meta(k8s, f"{k8s.name}-data", namespaced=False),
             "spec": {
                 "capacity": {"storage": storage.size},
                 "volumeMode": "Filesystem",
@@ -190,7 +197,7 @@ def _storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": _meta(k8s, f"{k8s.name}-data"),
+            "metadata": meta(k8s, f"{k8s.name}-data"),
             "spec": {
                 "accessModes": ["ReadWriteOncePod"],
                 "storageClassName": name,
@@ -230,14 +237,14 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         admin_user="postgres",
     )
     files = pgconf.render_all(config.server, placement)
-    objects: list[Manifest] = [*_storage_objects(k8s)]
+    objects: list[Manifest] = [*storage_objects(k8s)]
     if not k8s.existing_secret:
         assert password is not None
         objects.append(
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": _meta(k8s, secret_name),
+                "metadata": meta(k8s, secret_name),
                 "type": "Opaque",
                 "stringData": {"password": password},
             }
@@ -246,7 +253,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": _meta(k8s, f"{k8s.name}-config"),
+            "metadata": meta(k8s, f"{k8s.name}-config"),
             "data": {
                 "postgresql.conf": f"data_directory = '{PGDATA}'\n" + files["postgresql.conf"],
                 "pg_hba.conf": files["pg_hba.conf"],
@@ -258,7 +265,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": _meta(k8s, f"{k8s.name}-bootstrap"),
+            "metadata": meta(k8s, f"{k8s.name}-bootstrap"),
             "data": {"010-pgwarden.sql": bootstrap},
         }
     )
@@ -272,7 +279,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": _meta(k8s, f"{k8s.name}-headless"),
+            "metadata": meta(k8s, f"{k8s.name}-headless"),
             "spec": {
                 "clusterIP": "None",
                 "publishNotReadyAddresses": True,
@@ -285,7 +292,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": _meta(k8s, k8s.name),
+            "metadata": meta(k8s, k8s.name),
             "spec": {"type": "ClusterIP", "selector": _selector(k8s), "ports": [service_port]},
         }
     )
@@ -294,7 +301,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         {
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
-            "metadata": _meta(k8s, k8s.name),
+            "metadata": meta(k8s, k8s.name),
             # One instance: voluntary evictions (node drains) wait until an operator moves the
             # database on purpose, instead of stopping it in the middle of the day.
             "spec": {"minAvailable": 1, "selector": {"matchLabels": _selector(k8s)}},
@@ -304,7 +311,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": _meta(k8s, k8s.name),
+            "metadata": meta(k8s, k8s.name),
             "spec": {
                 "podSelector": {"matchLabels": _selector(k8s)},
                 "policyTypes": ["Ingress"],
@@ -439,7 +446,7 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
                 "metadata": {"name": "data", "labels": _labels(k8s)},
                 "spec": {
                     "accessModes": ["ReadWriteOncePod"],
-                    "storageClassName": _storage_class_name(k8s),
+                    "storageClassName": storage_class_name(k8s),
                     "resources": {"requests": {"storage": storage.size}},
                 },
             }
@@ -451,6 +458,6 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _meta(k8s, k8s.name),
+        "metadata": meta(k8s, k8s.name),
         "spec": spec,
     }

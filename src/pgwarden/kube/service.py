@@ -7,6 +7,7 @@ from pathlib import Path
 from pgwarden.config import Config
 from pgwarden.errors import UserError
 from pgwarden.kube.bootstrap import bootstrap_sql
+from pgwarden.kube.cnpg import OWNER, check_cnpg, render_cnpg
 from pgwarden.kube.render import Rendered, check_config, k8s_password, render_statefulset
 from pgwarden.kube.validate import validate_objects
 
@@ -16,13 +17,13 @@ def render(
 ) -> Rendered:
     k8s = config.kubernetes
     if k8s.flavor == "cloudnative-pg":
-        raise UserError(
-            "kubernetes.flavor: cloudnative-pg is not implemented yet",
-            hint="use flavor: statefulset (one hardened instance) for now",
-        )
-    check_config(config)  # refuse bad settings before starting anything
-    password = None if k8s.existing_secret else k8s_password(state_dir)
-    rendered = render_statefulset(config, bootstrap_sql(config, pg_bin), password)
+        check_cnpg(config)
+        # CloudNativePG's initdb creates the database owner itself: plan with it present.
+        rendered = render_cnpg(config, bootstrap_sql(config, pg_bin, existing_roles=[OWNER]))
+    else:
+        check_config(config)  # refuse bad settings before starting anything
+        password = None if k8s.existing_secret else k8s_password(state_dir)
+        rendered = render_statefulset(config, bootstrap_sql(config, pg_bin), password)
     report = validate_objects(rendered.objects, version or k8s.kubernetes_version)
     if not report.ok:
         raise UserError(

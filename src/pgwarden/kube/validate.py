@@ -116,6 +116,22 @@ def semantic_checks(objects: list[dict[str, Any]]) -> Report:
             target = port.get("targetPort", port["port"])
             if target not in ports and target not in ports.values():
                 report.errors.append(f"{_name(svc)}: targetPort {target} is not a container port")
+    for cluster in by_kind.get("Cluster", []):
+        spec = cluster.get("spec", {})
+        refs = spec.get("bootstrap", {}).get("initdb", {}).get("postInitApplicationSQLRefs", {})
+        for ref in refs.get("configMapRefs", []):
+            if ("ConfigMap", ref["name"]) not in names:
+                report.errors.append(f"{_name(cluster)}: ConfigMap {ref['name']} is missing")
+        for role in spec.get("managed", {}).get("roles", []):
+            secret = role.get("passwordSecret", {}).get("name")
+            if secret and ("Secret", secret) not in names:
+                report.warnings.append(
+                    f"{_name(cluster)}: role {role['name']} takes its password from Secret "
+                    f"{secret} (kubernetes.io/basic-auth: username, password): create it in the "
+                    "cluster"
+                )
+        if "resources" not in spec or "cpu" not in spec["resources"].get("requests", {}):
+            report.errors.append(f"{_name(cluster)}: sets no CPU request")
     for cm in by_kind.get("ConfigMap", []):
         hba = cm.get("data", {}).get("pg_hba.conf")
         if hba is not None:

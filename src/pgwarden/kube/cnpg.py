@@ -1,0 +1,267 @@
+"""The cloudnative-pg flavor: a CloudNativePG `Cluster` (HA, quorum synchronous replication),
+its bootstrap SQL, managed roles, and backups through the Barman Cloud plugin.
+
+The objects are built from typed models of exactly the fields we emit, so a typo in a field name
+is a type error here rather than a surprise in the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pgwarden import pgconf
+from pgwarden.config import Config
+from pgwarden.errors import ConfigError
+from pgwarden.kube.render import Manifest, Rendered, meta, storage_class_name, storage_objects
+
+CNPG_API = "postgresql.cnpg.io/v1"
+BARMAN_API = "barmancloud.cnpg.io/v1"
+BARMAN_PLUGIN = "barman-cloud.cloudnative-pg.io"
+DEFAULT_IMAGE = "ghcr.io/cloudnative-pg/postgresql:18"
+OWNER = "app"  # the database owner CloudNativePG's initdb creates
+# Settings CloudNativePG manages itself and refuses in spec.postgresql.parameters.
+_CNPG_FIXED = {"listen_addresses", "port", "unix_socket_directories", "unix_socket_permissions",
+               "logging_collector", "log_destination", "wal_level", "max_wal_senders",
+               "fsync", "full_page_writes", "password_encryption", "log_line_prefix"}  # fmt: skip
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class SecretRef(_Model):
+    name: str
+
+
+class ManagedRole(_Model):
+    name: str
+    ensure: str = "present"
+    login: bool
+    inherit: bool = True
+    in_roles: list[str] | None = Field(None, alias="inRoles")
+    password_secret: SecretRef | None = Field(None, alias="passwordSecret")
+    comment: str | None = None
+
+
+class ConfigMapKeyRef(_Model):
+    name: str
+    key: str
+
+
+class SqlRefs(_Model):
+    config_map_refs: list[ConfigMapKeyRef] = Field(alias="configMapRefs")
+
+
+class InitDb(_Model):
+    database: str
+    owner: str
+    data_checksums: bool = Field(True, alias="dataChecksums")
+    encoding: str = "UTF8"
+    post_init_application_sql_refs: SqlRefs = Field(alias="postInitApplicationSQLRefs")
+
+
+class Synchronous(_Model):
+    method: str = "any"  # quorum
+    number: int
+    data_durability: str = Field("required", alias="dataDurability")
+
+
+class PostgresSection(_Model):
+    parameters: dict[str, str]
+    pg_hba: list[str]
+    synchronous: Synchronous | None = None
+
+
+class Affinity(_Model):
+    enable_pod_anti_affinity: bool = Field(True, alias="enablePodAntiAffinity")
+    pod_anti_affinity_type: str = Field("required", alias="podAntiAffinityType")
+    topology_key: str = Field("topology.kubernetes.io/zone", alias="topologyKey")
+
+
+class Storage(_Model):
+    size: str
+    storage_class: str | None = Field(None, alias="storageClass")
+
+
+class Plugin(_Model):
+    name: str
+    is_wal_archiver: bool = Field(True, alias="isWALArchiver")
+    parameters: dict[str, str]
+
+
+class ClusterSpec(_Model):
+    instances: int
+    image_name: str = Field(alias="imageName")
+    postgresql: PostgresSection
+    bootstrap: dict[str, InitDb]
+    storage: Storage
+    resources: dict[str, dict[str, str]]
+    affinity: Affinity
+    enable_superuser_access: bool = Field(False, alias="enableSuperuserAccess")
+    managed: dict[str, list[ManagedRole]] | None = None
+    plugins: list[Plugin] | None = None
+
+
+def _parameters(config: Config) -> dict[str, str]:
+    placement = pgconf.Placement(listen_addresses=["*"], port=5432)
+    settings = pgconf.settings_for(config.server, placement)
+    # CloudNativePG takes plain strings and quotes them itself.
+    return {
+        name: value if isinstance(value, str) else pgconf.quote_setting(value)
+        for name, value in settings.items()
+        if name not in _CNPG_FIXED
+    }
+
+
+def _managed_roles(config: Config) -> list[ManagedRole]:
+    access = config.access
+    roles = [
+        ManagedRole(name=access.manager_role, login=False, comment="managed by pgwarden"),
+        ManagedRole(name=access.auditor_role, login=False, comment="managed by pgwarden"),
+    ]
+    for name, role in sorted(access.roles.items()):
+        groups = list(role.member_of)
+        if name in access.managers:
+            groups.append(access.manager_role)
+        if name in access.auditors:
+            groups.append(access.auditor_role)
+        roles.append(
+            ManagedRole(
+                name=name,
+                login=role.login,
+                # Managers act as manager only after SET ROLE (like sudo), as with pgwarden apply.
+                inherit=name not in access.managers,
+                in_roles=groups or None,
+                password_secret=SecretRef(
+                    name=f"{config.kubernetes.name}-role-{name}".replace("_", "-")
+                )
+                if role.login
+                else None,
+                comment="managed by pgwarden",
+            )
+        )
+    return roles
+
+
+def check_cnpg(config: Config) -> None:
+    """Refuse what cannot work with several instances, before anything is started."""
+    storage = config.kubernetes.storage
+    if storage.kind in ("efs", "efs-static") and storage.efs is None:
+        raise ConfigError(
+            f"kubernetes.storage.efs.file_system_id is required for storage kind {storage.kind}",
+            hint="add `efs: {file_system_id: fs-0123456789abcdef0}` under kubernetes.storage",
+        )
+    if storage.kind == "existing" and not storage.class_name:
+        raise ConfigError("kubernetes.storage.class_name is required for storage kind existing")
+    if storage.kind == "efs-static":
+        raise ConfigError(
+            "kubernetes.storage.kind: efs-static cannot be used with cloudnative-pg: every "
+            "instance needs a volume of its own",
+            hint="use ebs (recommended) or a StorageClass that provisions one volume per claim",
+        )
+
+
+def render_cnpg(config: Config, bootstrap: str) -> Rendered:
+    check_cnpg(config)
+    k8s = config.kubernetes
+    storage = k8s.storage
+    warnings: list[str] = []
+    if storage.kind == "efs":
+        warnings.append(
+            "PGDATA on EFS: each instance still gets its own access point, but every fsync "
+            "crosses the network; EBS is the better home for PGDATA, EFS or S3 for backups."
+        )
+    objects: list[Manifest] = [*storage_objects(k8s)]
+    bootstrap_name = f"{k8s.name}-bootstrap"
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta(k8s, bootstrap_name),
+            "data": {"010-pgwarden.sql": bootstrap},
+        }
+    )
+    hba = [f"host all all {cidr} scram-sha-256" for cidr in k8s.allowed_cidrs]
+    plugins = None
+    backup = config.backup
+    if backup.s3 is not None:
+        plugins = [
+            Plugin(name=BARMAN_PLUGIN, parameters={"barmanObjectName": f"{k8s.name}-backup"})
+        ]
+    spec = ClusterSpec(
+        instances=k8s.instances,
+        image_name=k8s.image or DEFAULT_IMAGE,
+        postgresql=PostgresSection(
+            parameters=_parameters(config),
+            pg_hba=hba,
+            synchronous=Synchronous(number=1) if k8s.instances > 1 else None,
+        ),
+        bootstrap={
+            "initdb": InitDb(
+                database=config.database,
+                owner=OWNER,
+                post_init_application_sql_refs=SqlRefs(
+                    config_map_refs=[ConfigMapKeyRef(name=bootstrap_name, key="010-pgwarden.sql")]
+                ),
+            )
+        },
+        storage=Storage(size=storage.size, storage_class=storage_class_name(k8s)),
+        resources={"requests": dict(k8s.resources.requests), "limits": dict(k8s.resources.limits)},
+        affinity=Affinity(),
+        managed={"roles": _managed_roles(config)},
+        plugins=plugins,
+    )
+    objects.append(
+        {
+            "apiVersion": CNPG_API,
+            "kind": "Cluster",
+            "metadata": meta(k8s, k8s.name),
+            "spec": spec.dump(),
+        }
+    )
+    if backup.s3 is not None:
+        s3 = backup.s3
+        path = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+        configuration: dict[str, Any] = {
+            "destinationPath": path,
+            "s3Credentials": {
+                "accessKeyId": {"name": s3.credentials_secret, "key": s3.access_key_id_key},
+                "secretAccessKey": {"name": s3.credentials_secret, "key": s3.secret_access_key_key},
+            },
+            "wal": {"compression": "gzip"},
+            "data": {"compression": "gzip"},
+        }
+        if s3.endpoint_url:
+            configuration["endpointURL"] = s3.endpoint_url
+        objects.append(
+            {
+                "apiVersion": BARMAN_API,
+                "kind": "ObjectStore",
+                "metadata": meta(k8s, f"{k8s.name}-backup"),
+                "spec": {"configuration": configuration, "retentionPolicy": backup.retention},
+            }
+        )
+        objects.append(
+            {
+                "apiVersion": CNPG_API,
+                "kind": "ScheduledBackup",
+                "metadata": meta(k8s, f"{k8s.name}-daily"),
+                "spec": {
+                    "schedule": backup.schedule,
+                    "backupOwnerReference": "self",
+                    "cluster": {"name": k8s.name},
+                    "method": "plugin",
+                    "pluginConfiguration": {"name": BARMAN_PLUGIN},
+                },
+            }
+        )
+    else:
+        warnings.append(
+            "no backup section: the cluster has replicas but no backups (add backup.s3)"
+        )
+    return Rendered(objects, warnings)
