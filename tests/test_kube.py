@@ -55,16 +55,22 @@ def test_golden_and_deterministic(name: str, tmp_path: Path) -> None:
     assert first == golden.read_text(), f"re-run with PGWARDEN_UPDATE_GOLDEN=1 if {golden} is stale"
 
 
+@pytest.fixture(scope="module")
+def rendered_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return {
+        name: _render(text, tmp_path_factory.mktemp(name)).objects for name, text in CONFIGS.items()
+    }
+
+
 @pytest.mark.parametrize("version", SUPPORTED)
-@pytest.mark.parametrize("name", ["ebs", "efs-static"])
-def test_strict_schema_validation(name: str, version: str, tmp_path: Path) -> None:
-    objects = _render(CONFIGS[name], tmp_path).objects
-    report = validate_objects(objects, version)
-    assert report.errors == []
-    kinds = [o["kind"] for o in objects]
-    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"} <= set(
-        kinds
-    )
+def test_strict_schema_validation_for_every_config(
+    version: str, rendered_configs: dict[str, Any]
+) -> None:
+    for name, objects in rendered_configs.items():
+        report = validate_objects(objects, version)
+        assert report.errors == [], name
+    kinds = {o["kind"] for o in rendered_configs["ebs"]}
+    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
 
 def test_validation_catches_what_schemas_miss(tmp_path: Path) -> None:
