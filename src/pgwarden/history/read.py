@@ -18,6 +18,7 @@ from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.names import TableName
 
 OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
+AS_OF_WORK_MEM = "256MB"
 
 
 @dataclass(frozen=True)
@@ -309,12 +310,15 @@ def as_of_into(
     source = sql.Identifier(table.schema, table.table)
     dest = sql.Identifier(target.schema, target.table)
     with conn.transaction():
+        # Rebuilding sorts every event of the table by key: give that sort memory for this
+        # transaction only, instead of spilling to disk in 4 MB runs (about twice as fast).
+        conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AS_OF_WORK_MEM)))
         conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
         cur = conn.execute(
             sql.SQL(
-                "INSERT INTO {dest} "
-                "SELECT (pg_catalog.jsonb_populate_record(NULL::{src}, h.img)).* "
-                "FROM ({history}) h"
+                # LATERAL, not (f(img)).*: that form calls f once per column.
+                "INSERT INTO {dest} SELECT r.* FROM ({history}) h "
+                "CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, h.img) r"
             ).format(dest=dest, src=source, history=_as_of_query(conn, schema, oid, at, None))
         )
         return cur.rowcount
