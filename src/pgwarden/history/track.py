@@ -11,9 +11,9 @@ from pgwarden.history.catalog import Conn, HistorySchema
 from pgwarden.history.names import TableName
 from pgwarden.history.planner import (
     TableSettings,
-    _missing_partitions,
     desired_settings,
     install_operations,
+    missing_partitions,
     partition_operation,
     track_operation,
     untrack_operation,
@@ -39,7 +39,7 @@ def install(conn: Conn, config: Config) -> list[Operation]:
     schema = HistorySchema(config.history.schema_name)
     with conn.transaction():
         ops = install_operations(conn, schema)
-        if _missing_partitions(conn, schema):
+        if missing_partitions(conn, schema):
             ops.append(partition_operation(schema))
     apply_plan(conn, ops)
     return ops
@@ -58,7 +58,7 @@ def track(
     with conn.transaction():
         _existing(conn, schema, names)
         ops = install_operations(conn, schema)
-        if _missing_partitions(conn, schema):
+        if missing_partitions(conn, schema):
             ops.append(partition_operation(schema))
         for name in names:
             base = desired_settings(config.history, name)

@@ -14,7 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from pgwarden import pgconf
 from pgwarden.config import Config
 from pgwarden.errors import ConfigError
-from pgwarden.kube.render import Manifest, Rendered, meta, storage_class_name, storage_objects
+from pgwarden.kube.render import (
+    Manifest,
+    Rendered,
+    check_storage,
+    meta,
+    storage_class_name,
+    storage_objects,
+)
 
 CNPG_API = "postgresql.cnpg.io/v1"
 BARMAN_API = "barmancloud.cnpg.io/v1"
@@ -151,13 +158,7 @@ def _managed_roles(config: Config) -> list[ManagedRole]:
 def check_cnpg(config: Config) -> None:
     """Refuse what cannot work with several instances, before anything is started."""
     storage = config.kubernetes.storage
-    if storage.kind in ("efs", "efs-static") and storage.efs is None:
-        raise ConfigError(
-            f"kubernetes.storage.efs.file_system_id is required for storage kind {storage.kind}",
-            hint="add `efs: {file_system_id: fs-0123456789abcdef0}` under kubernetes.storage",
-        )
-    if storage.kind == "existing" and not storage.class_name:
-        raise ConfigError("kubernetes.storage.class_name is required for storage kind existing")
+    check_storage(config.kubernetes)
     if storage.kind == "efs-static":
         raise ConfigError(
             "kubernetes.storage.kind: efs-static cannot be used with cloudnative-pg: every "

@@ -80,6 +80,21 @@ def _selector(k8s: KubernetesConfig) -> dict[str, str]:
     return {"app.kubernetes.io/name": "postgresql", "app.kubernetes.io/instance": k8s.name}
 
 
+def check_storage(k8s: KubernetesConfig) -> None:
+    """Settings every flavor needs for its storage kind."""
+    storage = k8s.storage
+    if storage.kind in ("efs", "efs-static") and storage.efs is None:
+        raise ConfigError(
+            f"kubernetes.storage.efs.file_system_id is required for storage kind {storage.kind}",
+            hint="add `efs: {file_system_id: fs-0123456789abcdef0}` under kubernetes.storage",
+        )
+    if storage.kind == "existing" and not storage.class_name:
+        raise ConfigError(
+            "kubernetes.storage.class_name is required for storage kind existing",
+            hint="name a StorageClass that exists in the cluster",
+        )
+
+
 def check_config(config: Config) -> list[str]:
     """Refuse unsafe or incomplete settings; return warnings for questionable ones."""
     k8s = config.kubernetes
@@ -98,16 +113,7 @@ def check_config(config: Config) -> list[str]:
             hint="keep replicas: 1, or use flavor: cloudnative-pg for real high availability "
             "(streaming replicas, each on its own volume, with automatic failover)",
         )
-    if storage.kind in ("efs", "efs-static") and storage.efs is None:
-        raise ConfigError(
-            f"kubernetes.storage.efs.file_system_id is required for storage kind {storage.kind}",
-            hint="add `efs: {file_system_id: fs-0123456789abcdef0}` under kubernetes.storage",
-        )
-    if storage.kind == "existing" and not storage.class_name:
-        raise ConfigError(
-            "kubernetes.storage.class_name is required for storage kind existing",
-            hint="name a StorageClass that exists in the cluster",
-        )
+    check_storage(k8s)
     if storage.kind in ("efs", "efs-static"):
         warnings.append(
             "PGDATA on EFS: every write and fsync crosses the network (~2.7 ms each), locking is "
