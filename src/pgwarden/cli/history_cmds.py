@@ -79,7 +79,7 @@ def _render_table(rows: Iterable[Event]) -> int:
         who = e.app_user or e.db_user if not e.app_user else f"{e.app_user} ({e.db_user})"
         table.add_row(
             str(e.id),
-            e.at.isoformat(timespec="seconds"),
+            e.at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             str(e.tx),
             e.table,
             e.op,
@@ -345,7 +345,8 @@ def verify_cmd(ctx: click.Context, quick: bool, as_json: bool) -> None:
             "problems": [p.__dict__ for p in report.problems],
         }, indent=2))  # fmt: skip
     else:
-        out.print(f"{report.tracked} tracked table(s), ~{report.events} event(s)")
+        about = "~" if quick else ""
+        out.print(f"{report.tracked} tracked table(s), {about}{report.events} event(s)")
         for p in report.problems:
             where = f"{p.table}: " if p.table else ""
             out.print(f"[red]✗[/red] {where}{p.detail} [{p.kind}]", markup=True, highlight=False)
