@@ -188,6 +188,18 @@ DECLARE
     v_statement text;
     v_key1 text;
     v_nonkey text[];
+    -- Who and when, computed once per statement (in the SELECT list they would run per row).
+    v_tx xid8 := pg_catalog.pg_current_xact_id();
+    v_tx_at timestamptz := pg_catalog.transaction_timestamp();
+    v_stmt_at timestamptz := pg_catalog.statement_timestamp();
+    v_db_user text := pg_catalog.session_user()::text;
+    v_role text := CASE WHEN pg_catalog.current_setting('role') = 'none'
+                        THEN pg_catalog.session_user()::text
+                        ELSE pg_catalog.current_setting('role') END;
+    v_application text := pg_catalog.current_setting('application_name');
+    v_client_addr inet := pg_catalog.inet_client_addr();
+    v_actor text := NULLIF(pg_catalog.current_setting('pgwarden.actor', true), '');
+    v_context text := NULLIF(pg_catalog.current_setting('pgwarden.context', true), '');
     sid bigint;
     err_state text;
     err_message text;
@@ -213,16 +225,9 @@ BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
                 application, client_addr, app_user, context, statement)
-            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
-                pg_catalog.session_user()::text,
-                CASE WHEN pg_catalog.current_setting('role') = 'none'
-                     THEN pg_catalog.session_user()::text
-                     ELSE pg_catalog.current_setting('role') END,
-                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
             FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
@@ -237,16 +242,9 @@ BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
                 application, client_addr, app_user, context, statement)
-            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
-                pg_catalog.session_user()::text,
-                CASE WHEN pg_catalog.current_setting('role') = 'none'
-                     THEN pg_catalog.session_user()::text
-                     ELSE pg_catalog.current_setting('role') END,
-                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
             FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
@@ -259,16 +257,9 @@ BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
                 application, client_addr, app_user, context, statement)
-            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
-                pg_catalog.session_user()::text,
-                CASE WHEN pg_catalog.current_setting('role') = 'none'
-                     THEN pg_catalog.session_user()::text
-                     ELSE pg_catalog.current_setting('role') END,
-                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
             FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
@@ -283,16 +274,9 @@ BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
                 application, client_addr, app_user, context, statement)
-            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
-                pg_catalog.session_user()::text,
-                CASE WHEN pg_catalog.current_setting('role') = 'none'
-                     THEN pg_catalog.session_user()::text
-                     ELSE pg_catalog.current_setting('role') END,
-                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
             FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
@@ -307,16 +291,9 @@ BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
                 application, client_addr, app_user, context, statement)
-            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
-                pg_catalog.session_user()::text,
-                CASE WHEN pg_catalog.current_setting('role') = 'none'
-                     THEN pg_catalog.session_user()::text
-                     ELSE pg_catalog.current_setting('role') END,
-                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
             FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
                              ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
@@ -339,16 +316,9 @@ BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
                 application, client_addr, app_user, context, statement)
-            SELECT sid, pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
-                pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n,
-                pg_catalog.session_user()::text,
-                CASE WHEN pg_catalog.current_setting('role') = 'none'
-                     THEN pg_catalog.session_user()::text
-                     ELSE pg_catalog.current_setting('role') END,
-                pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-                NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
-                NULLIF(pg_catalog.current_setting('pgwarden.context', true), ''), v_statement
+            SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
             FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
                              ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
