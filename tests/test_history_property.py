@@ -13,7 +13,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgwarden.history import TableName, as_of
+from pgwarden.history import TableName, as_of, revert
 from tests.conftest import Database
 from tests.history_helpers import setup_history
 
@@ -104,11 +104,15 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
             "FOR EACH STATEMENT EXECUTE FUNCTION ref_truncate()"
         )
         states: list[tuple[datetime, list[dict[str, Any]]]] = []
+        committed: list[tuple[int, int]] = []  # (transaction id, index of the state before it)
         for step, op in enumerate(program):
             try:
                 with conn.transaction():
                     conn.execute("SELECT set_config('pgwarden.context', %s, true)", (str(step),))
                     conn.execute(_statement(table, op))
+                    tx = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+                assert tx is not None
+                committed.append((int(tx[0]), len(states) - 1))
             except psycopg.errors.UniqueViolation:
                 pass  # rejected statements record nothing, in either log
             live = conn.execute(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id").fetchall()
@@ -135,3 +139,20 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
         for moment, live_rows in states:
             rebuilt = as_of(conn, TableName("public", table), moment)
             assert sorted(rebuilt, key=lambda r: r["id"]) == live_rows
+
+        # Reverting every transaction, newest first, walks the table back through each state
+        # (a transaction that changed nothing has nothing to revert).
+        recorded_txs = {
+            int(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT tx::text::bigint FROM pgwarden.event WHERE table_name = %s",
+                (table,),
+            ).fetchall()
+        }
+        for tx, before in reversed(committed):
+            if tx not in recorded_txs:
+                continue
+            revert(conn, tx)
+            live = conn.execute(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id").fetchall()
+            expected = states[before][1] if before >= 0 else []
+            assert [r[0] for r in live] == expected

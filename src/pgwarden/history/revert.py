@@ -231,6 +231,9 @@ def revert(
         conn.execute(
             "SELECT pg_catalog.set_config('pgwarden.context', %s, true)", (f"revert of tx {tx}",)
         )
+        # Undoing a multi-row key shift row by row passes through transient duplicates; keys
+        # declared DEFERRABLE are then checked at commit, as the original statement was.
+        conn.execute("SET CONSTRAINTS ALL DEFERRED")
         for _summary, statement in plan.statements:
             conn.execute(statement)
     return plan
