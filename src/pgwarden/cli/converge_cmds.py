@@ -11,7 +11,13 @@ from pgwarden.cli.app import err_console, out
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.connect import connect
 from pgwarden.converge import Conn, apply_config, build_plan
-from pgwarden.plan import Plan
+from pgwarden.plan import Operation, Plan
+
+
+def _subject(op: Operation) -> str:
+    """What an operation is about ("role alice", "table public.t"): its description up to ':'."""
+    head, sep, _ = op.description.partition(":")
+    return head if sep else op.domain
 
 
 def _print_plan(plan: Plan, conn: Conn, fmt: str) -> None:
@@ -19,19 +25,33 @@ def _print_plan(plan: Plan, conn: Conn, fmt: str) -> None:
         click.echo(
             json.dumps(
                 [
-                    {"domain": op.domain, "description": op.description, "sql": op.render(conn)}
-                    for op in plan
+                    {
+                        "step": number,
+                        "domain": op.domain,
+                        "subject": _subject(op),
+                        "description": op.description,
+                        "sql": op.render(conn),
+                    }
+                    for number, op in enumerate(plan, 1)
                 ],
                 indent=2,
             )
         )
         return
+    for warning in plan.warnings:
+        err_console.print(f"warning: {warning}", markup=False)
     if not plan:
         out.print("nothing to do: the database matches the config")
         return
+    # Grouped by domain, then by role or object; the step numbers give the order apply runs in.
+    groups: dict[tuple[str, str], list[tuple[int, Operation]]] = {}
     for number, op in enumerate(plan, 1):
-        out.print(f"[bold]{number}. [{op.domain}][/bold] {op.description}", markup=True)
-        out.print(Syntax(op.render(conn) + ";", "sql", word_wrap=True))
+        groups.setdefault((op.domain, _subject(op)), []).append((number, op))
+    for (domain, subject), ops in groups.items():
+        out.print(f"[bold]{domain} · {subject}[/bold]", markup=True, highlight=False)
+        for number, op in ops:
+            out.print(f"  {number}. {op.description}", markup=False, highlight=False)
+            out.print(Syntax(op.render(conn) + ";", "sql", word_wrap=True))
 
 
 @click.command("plan")
