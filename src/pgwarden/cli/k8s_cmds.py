@@ -134,15 +134,14 @@ def status_cmd(app: AppContext) -> None:
       pgwarden k8s status
     """
     k8s = app.loaded.config.kubernetes
-    selector = f"app.kubernetes.io/instance={k8s.name},app.kubernetes.io/managed-by=pgwarden"
-    click.echo(kubectl.status(k8s.namespace, selector), nl=False)
+    click.echo(kubectl.status(k8s.namespace, k8s.name, k8s.flavor), nl=False)
 
 
 @k8s_group.command("psql", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @pass_app
 def psql_cmd(app: AppContext, args: tuple[str, ...]) -> None:
-    """psql inside the pod, as the seed's `kubectl exec -it postgres-0 -- psql -U postgres`.
+    """psql in the (primary) pod: the seed's `kubectl exec -it postgres-0 -- psql -U postgres`.
 
     \b
     Example:
@@ -150,4 +149,5 @@ def psql_cmd(app: AppContext, args: tuple[str, ...]) -> None:
     """
     config = app.loaded.config
     k8s = config.kubernetes
-    kubectl.exec_psql(k8s.namespace, f"{k8s.name}-0", config.database, args)
+    pod = kubectl.primary_pod(k8s.namespace, k8s.name, k8s.flavor)
+    kubectl.exec_psql(k8s.namespace, pod, config.database, args)

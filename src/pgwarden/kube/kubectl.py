@@ -41,9 +41,30 @@ def apply(stream: str, *, dry_run: bool) -> str:
     return run(["apply", "--server-side", "--field-manager=pgwarden", "-f", "-"], stdin=stream)
 
 
-def status(namespace: str, selector: str) -> str:
+def status(namespace: str, name: str, flavor: str) -> str:
+    """Workload, pods (with readiness, and which is primary), claims and services."""
+    if flavor == "cloudnative-pg":
+        selector = f"cnpg.io/cluster={name}"
+        cluster = run(["get", "clusters.postgresql.cnpg.io", name, "-n", namespace])
+        rest = run(["get", "pods,pvc,services", "-n", namespace, "-l", selector,
+                    "-L", "cnpg.io/instanceRole", "-o", "wide"])  # fmt: skip
+        return cluster + rest
+    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=pgwarden"
     return run(["get", "statefulsets,pods,pvc,services", "-n", namespace, "-l", selector,
                 "-o", "wide"])  # fmt: skip
+
+
+def primary_pod(namespace: str, name: str, flavor: str) -> str:
+    if flavor != "cloudnative-pg":
+        return f"{name}-0"  # the single instance
+    found = run(["get", "pods", "-n", namespace, "-o", "name", "-l",
+                 f"cnpg.io/cluster={name},cnpg.io/instanceRole=primary"]).split()  # fmt: skip
+    if not found:
+        raise UserError(
+            f"no primary pod of cluster {name} in namespace {namespace}",
+            hint="`pgwarden k8s status` shows what runs",
+        )
+    return found[0].removeprefix("pod/")
 
 
 def exec_psql(namespace: str, pod: str, database: str, extra: Sequence[str]) -> None:
