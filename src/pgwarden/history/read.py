@@ -176,7 +176,7 @@ def _where(conn: Conn, schema: HistorySchema, flt: EventFilter) -> sql.Composed:
             raise UserError(f"unknown operation {flt.op!r}", hint=f"use one of {', '.join(OPS)}")
         clauses.append(sql.SQL("e.op = {}").format(sql.Literal(op)))
     if flt.tx is not None:
-        clauses.append(sql.SQL("e.tx = {}::xid8").format(sql.Literal(str(flt.tx))))
+        clauses.append(sql.SQL("e.tx = {}").format(sql.Literal(flt.tx)))
     if not clauses:
         return sql.Composed([sql.SQL("TRUE")])
     return sql.SQL(" AND ").join(clauses)
@@ -196,7 +196,7 @@ def events(
     """
     _require_installed(conn, schema)
     query = sql.SQL(
-        "SELECT e.id, e.stmt_id, e.tx::text::bigint AS tx, e.tx_at, e.schema_name, e.table_name,"
+        "SELECT e.id, e.stmt_id, e.tx, e.tx_at, e.schema_name, e.table_name,"
         " e.op,"
         " e.row_key, e.old_row, e.new_row, e.db_user, e.role_name, e.app_user, e.application,"
         " host(e.client_addr) AS client_addr, e.context"

@@ -81,11 +81,11 @@ def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> 
             continue
         later = conn.execute(
             sql.SQL(
-                "SELECT e.tx::text::bigint, e.op, e.tx_at::text FROM {} e "
+                "SELECT e.tx, e.op, e.tx_at::text FROM {} e "
                 "WHERE e.schema_name = %s AND e.table_name = %s AND e.id > %s "
-                "AND e.tx <> %s::xid8 ORDER BY e.id DESC LIMIT 1"
+                "AND e.tx <> %s ORDER BY e.id DESC LIMIT 1"
             ).format(schema.table("event")),
-            (name.schema, name.table, last_id, str(tx)),
+            (name.schema, name.table, last_id, tx),
         ).fetchone()
         if later:
             tx_later, op, at = (str(v) for v in later)

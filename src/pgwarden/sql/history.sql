@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS {schema}.meta (
 CREATE TABLE IF NOT EXISTS {schema}.event (
     id bigint GENERATED ALWAYS AS IDENTITY,
     stmt_id bigint NOT NULL,
-    tx xid8 NOT NULL,
+    tx bigint NOT NULL,  -- pg_current_xact_id() as a number: BRIN-indexable (xid8 is not)
     tx_at timestamptz NOT NULL,
     stmt_at timestamptz NOT NULL,
     table_oid oid NOT NULL,
@@ -56,8 +56,10 @@ CREATE SEQUENCE IF NOT EXISTS {schema}.statement_seq;
 
 -- Per-row lookups: (table, hash of the key); the key itself is compared after the index probe.
 CREATE INDEX IF NOT EXISTS event_row_idx ON {schema}.event (table_oid, key_hash);
--- revert TX: every event of one transaction (identical keys deduplicate well in a b-tree).
-CREATE INDEX IF NOT EXISTS event_tx_idx ON {schema}.event (tx);
+-- revert TX: every event of one transaction. Transaction ids grow with the order events are
+-- written, so a BRIN index finds them for nearly nothing per row (a b-tree cost about 10% of a
+-- bulk write).
+CREATE INDEX IF NOT EXISTS event_tx_brin ON {schema}.event USING brin (tx);
 -- --since / --until and as-of scans: BRIN is nearly free to maintain on append-only data.
 CREATE INDEX IF NOT EXISTS event_at_idx ON {schema}.event USING brin (tx_at);
 
@@ -189,7 +191,7 @@ DECLARE
     v_key1 text;
     v_nonkey text[];
     -- Who and when, computed once per statement (in the SELECT list they would run per row).
-    v_tx xid8 := pg_catalog.pg_current_xact_id();
+    v_tx bigint := pg_catalog.pg_current_xact_id()::text::bigint;
     v_tx_at timestamptz := pg_catalog.transaction_timestamp();
     v_stmt_at timestamptz := pg_catalog.statement_timestamp();
     v_db_user text := pg_catalog.session_user()::text;
@@ -381,7 +383,7 @@ BEGIN
         ' FROM ONLY %I.%I r OFFSET 0) x',
         'TRUNCATE', 'SNAPSHOT', {schema}.key_expression({schema}.key_columns(relid), 'r'),
         nsp, rel)
-    USING pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+    USING pg_catalog.pg_current_xact_id()::text::bigint, pg_catalog.transaction_timestamp(),
         pg_catalog.statement_timestamp(), relid, nsp, rel, op, pg_catalog.session_user()::text,
         {schema}.acting_role(), pg_catalog.current_setting('application_name'),
         pg_catalog.inet_client_addr(), NULLIF(pg_catalog.current_setting('pgwarden.actor', true), ''),
@@ -407,7 +409,8 @@ BEGIN
         IF cfg.truncate_mode = 'marker' THEN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, db_user, role_name, application, client_addr, app_user, context)
-            VALUES (pg_catalog.nextval('{schema}.statement_seq'), pg_catalog.pg_current_xact_id(), pg_catalog.transaction_timestamp(),
+            VALUES (pg_catalog.nextval('{schema}.statement_seq'),
+                pg_catalog.pg_current_xact_id()::text::bigint, pg_catalog.transaction_timestamp(),
                 pg_catalog.statement_timestamp(), TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
                 'TRUNCATE', pg_catalog.session_user()::text, {schema}.acting_role(),
                 pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
