@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,7 @@ from psycopg import sql
 
 from pgwarden.config import Config
 from pgwarden.local import bring_up
-from pgwarden.server import LocalServer
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from pgwarden.server import LocalServer, free_port
 
 
 @contextlib.contextmanager
@@ -32,7 +25,7 @@ def bench_server(pg_bin: Path | None) -> Iterator[LocalServer]:
         # checkpoint spacing is widened so that a 100k-row statement does not trigger one.
         {"server": {"settings": {"max_wal_size": "4GB"}}}
     )
-    server = LocalServer(config, base / ".pgwarden", pg_bin=pg_bin, port=_free_port())
+    server = LocalServer(config, base / ".pgwarden", pg_bin=pg_bin, port=free_port())
     bring_up(server)
     try:
         yield server

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,13 +22,7 @@ from pgwarden.cli import cli
 from pgwarden.cli.app import run_guarded
 from pgwarden.config import Config
 from pgwarden.local import bring_up
-from pgwarden.server import LocalServer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from pgwarden.server import LocalServer, free_port
 
 
 @pytest.fixture(scope="session")

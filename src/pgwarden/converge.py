@@ -8,7 +8,7 @@ import psycopg
 
 from pgwarden.access.planner import plan_access
 from pgwarden.config import Config
-from pgwarden.history.planner import plan_history, untracked_without_key
+from pgwarden.history.planner import plan_history
 from pgwarden.plan import Plan, apply_plan
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -16,8 +16,9 @@ Planner = Callable[[Conn, Config, Plan], None]
 
 
 def _history(conn: Conn, config: Config, plan: Plan) -> None:
-    plan.extend(plan_history(conn, config))
-    for name in untracked_without_key(conn, config):
+    history = plan_history(conn, config)
+    plan.extend(history.operations)
+    for name in history.without_key:
         plan.warnings.append(
             f"{name} matches history.tables but has no primary key: not tracked until it has one"
         )

@@ -68,6 +68,18 @@ class Status:
         return data
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for throwaway servers (bootstrap SQL, tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def client_host(address: str) -> str:
+    """Where a client on this machine reaches a server listening on `address`."""
+    return "127.0.0.1" if address in ("*", "0.0.0.0", "localhost", "") else address  # noqa: S104
+
+
 def mask_url(url: str) -> str:
     """A libpq URI with its password replaced, for printing and logging."""
     if "@" not in url or "://" not in url:
@@ -318,7 +330,7 @@ class LocalServer:
 
     def _check_port_free(self) -> None:
         for address in self.config.server.listen_addresses:
-            host = "127.0.0.1" if address in ("*", "0.0.0.0", "localhost") else address  # noqa: S104
+            host = client_host(address)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -443,9 +455,7 @@ class LocalServer:
             )
         user = quote(self.config.server.admin_user, safe="")
         dbname = quote(database or self.config.database, safe="")
-        host = self.config.server.listen_addresses[0]
-        if host in ("*", "0.0.0.0", "localhost", ""):  # noqa: S104
-            host = "127.0.0.1"
+        host = client_host(self.config.server.listen_addresses[0])
         if ":" in host:
             host = f"[{host}]"
         return f"postgresql://{user}:{quote(password, safe='')}@{host}:{self.port}/{dbname}"

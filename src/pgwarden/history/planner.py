@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -304,11 +303,17 @@ def _meta_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) 
     ]
 
 
-def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
+@dataclass(frozen=True)
+class HistoryPlan:
+    operations: list[Operation]
+    without_key: list[TableName]  # matched by a pattern, but cannot be tracked: plan warnings
+
+
+def plan_history(conn: Conn, config: Config) -> HistoryPlan:
     history = config.history
     schema = HistorySchema(history.schema_name)
     if not history.tables and not catalog.is_installed(conn, schema):
-        return []  # nothing asked, nothing installed: stay out of the way
+        return HistoryPlan([], [])  # nothing asked, nothing installed: stay out of the way
     ops = install_operations(conn, schema)
     if missing_partitions(conn, schema):
         ops.append(partition_operation(schema))
@@ -337,9 +342,13 @@ def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
                 f"history.tables: {name} has no primary key, so its rows cannot be told apart",
                 hint="add a primary key (or REPLICA IDENTITY USING INDEX), then apply again",
             )
+    without_key: list[TableName] = []
     for table in live:
-        if any(p.matches(table.name) for p in pats) and table.has_key:
-            wanted[table.oid] = table.name
+        if any(p.matches(table.name) for p in pats):
+            if table.has_key:
+                wanted[table.oid] = table.name
+            else:
+                without_key.append(table.name)
     for oid, name in wanted.items():
         settings = desired_settings(history, name)
         have: TrackedTable | None = tracked.get(oid)
@@ -368,15 +377,4 @@ def plan_history(conn: Conn, config: Config) -> Sequence[Operation]:
     for oid, have in tracked.items():
         if oid not in wanted and have.source != "manual":
             ops.append(untrack_operation(schema, have.name, "no longer in history.tables"))
-    return ops
-
-
-def untracked_without_key(conn: Conn, config: Config) -> list[TableName]:
-    """Tables a pattern matches but that cannot be tracked (no primary key): plan warnings."""
-    schema = HistorySchema(config.history.schema_name)
-    pats = patterns(config.history)
-    return [
-        t.name
-        for t in catalog.live_tables(conn, schema)
-        if not t.has_key and any(p.matches(t.name) for p in pats)
-    ]
+    return HistoryPlan(ops, without_key)
