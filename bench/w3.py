@@ -26,6 +26,9 @@ class W3Result:
     lookup_p99_ms: dict[int, float] = field(default_factory=dict)  # events in history → p99
     as_of_rows: int = 0
     as_of_seconds: float = 0.0
+    as_of_method: str = ""
+    replay_seconds: float = 0.0
+    changed_since: int = 0
     ctas_seconds: float = 0.0
     stream_events: int = 0
     stream_peak_mb: float = 0.0
@@ -37,6 +40,10 @@ class W3Result:
             "lookup_p99_ratio": self.lookup_p99_ms[sizes[-1]] / self.lookup_p99_ms[sizes[0]],
             "as_of_rows": self.as_of_rows,
             "as_of_into_seconds": self.as_of_seconds,
+            "as_of_into_method": self.as_of_method,
+            "as_of_into_replay_seconds": self.replay_seconds,
+            "as_of_changed_since": self.changed_since,
+            "replay_over_ctas": self.replay_seconds / self.ctas_seconds,
             "ctas_seconds": self.ctas_seconds,
             "as_of_over_ctas": self.as_of_seconds / self.ctas_seconds,
             "stream_events": self.stream_events,
@@ -120,7 +127,24 @@ def run_w3(
         conn.execute("VACUUM ANALYZE big")
         conn.execute("ANALYZE pgwarden.event")
         at = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
-        ctas, into = [], []
+        # The usual restore: the table as it was before the latest changes, 1 % of its rows
+        # (updates, a few key moves, deletes and inserts) made after `at`.
+        n = max(as_of_rows // 100, 10)
+        conn.execute("UPDATE big SET v = v + 1 WHERE id % 100 = 0")
+        conn.execute("UPDATE big SET id = -id WHERE id % 1000 = 1")
+        conn.execute("DELETE FROM big WHERE id % 1000 = 2")
+        conn.execute(
+            "INSERT INTO big SELECT g, 'new ' || g, 0 FROM generate_series(%s::int, %s::int) g",
+            (as_of_rows + 1, as_of_rows + n // 10),
+        )
+        conn.execute("VACUUM ANALYZE big")
+        changed = conn.execute(
+            "SELECT count(*) FROM pgwarden.event WHERE table_oid = 'big'::regclass AND tx_at > %s",
+            (at,),
+        ).fetchone()
+        result.changed_since = int(str(changed[0])) if changed else 0
+        ctas, into, replay = [], [], []
+        methods = set()
         for rep in range(3):
             conn.execute("CHECKPOINT")
             started = time.perf_counter()
@@ -132,14 +156,37 @@ def run_w3(
             ctas.append(time.perf_counter() - started)
             conn.execute("CHECKPOINT")
             started = time.perf_counter()
-            as_of_into(conn, TableName("public", "big"), at, TableName("public", f"asof_{rep}"))
+            built = as_of_into(
+                conn, TableName("public", "big"), at, TableName("public", f"asof_{rep}")
+            )
             into.append(time.perf_counter() - started)
+            methods.add(built.method)
+            conn.execute("CHECKPOINT")
+            started = time.perf_counter()
+            as_of_into(
+                conn,
+                TableName("public", "big"),
+                at,
+                TableName("public", f"replay_{rep}"),
+                method="replay",
+            )
+            replay.append(time.perf_counter() - started)
+        # Both ways must agree, or the faster one is worthless.
+        differ = conn.execute(
+            "SELECT count(*) FROM ((TABLE asof_0 EXCEPT ALL TABLE replay_0) "
+            "UNION ALL (TABLE replay_0 EXCEPT ALL TABLE asof_0)) d"
+        ).fetchone()
+        assert differ == (0,), f"as-of rewind and replay disagree on {differ} rows"
         result.as_of_rows = as_of_rows
+        result.as_of_method = "/".join(sorted(methods))
         result.ctas_seconds = statistics.median(ctas)
         result.as_of_seconds = statistics.median(into)
+        result.replay_seconds = statistics.median(replay)
         log(
-            f"  W3 as-of --into {as_of_rows:,} rows {result.as_of_seconds:.2f}s, CTAS {result.ctas_seconds:.2f}s"
-        )  # type: ignore[operator]
+            f"  W3 as-of --into {as_of_rows:,} rows ({result.changed_since:,} events since): "  # type: ignore[operator]
+            f"auto ({result.as_of_method}) {result.as_of_seconds:.2f}s, "
+            f"replay {result.replay_seconds:.2f}s, CTAS {result.ctas_seconds:.2f}s"
+        )
 
     # Streaming: a child process, so its peak RSS is its own.
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

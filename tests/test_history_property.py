@@ -13,7 +13,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgwarden.history import TableName, as_of, revert
+from pgwarden.history import TableName, as_of, as_of_into, revert
 from tests.conftest import Database
 from tests.history_helpers import setup_history
 
@@ -136,9 +136,15 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
         ).fetchall():
             assert key_row[0] == {"id": key_row[1]["id"]}
 
-        for moment, live_rows in states:
+        for n, (moment, live_rows) in enumerate(states):
             rebuilt = as_of(conn, TableName("public", table), moment)
             assert sorted(rebuilt, key=lambda r: r["id"]) == live_rows
+            # The other way to the same rows: the live table with every later change undone.
+            into = TableName("public", f"{table}_r{n}")
+            built = as_of_into(conn, TableName("public", table), moment, into, method="rewind")
+            rewound = conn.execute(f"SELECT to_jsonb(t) FROM {into.table} t ORDER BY id").fetchall()
+            assert (built.method, [r[0] for r in rewound]) == ("rewind", live_rows)
+            conn.execute(f"DROP TABLE {into.table}")
 
         # Reverting every transaction, newest first, walks the table back through each state
         # (a transaction that changed nothing has nothing to revert).

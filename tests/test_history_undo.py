@@ -68,11 +68,49 @@ def test_as_of_rebuilds_rows_and_tables(database: Database) -> None:
         assert as_of(conn, T, before) == [{"id": 1, "name": "Test Data"}]
         assert as_of(conn, T, before, key={"id": "1"}) == [{"id": 1, "name": "Test Data"}]
         assert as_of(conn, T, before, key={"id": "2"}) == []
-        count = as_of_into(conn, T, before, TableName("public", "test_table_then"))
-        assert count == 1
+        built = as_of_into(conn, T, before, TableName("public", "test_table_then"))
+        assert built.rows == 1
         assert conn.execute("SELECT * FROM test_table_then").fetchall() == [(1, "Test Data")]
         with pytest.raises(UserError, match="already exists"):
             as_of_into(conn, T, before, TableName("public", "test_table_then"))
+
+
+def test_as_of_into_rewinds_when_history_since_is_complete(database: Database) -> None:
+    _seed(database)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO test_table SELECT g, 'row ' || g FROM generate_series(2, 50) g")
+        conn.execute("ANALYZE test_table")
+        then = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        expected = conn.execute("SELECT * FROM test_table ORDER BY id").fetchall()
+        conn.execute("UPDATE test_table SET name = 'changed' WHERE id <= 5")
+        conn.execute("UPDATE test_table SET id = id + 100 WHERE id BETWEEN 6 AND 8")
+        conn.execute("DELETE FROM test_table WHERE id IN (9, 10)")
+        conn.execute("INSERT INTO test_table VALUES (500, 'new')")
+
+        def rebuilt(method: str, name: str) -> tuple[str, str | None, list[tuple[object, ...]]]:
+            built = as_of_into(conn, T, then, TableName("public", name), method=method)  # type: ignore[arg-type]
+            rows = conn.execute(f"SELECT * FROM {name} ORDER BY id").fetchall()
+            return built.method, built.note, rows
+
+        assert rebuilt("auto", "t_auto") == ("rewind", None, expected)
+        assert rebuilt("replay", "t_replay") == ("replay", None, expected)
+
+        # A schema change since `then`: the live rows no longer match what history describes,
+        # so auto replays (and says why) and a forced rewind refuses.
+        conn.execute("ALTER TABLE test_table ADD COLUMN extra int")
+        method, note, rows = rebuilt("auto", "t_after_ddl")
+        assert (method, rows) == ("replay", [(*r, None) for r in expected])
+        assert note is not None
+        assert "definition changed" in note
+        with pytest.raises(UserError, match="cannot rewind"):
+            rebuilt("rewind", "t_forced")
+        # Inside a caller's READ COMMITTED transaction there is no single snapshot to rewind.
+        later = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        with conn.transaction():
+            built = as_of_into(conn, T, later, TableName("public", "t_in_tx"))
+        assert built.method == "replay"
+        assert built.note
+        assert "transaction of its own" in built.note
 
 
 def test_revert_undoes_a_transaction_and_is_recorded(database: Database) -> None:

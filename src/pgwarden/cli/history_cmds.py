@@ -32,7 +32,7 @@ from pgwarden.history import (
     verify,
 )
 from pgwarden.history.names import TableName
-from pgwarden.history.read import OPS, columns_of
+from pgwarden.history.read import OPS, AsOfMethod, columns_of
 
 
 def _keys(pairs: tuple[str, ...]) -> dict[str, str] | None:
@@ -178,6 +178,14 @@ def history_cmd(
 @click.option(
     "--into", "into", metavar="NEW_TABLE", help="Rebuild the whole table into a new table."
 )
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "replay", "rewind"]),
+    default="auto",
+    show_default=True,
+    help="With --into: replay history up to TIME, or rewind the live table past the changes "
+    "made since (fast when few rows changed; needs complete history since TIME). auto picks.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @pass_app
 def as_of_cmd(
@@ -186,6 +194,7 @@ def as_of_cmd(
     time: datetime,
     key_pairs: tuple[str, ...],
     into: str | None,
+    method: AsOfMethod,  # one of the click.Choice values
     fmt: str,
 ) -> None:
     """Show a table (or one row) as it was at TIME, rebuilt from history.
@@ -203,8 +212,20 @@ def as_of_cmd(
             target = parse_table(into)
             if key_pairs:
                 raise UserError("--into rebuilds the whole table; drop --key")
-            count = as_of_into(conn, name, time, target, schema=_schema(app))
-            out.print(f"created {target} with {count} row(s) as of {time.isoformat()}")
+            built = as_of_into(
+                conn,
+                name,
+                time,
+                target,
+                method=method,
+                schema=_schema(app),
+            )
+            out.print(
+                f"created {target} with {built.rows} row(s) as of {time.isoformat()} "
+                f"({built.method})"
+            )
+            if built.note:
+                err_console.print(built.note)
             return
         rows = as_of(conn, name, time, key=_keys(key_pairs), schema=_schema(app))
     if fmt == "json":

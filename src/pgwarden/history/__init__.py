@@ -3,13 +3,14 @@
 from pgwarden.history.actor import set_actor
 from pgwarden.history.catalog import HistorySchema
 from pgwarden.history.names import TableName, parse_table
-from pgwarden.history.read import Event, EventFilter, as_of, as_of_into, events
+from pgwarden.history.read import AsOfInto, Event, EventFilter, as_of, as_of_into, events
 from pgwarden.history.retention import apply_retention
 from pgwarden.history.revert import plan_revert, revert
 from pgwarden.history.track import install, track, untrack
 from pgwarden.history.verify import verify
 
 __all__ = [
+    "AsOfInto",
     "Event",
     "EventFilter",
     "HistorySchema",

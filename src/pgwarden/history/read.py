@@ -7,9 +7,10 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from pgwarden.errors import UserError
@@ -287,15 +288,34 @@ def as_of(
     return [r[0] for r in rows]  # type: ignore[misc]
 
 
+AsOfMethod = Literal["auto", "replay", "rewind"]
+
+
+@dataclass(frozen=True)
+class AsOfInto:
+    """What `as_of_into` built, and how."""
+
+    rows: int
+    method: str  # "replay" or "rewind"
+    note: str | None = None  # why auto did not rewind, when it did not
+
+
 def as_of_into(
     conn: Conn,
     table: TableName,
     at: datetime,
     target: TableName,
     *,
+    method: AsOfMethod = "auto",
     schema: HistorySchema = DEFAULT_SCHEMA,
-) -> int:
-    """Rebuild the whole table as of `at` into a new table `target`; returns its row count."""
+) -> AsOfInto:
+    """Rebuild the whole table as of `at` into a new table `target`.
+
+    Two ways, same rows: *replay* folds every event up to `at` (works for any history);
+    *rewind* copies the live table and undoes the changes made after `at`, which costs a copy
+    plus the recent changes when few rows changed since. `auto` rewinds when history after
+    `at` is complete (see rewind_blocker in history.sql) and shorter than the table.
+    """
     oid = _table_for_as_of(conn, schema, table)
     if catalog.table_oid(conn, target) is not None:
         raise UserError(
@@ -309,19 +329,112 @@ def as_of_into(
         )
     source = sql.Identifier(table.schema, table.table)
     dest = sql.Identifier(target.schema, target.table)
+    # Rewinding reads the live table and the events after `at` in two places of one statement;
+    # only a snapshot held for the whole transaction makes them agree, so take one when the
+    # transaction is ours.
+    own = conn.info.transaction_status == TransactionStatus.IDLE
     with conn.transaction():
-        # Rebuilding sorts every event of the table by key: give that sort memory for this
+        if own:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        # Replaying sorts every event of the table by key: give that sort memory for this
         # transaction only, instead of spilling to disk in 4 MB runs (about twice as fast).
         conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AS_OF_WORK_MEM)))
+        # LIKE also locks the source against schema changes until we are done.
         conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
-        cur = conn.execute(
-            sql.SQL(
+        chosen, note = _choose_method(conn, schema, oid, table, at, method)
+        if chosen == "rewind":
+            query = _rewind_query(conn, schema, oid, at, source, dest)
+        else:
+            query = sql.SQL(
                 # LATERAL, not (f(img)).*: that form calls f once per column.
                 "INSERT INTO {dest} SELECT r.* FROM ({history}) h "
                 "CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, h.img) r"
             ).format(dest=dest, src=source, history=_as_of_query(conn, schema, oid, at, None))
-        )
-        return cur.rowcount
+        cur = conn.execute(query)
+        return AsOfInto(rows=cur.rowcount, method=chosen, note=note)
+
+
+def _choose_method(
+    conn: Conn, schema: HistorySchema, oid: int, table: TableName, at: datetime, method: str
+) -> tuple[str, str | None]:
+    if method == "replay":
+        return "replay", None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT {}(%s, %s), pg_catalog.current_setting('transaction_isolation'), "
+            "(SELECT c.reltuples FROM pg_catalog.pg_class c WHERE c.oid = %s)"
+        ).format(schema.func("rewind_blocker")),
+        (oid, at, oid),
+    ).fetchone()
+    assert row is not None
+    blocker, isolation, live_estimate = row
+    if blocker is None and isolation not in ("repeatable read", "serializable"):
+        blocker = "it needs a transaction of its own (one snapshot for the table and history)"
+    if blocker is not None:
+        if method == "rewind":
+            raise UserError(
+                f"cannot rewind {table} to {at.isoformat()}: {blocker}",
+                hint="use --method replay, which rebuilds from history alone",
+            )
+        return "replay", f"replayed: {blocker}"
+    if method == "rewind":
+        return "rewind", None
+    # Rewinding costs a copy of the table plus the events after `at`; replaying costs every
+    # event up to `at`, at least one per row. Count the later events only as far as it matters.
+    limit = max(int(float(str(live_estimate))), 1000)
+    counted = conn.execute(
+        sql.SQL(
+            "SELECT pg_catalog.count(*) FROM (SELECT 1 FROM {} e "
+            "WHERE e.table_oid = %s AND e.tx_at > %s LIMIT %s) later"
+        ).format(schema.table("event")),
+        (oid, at, limit + 1),
+    ).fetchone()
+    assert counted is not None
+    if int(str(counted[0])) > limit:
+        return "replay", "replayed: more rows changed since than the table holds"
+    return "rewind", None
+
+
+def _rewind_query(
+    conn: Conn,
+    schema: HistorySchema,
+    oid: int,
+    at: datetime,
+    source: sql.Identifier,
+    dest: sql.Identifier,
+) -> sql.Composed:
+    """One statement (one snapshot): live rows of keys unchanged since `at`, plus the rows as
+    of `at` of the keys changed since (rows_before in history.sql)."""
+    keys = catalog.key_columns(conn, oid)
+    same_key = sql.SQL(" AND ").join(
+        sql.SQL("c.{k} = s.{k}").format(k=sql.Identifier(k)) for k in keys
+    )
+    partitioned = conn.execute(
+        "SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = %s", (oid,)
+    ).fetchone()
+    # ONLY: rows of inheritance children are not this table's (a partitioned table has none
+    # of its own, so it is read whole).
+    only = sql.SQL("") if partitioned and partitioned[0] else sql.SQL("ONLY ")
+    return sql.SQL(
+        "WITH before AS MATERIALIZED (SELECT b.k, b.img FROM {rows_before}({oid}, {at}) b), "
+        "changed AS (SELECT {key_cols} FROM before b "
+        "  CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, b.k) kr) "
+        "INSERT INTO {dest} "
+        "SELECT s.* FROM {only}{src} s WHERE NOT EXISTS (SELECT 1 FROM changed c WHERE {same}) "
+        "UNION ALL "
+        "SELECT r.* FROM before b "
+        "  CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, b.img) r "
+        "WHERE b.img IS NOT NULL"
+    ).format(
+        rows_before=schema.func("rows_before"),
+        oid=sql.Literal(oid),
+        at=sql.Literal(at),
+        key_cols=sql.SQL(", ").join(sql.SQL("kr.{}").format(sql.Identifier(k)) for k in keys),
+        src=source,
+        dest=dest,
+        only=only,
+        same=same_key,
+    )
 
 
 def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:

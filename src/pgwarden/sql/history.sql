@@ -689,6 +689,76 @@ AS $$
     WHERE last.img IS NOT NULL
 $$;
 
+-- Rewinding: a table as of `at` is also its live rows with every change after `at` undone.
+-- When few rows changed since, that is a copy of the table plus a little, instead of replaying
+-- all of its history. It is only right when history after `at` is complete: this says why not
+-- (NULL when it is).
+CREATE OR REPLACE FUNCTION {schema}.rewind_blocker(relid oid, at timestamptz) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- rewind_blocker.at: a bare `at` would mean the column of that name in the log tables.
+    SELECT CASE
+        WHEN t.table_oid IS NULL THEN 'the table is not tracked now'
+        WHEN t.since > rewind_blocker.at THEN 'tracking (re)started after that time'
+        WHEN pg_catalog.cardinality(t.exclude_columns) > 0
+            THEN 'some columns are excluded from history'
+        WHEN {schema}.trigger_state(relid) <> 'ok'
+            THEN 'its capture triggers are ' || {schema}.trigger_state(relid)
+        WHEN EXISTS (SELECT 1 FROM {schema}.capture_failure f
+                     WHERE f.table_oid = relid AND f.at > rewind_blocker.at)
+            THEN 'a fail-open change went unrecorded since'
+        WHEN EXISTS (SELECT 1 FROM {schema}.event e
+                     WHERE e.table_oid = relid AND e.tx_at > rewind_blocker.at
+                       AND e.row_key IS NULL)
+            THEN 'a TRUNCATE recorded as a marker only since'
+        -- Schema changes (columns, keys, triggers) since: the live rows no longer have the
+        -- shape the events describe. The DDL log names the table, its columns, its triggers.
+        WHEN EXISTS (SELECT 1 FROM {schema}.ddl_log d
+                     WHERE d.at > rewind_blocker.at
+                       AND (d.object_identity = ident
+                            OR pg_catalog.left(d.object_identity,
+                                   pg_catalog.length(ident) + 1)
+                               = ident || '.'
+                            OR pg_catalog.right(d.object_identity,
+                                   pg_catalog.length(ident) + 4)
+                               = ' on ' || ident))
+            THEN 'the table''s definition changed since'
+        END
+    FROM (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS ident
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.oid = relid) i
+    LEFT JOIN {schema}.tracked t ON t.table_oid = relid
+$$;
+
+-- For every key changed after `at`: its row as of `at`, NULL when the key was free then. The
+-- first change after `at` decides: a change of an existing row (UPDATE, DELETE, TRUNCATE) holds
+-- its earlier image; a key being taken (INSERT, or an UPDATE moving a row onto it) means it was
+-- free, unless the same statement vacated it first (a key shift), hence prio.
+CREATE OR REPLACE FUNCTION {schema}.rows_before(relid oid, at timestamptz)
+RETURNS TABLE (k jsonb, img jsonb)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT DISTINCT ON (ev.k) ev.k, ev.img
+    FROM (
+        SELECT CASE WHEN e.op = 'UPDATE'
+                    THEN (SELECT pg_catalog.jsonb_object_agg(c, e.old_row OPERATOR(pg_catalog.->) c)
+                          FROM pg_catalog.jsonb_object_keys(e.row_key) AS c)
+                    ELSE e.row_key END AS k,
+               e.old_row AS img, e.stmt_id, 0 AS prio, e.id
+        FROM {schema}.event e
+        WHERE e.table_oid = relid AND e.tx_at > at
+          AND e.old_row IS NOT NULL AND e.row_key IS NOT NULL
+      UNION ALL
+        SELECT e.row_key, NULL, e.stmt_id, 1, e.id
+        FROM {schema}.event e
+        WHERE e.table_oid = relid AND e.tx_at > at
+          AND e.new_row IS NOT NULL AND e.row_key IS NOT NULL
+    ) ev
+    ORDER BY ev.k, ev.stmt_id, ev.prio, ev.id
+$$;
+
 REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC;
 ALTER FUNCTION {schema}.capture() OWNER TO {owner};
@@ -702,3 +772,5 @@ ALTER FUNCTION {schema}.trigger_state(oid) OWNER TO {owner};
 ALTER FUNCTION {schema}.note_failure(oid, text, text, text, text, text) OWNER TO {owner};
 ALTER FUNCTION {schema}.forbid_change() OWNER TO {owner};
 ALTER FUNCTION {schema}.rows_as_of(oid, timestamptz) OWNER TO {owner};
+ALTER FUNCTION {schema}.rewind_blocker(oid, timestamptz) OWNER TO {owner};
+ALTER FUNCTION {schema}.rows_before(oid, timestamptz) OWNER TO {owner};
