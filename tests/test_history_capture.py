@@ -7,9 +7,12 @@ import pytest
 
 from pgwarden.config import Config
 from pgwarden.converge import build_plan
-from pgwarden.history import set_actor
+from pgwarden.history import EventFilter, TableName, set_actor
+from pgwarden.history import events as read_events
 from tests.conftest import Database
 from tests.history_helpers import events, history_config, setup_history
+
+BIG = TableName("public", "big")
 
 
 def test_seed_scenario_insert_update_delete(database: Database) -> None:
@@ -287,3 +290,47 @@ def test_record_statement_applies_in_one_go(database: Database) -> None:
         row = conn.execute("SELECT statement FROM pgwarden.event WHERE op = 'INSERT'").fetchone()
     assert row is not None
     assert "marker" in row[0]
+
+
+def test_bulk_statements_are_found_by_key_without_a_per_row_key_index(database: Database) -> None:
+    # Statements over 1,000 rows are written in key-hash order with one head row each, and
+    # found by key through their head; smaller ones through the (table, key hash) index.
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE big (id int PRIMARY KEY, v int)")
+        conn.execute("INSERT INTO big SELECT g, 0 FROM generate_series(1, 1500) g")  # SNAPSHOT
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("UPDATE big SET v = v + 1")  # bulk
+        conn.execute("UPDATE big SET v = v + 1 WHERE id <= 10")  # small
+        conn.execute("INSERT INTO big SELECT g, 0 FROM generate_series(1501, 3000) g")  # bulk
+        conn.execute("UPDATE big SET id = id + 10000 WHERE id > 2990")  # small, keys move
+        kinds = conn.execute(
+            "SELECT op, kind, count(*)::int FROM pgwarden.event WHERE table_name = 'big' "
+            "GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        assert kinds == [
+            ("INSERT", "b", 1499), ("INSERT", "h", 1),
+            ("SNAPSHOT", "b", 1499), ("SNAPSHOT", "h", 1),
+            ("UPDATE", "b", 1499), ("UPDATE", "h", 1), ("UPDATE", "s", 20),
+        ]  # fmt: skip
+        # Inside a bulk statement, ids follow the key hash, so its index only grows rightwards.
+        unordered = conn.execute(
+            "SELECT count(*) FROM (SELECT key_hash < lag(key_hash) OVER (PARTITION BY stmt_id "
+            "ORDER BY id) AS down FROM pgwarden.event WHERE kind <> 's') d WHERE down"
+        ).fetchone()
+        assert unordered == (0,)
+
+        with conn.transaction():
+            one = [
+                (e.op, e.old, e.new)
+                for e in read_events(conn, EventFilter(table=BIG, key={"id": "5"}))
+            ]
+            moved = [e.op for e in read_events(conn, EventFilter(table=BIG, key={"id": "12995"}))]
+            fresh = [e.op for e in read_events(conn, EventFilter(table=BIG, key={"id": "2000"}))]
+        assert one == [
+            ("SNAPSHOT", None, {"id": 5, "v": 0}),
+            ("UPDATE", {"id": 5, "v": 0}, {"id": 5, "v": 1}),
+            ("UPDATE", {"id": 5, "v": 1}, {"id": 5, "v": 2}),
+        ]
+        assert moved == ["UPDATE"]  # recorded under the key it moved to
+        assert fresh == ["INSERT"]

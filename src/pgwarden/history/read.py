@@ -133,7 +133,27 @@ def _guess(value: str) -> Any:
         return value
 
 
-def _where(conn: Conn, schema: HistorySchema, flt: EventFilter) -> sql.Composed:
+def _by_key(schema: HistorySchema, oid: int, key_text: str) -> sql.Composed:
+    """The events of one row, as a subquery: small statements through the (table, key hash)
+    index, bulk statements through one probe of (stmt_id, key_hash) each (see the event
+    indexes in history.sql)."""
+    return sql.SQL(
+        "(SELECT s.* FROM {event} s "
+        " WHERE s.table_oid = {oid} AND s.kind = 's' "
+        "   AND s.key_hash = pg_catalog.hashtextextended({key}::jsonb::text, 0) "
+        " UNION ALL "
+        " SELECT b.* FROM {event} hd JOIN {event} b "
+        "   ON b.stmt_id = hd.stmt_id AND b.tx_at = hd.tx_at "
+        "  AND b.key_hash = pg_catalog.hashtextextended({key}::jsonb::text, 0) "
+        " WHERE hd.table_oid = {oid} AND hd.kind = 'h')"
+    ).format(event=schema.table("event"), oid=sql.Literal(oid), key=sql.Literal(key_text))
+
+
+def _where(
+    conn: Conn, schema: HistorySchema, flt: EventFilter
+) -> tuple[sql.Composable, sql.Composed]:
+    """(what to read from, which rows): a row's events come from a narrower source."""
+    source: sql.Composable = schema.table("event")
     clauses: list[sql.Composable] = []
     if flt.table is not None:
         oid = catalog.table_oid(conn, flt.table)
@@ -147,14 +167,10 @@ def _where(conn: Conn, schema: HistorySchema, flt: EventFilter) -> sql.Composed:
             )
         if flt.key:
             text, exact = key_json(conn, flt.table, flt.key)
-            if exact:
-                # The index is on the hash of the key; the key itself settles collisions.
-                clauses.append(
-                    sql.SQL(
-                        "e.key_hash = pg_catalog.hashtextextended({}::jsonb::text, 0) "
-                        "AND e.row_key = {}::jsonb"
-                    ).format(sql.Literal(text), sql.Literal(text))
-                )
+            if exact and oid is not None:
+                # Found by the hash of the key; the key itself settles collisions.
+                source = _by_key(schema, oid, text)
+                clauses.append(sql.SQL("e.row_key = {}::jsonb").format(sql.Literal(text)))
             else:
                 clauses.append(
                     sql.SQL("(e.old_row @> {0}::jsonb OR e.new_row @> {0}::jsonb)").format(
@@ -179,8 +195,8 @@ def _where(conn: Conn, schema: HistorySchema, flt: EventFilter) -> sql.Composed:
     if flt.tx is not None:
         clauses.append(sql.SQL("e.tx = {}").format(sql.Literal(flt.tx)))
     if not clauses:
-        return sql.Composed([sql.SQL("TRUE")])
-    return sql.SQL(" AND ").join(clauses)
+        return source, sql.Composed([sql.SQL("TRUE")])
+    return source, sql.SQL(" AND ").join(clauses)
 
 
 def events(
@@ -196,6 +212,7 @@ def events(
     Must run inside a transaction (psycopg opens one unless the connection is autocommit).
     """
     _require_installed(conn, schema)
+    source, where = _where(conn, schema, flt)
     query = sql.SQL(
         "SELECT e.id, e.stmt_id, e.tx, e.tx_at, e.schema_name, e.table_name,"
         " e.op,"
@@ -203,8 +220,8 @@ def events(
         " host(e.client_addr) AS client_addr, e.context"
         " FROM {} e WHERE {} ORDER BY e.id {} {}"
     ).format(
-        schema.table("event"),
-        _where(conn, schema, flt),
+        source,
+        where,
         sql.SQL("DESC" if newest_first else "ASC"),
         sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
     )

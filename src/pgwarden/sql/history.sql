@@ -54,8 +54,20 @@ CREATE TABLE IF NOT EXISTS {schema}.event_default PARTITION OF {schema}.event DE
 -- event ids alone cannot do when one statement moves a key that another row then takes.
 CREATE SEQUENCE IF NOT EXISTS {schema}.statement_seq;
 
--- Per-row lookups: (table, hash of the key); the key itself is compared after the index probe.
-CREATE INDEX IF NOT EXISTS event_row_idx ON {schema}.event (table_oid, key_hash);
+-- How a row is found by its key. A b-tree on (table, hash of the key) costs a random index
+-- insert per row, about one extra write per changed row; for a 100k-row statement that was a
+-- quarter of pgwarden's overhead. So only the events of small statements ('s', up to
+-- 1,000 rows) are indexed that way. A bulk statement writes its rows in key-hash
+-- order, so (stmt_id, key_hash) only ever grows at its right edge (as cheap as a serial primary
+-- key), and marks its first row 'h' (head): a lookup probes each bulk statement of the table
+-- once ('b' is every other row of a bulk statement). Added in place to older installs.
+ALTER TABLE {schema}.event ADD COLUMN IF NOT EXISTS kind "char" NOT NULL DEFAULT 's';
+DROP INDEX IF EXISTS {schema}.event_row_idx;
+CREATE INDEX IF NOT EXISTS event_small_key_idx ON {schema}.event (table_oid, key_hash)
+    WHERE kind = 's';
+CREATE INDEX IF NOT EXISTS event_stmt_key_idx ON {schema}.event (stmt_id, key_hash);
+CREATE INDEX IF NOT EXISTS event_bulk_head_idx ON {schema}.event (table_oid, stmt_id)
+    WHERE kind = 'h';
 -- revert TX: every event of one transaction. Transaction ids grow with the order events are
 -- written, so a BRIN index finds them for nearly nothing per row (a b-tree cost about 10% of a
 -- bulk write).
@@ -179,10 +191,7 @@ $body$;
 CREATE OR REPLACE FUNCTION {schema}.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
--- The settings below are plan parameters. With them, a custom plan looks cheaper than the
--- generic one, so the plan cache would re-plan the INSERT on every statement (measured: 60 % of
--- pgbench throughput lost to planning). The generic plan is the same shape for any arguments.
-SET plan_cache_mode = force_generic_plan
+SET work_mem = '64MB'
 AS $body$
 DECLARE
     -- Settings arrive as trigger arguments (mode, excluded columns, key columns, whether to
@@ -207,6 +216,8 @@ DECLARE
     v_actor text := NULLIF(pg_catalog.current_setting('pgwarden.actor', true), '');
     v_context text := NULLIF(pg_catalog.current_setting('pgwarden.context', true), '');
     sid bigint;
+    -- More than this many rows: a bulk statement (see the indexes on the event table).
+    v_bulk boolean;
     err_state text;
     err_message text;
 BEGIN
@@ -226,19 +237,28 @@ BEGIN
     END IF;
     sid := pg_catalog.nextval('{schema}.statement_seq');
     IF TG_OP = 'INSERT' THEN
+        v_bulk := EXISTS (SELECT 1 FROM new_rows OFFSET 1000);
+    ELSE
+        v_bulk := EXISTS (SELECT 1 FROM old_rows OFFSET 1000);
+    END IF;
+    IF TG_OP = 'INSERT' THEN
         IF v_mode = 'fail-open' THEN
             BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement)
+                application, client_addr, app_user, context, statement, kind)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement
-            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, x.h, x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement,
+                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
+            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
+                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
+                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
                         j OPERATOR(pg_catalog.-) v_excluded AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) x;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) z) y) x
+            ORDER BY x.h;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
                 PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
@@ -247,30 +267,38 @@ BEGIN
         ELSE
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement)
+                application, client_addr, app_user, context, statement, kind)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement
-            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, x.h, x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement,
+                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
+            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
+                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
+                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
                         j OPERATOR(pg_catalog.-) v_excluded AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) x;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) z) y) x
+            ORDER BY x.h;
         END IF;
     ELSIF TG_OP = 'DELETE' THEN
         IF v_mode = 'fail-open' THEN
             BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement)
+                application, client_addr, app_user, context, statement, kind)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement
-            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, x.h, x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement,
+                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
+            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
+                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
+                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                         j OPERATOR(pg_catalog.-) v_excluded AS o, NULL::jsonb AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) x;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) z) y) x
+            ORDER BY x.h;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
                 PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
@@ -279,15 +307,19 @@ BEGIN
         ELSE
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement)
+                application, client_addr, app_user, context, statement, kind)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement
-            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, x.h, x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement,
+                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
+            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
+                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
+                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                         j OPERATOR(pg_catalog.-) v_excluded AS o, NULL::jsonb AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) x;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) z) y) x
+            ORDER BY x.h;
         END IF;
     ELSE
         -- Old and new rows pair by position (see the notes at the top); rows where nothing,
@@ -296,11 +328,14 @@ BEGIN
             BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement)
+                application, client_addr, app_user, context, statement, kind)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement
-            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, x.h, x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement,
+                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
+            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
+                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
+                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
                              ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                          od.img AS o, nw.img AS n
@@ -312,7 +347,8 @@ BEGIN
                         FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw
                     ON od.pos OPERATOR(pg_catalog.=) nw.pos
                   WHERE od.img IS DISTINCT FROM nw.img
-                  OFFSET 0) x;
+                  OFFSET 0) z) y) x
+            ORDER BY x.h;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
                 PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
@@ -321,11 +357,14 @@ BEGIN
         ELSE
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement)
+                application, client_addr, app_user, context, statement, kind)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement
-            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, x.h, x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement,
+                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
+            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
+                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
+                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
                              ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                          od.img AS o, nw.img AS n
@@ -337,7 +376,8 @@ BEGIN
                         FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw
                     ON od.pos OPERATOR(pg_catalog.=) nw.pos
                   WHERE od.img IS DISTINCT FROM nw.img
-                  OFFSET 0) x;
+                  OFFSET 0) z) y) x
+            ORDER BY x.h;
         END IF;
     END IF;
     RETURN NULL;
@@ -357,7 +397,8 @@ AS $$
     FROM pg_catalog.unnest(key_cols) AS c
 $$;
 
--- Rows of a whole table as events (TRUNCATE's removed rows, or SNAPSHOT when tracking starts).
+-- Rows of a whole table as events (TRUNCATE's removed rows, or SNAPSHOT when tracking starts),
+-- written like a capture statement's: small or bulk, in key-hash order.
 CREATE OR REPLACE FUNCTION {schema}.write_table_rows(relid oid, op text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -379,12 +420,17 @@ BEGIN
     EXECUTE pg_catalog.format(
         'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
         ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name, application,'
-        ' client_addr, app_user, context, statement)'
-        ' SELECT $16, $1, $2, $3, $4, $5, $6, $7, x.k, pg_catalog.hashtextextended(x.k::text, 0),'
+        ' client_addr, app_user, context, statement, kind)'
+        ' SELECT $16, $1, $2, $3, $4, $5, $6, $7, x.k, x.h,'
         ' CASE WHEN $7 = %L THEN x.img END, CASE WHEN $7 = %L THEN x.img END,'
-        ' $8, $9, $10, $11, $12, $13, $14'
+        ' $8, $9, $10, $11, $12, $13, $14,'
+        ' CASE WHEN x.total <= 1000 THEN ''s'' WHEN x.rn = 1 THEN ''h'' ELSE ''b'' END'
+        ' FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn,'
+        ' pg_catalog.count(*) OVER () AS total'
+        ' FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.img'
         ' FROM (SELECT %s AS k, pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $15 AS img'
-        ' FROM ONLY %I.%I r OFFSET 0) x',
+        ' FROM ONLY %I.%I r OFFSET 0) z) y) x'
+        ' ORDER BY x.h',
         'TRUNCATE', 'SNAPSHOT', {schema}.key_expression({schema}.key_columns(relid), 'r'),
         nsp, rel)
     USING pg_catalog.pg_current_xact_id()::text::bigint, pg_catalog.transaction_timestamp(),
