@@ -25,7 +25,16 @@ from pgwarden.plan import Operation
 from pgwarden.sqlfiles import compose, sql_version
 
 DOMAIN = "access"
-HISTORY_TABLES = ("event", "ddl_log", "tracked", "capture_failure", "rule", "table_setting", "meta")
+HISTORY_TABLES = (
+    "event",
+    "table_event",
+    "ddl_log",
+    "tracked",
+    "capture_failure",
+    "rule",
+    "table_setting",
+    "meta",
+)
 _KIND_SQL = {
     "schema": "SCHEMA",
     "table": "TABLE",

@@ -143,9 +143,9 @@ def _by_key(schema: HistorySchema, oid: int, key_text: str) -> sql.Composed:
         "   AND s.key_hash = pg_catalog.hashtextextended({key}::jsonb::text, 0) "
         " UNION ALL "
         " SELECT b.* FROM {event} hd JOIN {event} b "
-        "   ON b.stmt_id = hd.stmt_id AND b.tx_at = hd.tx_at "
+        "   ON b.stmt_id = hd.stmt_id "
         "  AND b.key_hash = pg_catalog.hashtextextended({key}::jsonb::text, 0) "
-        " WHERE hd.table_oid = {oid} AND hd.kind = 'h')"
+        " WHERE hd.table_oid = {oid} AND hd.kind = 'h' AND b.kind <> 's')"
     ).format(event=schema.table("event"), oid=sql.Literal(oid), key=sql.Literal(key_text))
 
 
@@ -158,6 +158,7 @@ def _where(
     if flt.table is not None:
         oid = catalog.table_oid(conn, flt.table)
         if oid is not None:
+            source = schema.table("table_event")  # by index: see history.sql
             clauses.append(sql.SQL("e.table_oid = {}").format(sql.Literal(oid)))
         else:
             clauses.append(
@@ -284,7 +285,9 @@ def _table_for_as_of(conn: Conn, schema: HistorySchema, table: TableName) -> int
 
 def tracking_started(conn: Conn, schema: HistorySchema, oid: int) -> datetime | None:
     row = conn.execute(
-        sql.SQL("SELECT min(tx_at) FROM {} WHERE table_oid = %s").format(schema.table("event")),
+        sql.SQL("SELECT min(tx_at) FROM {} WHERE table_oid = %s").format(
+            schema.table("table_event")
+        ),
         (oid,),
     ).fetchone()
     return row[0] if row else None  # type: ignore[return-value]
@@ -403,7 +406,7 @@ def _choose_method(
         sql.SQL(
             "SELECT pg_catalog.count(*) FROM (SELECT 1 FROM {} e "
             "WHERE e.table_oid = %s AND e.tx_at > %s LIMIT %s) later"
-        ).format(schema.table("event")),
+        ).format(schema.table("table_event")),
         (oid, at, limit + 1),
     ).fetchone()
     assert counted is not None
