@@ -239,6 +239,18 @@ def test_cli_as_of_revert_verify_track(
     rows = json.loads(run("as-of", "test_table", "now", "--format", "json").out)
     assert rows == [{"id": 1, "name": "Changed"}]
     assert "1 row(s)" in run("as-of", "test_table", "now").err
+    built = run("as-of", "test_table", "now", "--into", "then_table")
+    assert built.code == 0
+    assert "1 row(s)" in built.out
+    assert "(rewind)" in built.out
+    # A day ago tracking had not started: rewinding is refused, replaying says why it replayed.
+    forced = run("as-of", "test_table", "1d", "--into", "t2", "--method", "rewind")
+    assert forced.code == 2
+    assert "cannot rewind" in forced.err
+    auto = run("as-of", "test_table", "1d", "--into", "t3")
+    assert auto.code == 0
+    assert "(replay)" in auto.out
+    assert "tracking (re)started after that time" in auto.err
     dry = run("revert", str(tx), "--dry-run")
     assert dry.code == 0
     assert "UPDATE" in dry.out
