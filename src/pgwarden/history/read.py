@@ -336,26 +336,27 @@ def as_of_into(
     plus the recent changes when few rows changed since. `auto` rewinds when history after
     `at` is complete (see rewind_blocker in history.sql) and shorter than the table.
     """
-    oid = _table_for_as_of(conn, schema, table)
-    if catalog.table_oid(conn, target) is not None:
-        raise UserError(
-            f"{target} already exists; pgwarden will not overwrite it",
-            hint="choose another name for --into, or drop that table yourself",
-        )
-    if catalog.table_oid(conn, table) is None:
-        raise UserError(
-            f"{table} no longer exists, so its column types are unknown",
-            hint="use --format json to read its rows as of that time",
-        )
-    source = sql.Identifier(table.schema, table.table)
-    dest = sql.Identifier(target.schema, target.table)
-    # Rewinding reads the live table and the events after `at` in two places of one statement;
-    # only a snapshot held for the whole transaction makes them agree, so take one when the
-    # transaction is ours.
+    # Rewinding reads the live table and the events after `at` in two places of one statement,
+    # and checks first that history since `at` is complete: only a snapshot held for the whole
+    # transaction makes all of that agree, so take one when the transaction is ours (decided
+    # before any query, which would open one).
     own = conn.info.transaction_status == TransactionStatus.IDLE
     with conn.transaction():
         if own:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        oid = _table_for_as_of(conn, schema, table)
+        if catalog.table_oid(conn, target) is not None:
+            raise UserError(
+                f"{target} already exists; pgwarden will not overwrite it",
+                hint="choose another name for --into, or drop that table yourself",
+            )
+        if catalog.table_oid(conn, table) is None:
+            raise UserError(
+                f"{table} no longer exists, so its column types are unknown",
+                hint="use --format json to read its rows as of that time",
+            )
+        source = sql.Identifier(table.schema, table.table)
+        dest = sql.Identifier(target.schema, target.table)
         # Replaying sorts every event of the table by key: give that sort memory for this
         # transaction only, instead of spilling to disk in 4 MB runs (about twice as fast).
         conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AS_OF_WORK_MEM)))
