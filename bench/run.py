@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.server import bench_server, fresh_database
+from bench.server import bench_server, drop_database, fresh_database
 from bench.w1 import STATEMENTS, VARIANTS, run_w1
 from bench.w2 import run_w2
 from bench.w3 import run_w3
@@ -166,9 +166,11 @@ def main() -> None:
         log(f"bench on {server.binaries.describe()} ({'quick' if args.quick else 'full'})")
         w1 = run_w1(fresh_database(server, "bench_w1"), sizes["w1_rows"], sizes["w1_reps"], log)
         data["w1"] = w1.to_json()
+        drop_database(server, "bench_w1")
         w2 = run_w2(fresh_database(server, "bench_w2"), server.binaries.bindir, sizes["w2_scale"],
                     sizes["w2_seconds"], sizes["w2_reps"], log)  # fmt: skip
         data["w2"] = w2.to_json()
+        drop_database(server, "bench_w2")
         w3 = run_w3(fresh_database(server, "bench_w3"), sizes["w3_small"], sizes["w3_large"],
                     sizes["w3_as_of_rows"], sizes["w3_samples"], log)  # fmt: skip
         data["w3"] = w3.to_json()
