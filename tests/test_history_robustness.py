@@ -93,14 +93,19 @@ def test_fail_open_writes_succeed_and_failures_are_counted(database: Database) -
         conn.execute("UPDATE t SET v = 1")
         conn.execute("DELETE FROM t WHERE id <= 10")
         conn.execute("TRUNCATE t")
-        assert conn.execute("SELECT count(*) FROM pgwarden.capture_failure").fetchone() == (4,)
+        # A bulk statement (over 1,000 rows) takes the other capture path: same behaviour.
+        work_mem = conn.execute("SHOW work_mem").fetchone()
+        conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 1500) g")
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (1500,)
+        assert conn.execute("SELECT count(*) FROM pgwarden.capture_failure").fetchone() == (5,)
+        assert conn.execute("SHOW work_mem").fetchone() == work_mem  # restored after the sort
         assert any("was not recorded" in n for n in notices)
         assert events(conn) == []
     from pgwarden.history import verify
 
     with database.connect() as conn:
         report = verify(conn)
-    assert any(p.kind == "capture-failures" and "4 statement" in p.detail for p in report.problems)
+    assert any(p.kind == "capture-failures" and "5 statement" in p.detail for p in report.problems)
 
 
 def test_fail_closed_refuses_the_write_and_writes_nothing(database: Database) -> None:
@@ -114,6 +119,8 @@ def test_fail_closed_refuses_the_write_and_writes_nothing(database: Database) ->
             conn.execute("UPDATE t SET v = 99")
         with pytest.raises(psycopg.errors.RaiseException):
             conn.execute("INSERT INTO t VALUES (2, 0)")
+        with pytest.raises(psycopg.errors.RaiseException):  # the bulk path, too
+            conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(2, 1600) g")
         assert conn.execute("SELECT id, v FROM t").fetchall() == [(1, 0)]
         assert conn.execute("SELECT count(*) FROM pgwarden.capture_failure").fetchone() == (0,)
 

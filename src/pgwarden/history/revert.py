@@ -186,6 +186,73 @@ def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
     # SNAPSHOT events record state, not a change: nothing to undo.
 
 
+def _groups(evs: list[Event]) -> list[list[Event]]:
+    """The key-moving UPDATE events of one statement on one table form one group (undone by
+    one statement, placed where the first of them comes); every other event is a group of its
+    own. A row the statement did not move never shares a key with a moved one, before or
+    after, so its own undo can come before or after the group."""
+    moved: dict[tuple[int, str], list[Event]] = {}
+    for e in evs:
+        if e.op == "UPDATE" and _old_key(e) != e.key:
+            moved.setdefault((e.stmt_id, e.table), []).append(e)
+    moved_ids = {e.id for group in moved.values() for e in group}
+    groups: list[list[Event]] = []
+    for e in evs:
+        if e.id not in moved_ids:
+            groups.append([e])
+        elif e.id == moved[(e.stmt_id, e.table)][0].id:
+            groups.append(moved[(e.stmt_id, e.table)])
+    return groups
+
+
+def _compensate_updates(conn: Conn, group: list[Event], plan: RevertPlan) -> None:
+    """Undo the rows of one key-moving UPDATE statement in one UPDATE. Row by row, a key shift
+    (7→4, 4→1) passes through two rows holding one key, and the next row's `WHERE id = 4` then
+    matches both; one statement matches every row by its key before any of them moves."""
+    first = group[0]
+    name = TableName(*_split(first.table))
+    if catalog.table_oid(conn, name) is None:
+        raise UserError(f"cannot revert: {name} no longer exists")
+    tbl = sql.Identifier(name.schema, name.table)
+    generated = _generated_columns(conn, name)
+    changed = sorted(
+        {
+            c
+            for e in group
+            for c in (e.old or {})
+            if (e.old or {}).get(c) != (e.new or {}).get(c) and c not in generated
+        }
+    )
+    keys = sorted(first.key or {})
+    rows = json.dumps([{"key": e.key, "old": e.old} for e in group])
+    plan.statements.append(
+        (
+            f"restore {first.table}: {len(group)} rows moved by one statement "
+            f"({', '.join(changed)})",
+            sql.SQL(
+                "UPDATE {tbl} t SET ({cols}) = (SELECT {rcols} "
+                "FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, m.old) r) "
+                "FROM (SELECT x.value -> 'old' AS old, {mkeys} "
+                "      FROM pg_catalog.jsonb_array_elements({rows}::jsonb) x "
+                "      CROSS JOIN LATERAL pg_catalog.jsonb_populate_record("
+                "          NULL::{tbl}, x.value -> 'key') k) m "
+                "WHERE ({tkeys}) = ({mcols})"
+            ).format(
+                tbl=tbl,
+                cols=sql.SQL(", ").join(sql.Identifier(c) for c in changed),
+                rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in changed),
+                mkeys=sql.SQL(", ").join(
+                    sql.SQL("k.{} AS {}").format(sql.Identifier(c), sql.Identifier(f"key_{i}"))
+                    for i, c in enumerate(keys)
+                ),
+                rows=sql.Literal(rows),
+                tkeys=sql.SQL(", ").join(sql.Identifier("t", c) for c in keys),
+                mcols=sql.SQL(", ").join(sql.Identifier("m", f"key_{i}") for i in range(len(keys))),
+            ),
+        )
+    )
+
+
 def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> RevertPlan:
     with conn.transaction():
         evs = list(events(conn, EventFilter(tx=tx), schema=schema))
@@ -196,7 +263,11 @@ def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) 
     plan = RevertPlan(tx=tx)
     plan.conflicts = _conflicts(conn, schema, tx, evs)
     tracked = {str(t.name): t for t in catalog.tracked_tables(conn, schema)}
-    for e in reversed(evs):
+    for group in _groups(list(reversed(evs))):
+        if len(group) > 1:
+            _compensate_updates(conn, group, plan)
+            continue
+        e = group[0]
         _compensate(conn, e, plan)
         t = tracked.get(e.table)
         if t and t.exclude_columns and e.op in ("DELETE", "TRUNCATE"):

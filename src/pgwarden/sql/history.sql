@@ -238,8 +238,8 @@ DECLARE
     v_actor text := NULLIF(pg_catalog.current_setting('pgwarden.actor', true), '');
     v_context text := NULLIF(pg_catalog.current_setting('pgwarden.context', true), '');
     sid bigint;
-    -- Over 1,000 rows: a bulk statement (see the indexes on the event table).
     v_bulk boolean;
+    v_query text;
     v_work_mem text;
     err_state text;
     err_message text;
@@ -259,35 +259,85 @@ BEGIN
                             AND a.attname::text <> ALL (COALESCE(v_keys, '{{}}'::text[])));
     END IF;
     sid := pg_catalog.nextval('{schema}.statement_seq');
+    -- A bulk statement (over 1,000 rows) writes its events in key-hash order with a head row
+    -- (see the indexes on the event table). Its SQL is run with EXECUTE, planned once per
+    -- statement, which is nothing next to its rows; the static INSERTs below, whose cached
+    -- plans serve one-row statements, stay free of that sort and window.
     IF TG_OP = 'INSERT' THEN
         v_bulk := EXISTS (SELECT 1 FROM new_rows OFFSET 1000);
     ELSE
         v_bulk := EXISTS (SELECT 1 FROM old_rows OFFSET 1000);
     END IF;
     IF v_bulk THEN
-        -- Sorting a bulk statement's rows by key hash in memory instead of on disk; only for
-        -- this statement (restored below), and one-row statements never pay for the setting.
+        v_query := pg_catalog.format(
+            'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
+            ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,'
+            ' application, client_addr, app_user, context, statement, kind)'
+            ' SELECT $1, $2, $3, $4, $5, $6, $7, $8, x.k, x.h, x.o, x.n, $9, $10, $11, $12, $13,'
+            ' $14, $15, CASE WHEN x.rn = 1 THEN ''h'' ELSE ''b'' END'
+            ' FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn'
+            ' FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n'
+            ' FROM (%s) z) y) x ORDER BY x.h',
+            CASE TG_OP
+            WHEN 'INSERT' THEN
+                'SELECT CASE WHEN $16 IS NOT NULL'
+                ' THEN pg_catalog.jsonb_build_object($16, j OPERATOR(pg_catalog.->) $16)'
+                ' ELSE j OPERATOR(pg_catalog.-) $17 END AS k, NULL::jsonb AS o,'
+                ' j OPERATOR(pg_catalog.-) $18 AS n'
+                ' FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i'
+            WHEN 'DELETE' THEN
+                'SELECT CASE WHEN $16 IS NOT NULL'
+                ' THEN pg_catalog.jsonb_build_object($16, j OPERATOR(pg_catalog.->) $16)'
+                ' ELSE j OPERATOR(pg_catalog.-) $17 END AS k,'
+                ' j OPERATOR(pg_catalog.-) $18 AS o, NULL::jsonb AS n'
+                ' FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i'
+            ELSE
+                'SELECT CASE WHEN $16 IS NOT NULL'
+                ' THEN pg_catalog.jsonb_build_object($16, nw.j OPERATOR(pg_catalog.->) $16)'
+                ' ELSE nw.j OPERATOR(pg_catalog.-) $17 END AS k, od.img AS o, nw.img AS n'
+                ' FROM (SELECT pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) $18 AS img,'
+                ' pg_catalog.row_number() OVER () AS pos FROM old_rows r) od'
+                ' JOIN (SELECT j, j OPERATOR(pg_catalog.-) $18 AS img,'
+                ' pg_catalog.row_number() OVER () AS pos'
+                ' FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw'
+                ' ON od.pos OPERATOR(pg_catalog.=) nw.pos'
+                ' WHERE od.img IS DISTINCT FROM nw.img OFFSET 0'
+            END);
+        -- The sort gets memory for this statement only (set_config(..., true) until restored).
         v_work_mem := pg_catalog.current_setting('work_mem');
         PERFORM pg_catalog.set_config('work_mem', '64MB', true);
+        IF v_mode = 'fail-open' THEN
+            BEGIN
+                EXECUTE v_query USING sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA,
+                    TG_TABLE_NAME, TG_OP, v_db_user, v_role, v_application, v_client_addr,
+                    v_actor, v_context, v_statement, v_key1, v_nonkey, v_excluded;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+                PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                                               err_state, err_message);
+            END;
+        ELSE
+            EXECUTE v_query USING sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA,
+                TG_TABLE_NAME, TG_OP, v_db_user, v_role, v_application, v_client_addr,
+                v_actor, v_context, v_statement, v_key1, v_nonkey, v_excluded;
+        END IF;
+        PERFORM pg_catalog.set_config('work_mem', v_work_mem, true);
+        RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
         IF v_mode = 'fail-open' THEN
             BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement, kind)
+                application, client_addr, app_user, context, statement)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, x.h, x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement,
-                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
-            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
-                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
-                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
                         j OPERATOR(pg_catalog.-) v_excluded AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) z) y) x
-            ORDER BY x.h;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) x;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
                 PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
@@ -296,38 +346,30 @@ BEGIN
         ELSE
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement, kind)
+                application, client_addr, app_user, context, statement)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, x.h, x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement,
-                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
-            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
-                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
-                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k, NULL::jsonb AS o,
                         j OPERATOR(pg_catalog.-) v_excluded AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) z) y) x
-            ORDER BY x.h;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) i) x;
         END IF;
     ELSIF TG_OP = 'DELETE' THEN
         IF v_mode = 'fail-open' THEN
             BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement, kind)
+                application, client_addr, app_user, context, statement)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, x.h, x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement,
-                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
-            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
-                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
-                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                         j OPERATOR(pg_catalog.-) v_excluded AS o, NULL::jsonb AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) z) y) x
-            ORDER BY x.h;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) x;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
                 PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
@@ -336,19 +378,15 @@ BEGIN
         ELSE
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement, kind)
+                application, client_addr, app_user, context, statement)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, x.h, x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement,
-                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
-            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
-                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
-                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, j OPERATOR(pg_catalog.->) v_key1)
                              ELSE j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                         j OPERATOR(pg_catalog.-) v_excluded AS o, NULL::jsonb AS n
-                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) z) y) x
-            ORDER BY x.h;
+                  FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM old_rows r OFFSET 0) i) x;
         END IF;
     ELSE
         -- Old and new rows pair by position (see the notes at the top); rows where nothing,
@@ -357,14 +395,11 @@ BEGIN
             BEGIN
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement, kind)
+                application, client_addr, app_user, context, statement)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, x.h, x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement,
-                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
-            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
-                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
-                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
                              ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                          od.img AS o, nw.img AS n
@@ -376,8 +411,7 @@ BEGIN
                         FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw
                     ON od.pos OPERATOR(pg_catalog.=) nw.pos
                   WHERE od.img IS DISTINCT FROM nw.img
-                  OFFSET 0) z) y) x
-            ORDER BY x.h;
+                  OFFSET 0) x;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
                 PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
@@ -386,14 +420,11 @@ BEGIN
         ELSE
             INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
                 table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,
-                application, client_addr, app_user, context, statement, kind)
+                application, client_addr, app_user, context, statement)
             SELECT sid, v_tx, v_tx_at, v_stmt_at, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
-                x.k, x.h, x.o, x.n, v_db_user, v_role,
-                v_application, v_client_addr, v_actor, v_context, v_statement,
-                CASE WHEN NOT v_bulk THEN 's' WHEN x.rn = 1 THEN 'h' ELSE 'b' END
-            FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn
-                  FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n
-                        FROM (SELECT CASE WHEN v_key1 IS NOT NULL
+                x.k, pg_catalog.hashtextextended(x.k::text, 0), x.o, x.n, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement
+            FROM (SELECT CASE WHEN v_key1 IS NOT NULL
                              THEN pg_catalog.jsonb_build_object(v_key1, nw.j OPERATOR(pg_catalog.->) v_key1)
                              ELSE nw.j OPERATOR(pg_catalog.-) v_nonkey END AS k,
                          od.img AS o, nw.img AS n
@@ -405,12 +436,8 @@ BEGIN
                         FROM (SELECT pg_catalog.to_jsonb(r) AS j FROM new_rows r OFFSET 0) q) nw
                     ON od.pos OPERATOR(pg_catalog.=) nw.pos
                   WHERE od.img IS DISTINCT FROM nw.img
-                  OFFSET 0) z) y) x
-            ORDER BY x.h;
+                  OFFSET 0) x;
         END IF;
-    END IF;
-    IF v_bulk THEN
-        PERFORM pg_catalog.set_config('work_mem', v_work_mem, true);
     END IF;
     RETURN NULL;
 END
