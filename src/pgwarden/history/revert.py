@@ -125,6 +125,14 @@ def _key_match(tbl: sql.Identifier, key: dict[str, Any]) -> sql.Composed:
     )
 
 
+def _columns(cols: list[str]) -> dict[str, sql.Composed]:
+    """`cols` as a column list and as the same columns of the populated record `r`."""
+    return {
+        "cols": sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+        "rcols": sql.SQL(", ").join(sql.Identifier("r", c) for c in cols),
+    }
+
+
 def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
     name = TableName(*_split(e.table))
     if catalog.table_oid(conn, name) is None:
@@ -155,8 +163,7 @@ def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
                     "WHERE {match}"
                 ).format(
                     tbl=tbl,
-                    cols=sql.SQL(", ").join(sql.Identifier(c) for c in sorted(changed)),
-                    rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in sorted(changed)),
+                    **_columns(sorted(changed)),
                     old=sql.Literal(json.dumps(e.old)),
                     match=_key_match(tbl, e.key),
                 ),
@@ -177,8 +184,7 @@ def _compensate(conn: Conn, e: Event, plan: RevertPlan) -> None:
                     "FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, {old}::jsonb) r"
                 ).format(
                     tbl=tbl,
-                    cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-                    rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in cols),
+                    **_columns(cols),
                     old=sql.Literal(json.dumps(e.old)),
                 ),
             )
@@ -239,8 +245,7 @@ def _compensate_updates(conn: Conn, group: list[Event], plan: RevertPlan) -> Non
                 "WHERE ({tkeys}) = ({mcols})"
             ).format(
                 tbl=tbl,
-                cols=sql.SQL(", ").join(sql.Identifier(c) for c in changed),
-                rcols=sql.SQL(", ").join(sql.Identifier("r", c) for c in changed),
+                **_columns(changed),
                 mkeys=sql.SQL(", ").join(
                     sql.SQL("k.{} AS {}").format(sql.Identifier(c), sql.Identifier(f"key_{i}"))
                     for i, c in enumerate(keys)
