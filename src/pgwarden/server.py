@@ -8,7 +8,9 @@ import getpass
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -90,6 +92,29 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
 
 
+# /proc/<pid>/stat flag of a task that has begun to exit (include/linux/sched.h).
+_PF_EXITING = 0x4
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _dying(pid: int) -> bool:
+    """True while a process is killed but not yet gone: SIGKILL pending, exiting, or a zombie.
+    A postmaster killed a moment ago is still 'running' to kill(pid, 0) for a while (longer
+    on a loaded machine), and `pgwarden up` must not take it for a live server (seen once in
+    CI: `up` said it was running, and the next connection was refused)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, IndexError):
+        return False
+    if not fields or fields[0] in ("Z", "X") or int(fields[6]) & _PF_EXITING:
+        return True
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
+            return True
+    return False
+
+
 class LocalServer:
     """One local cluster in one state directory."""
 
@@ -149,16 +174,13 @@ class LocalServer:
             return None
 
     def _wait_for_zombie(self, timeout: float = 15.0) -> None:
-        """Wait until a killed postmaster's zombie is reaped: until then PostgreSQL itself
-        believes it still runs (kill(pid, 0) succeeds on zombies) and refuses to start."""
+        """Wait until a killed postmaster is gone and reaped: while it exits, and as a zombie
+        until reaped, PostgreSQL itself believes it still runs (kill(pid, 0) succeeds) and
+        refuses to start."""
         pid = self._pidfile_pid()
         deadline = time.monotonic() + timeout
         while pid is not None and time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-            except (OSError, IndexError):
-                return
-            if state not in ("Z", "X"):
+            if not _dying(pid):
                 return
             time.sleep(0.1)
 
@@ -176,9 +198,8 @@ class LocalServer:
         # A recycled pid could belong to anything, and a killed postmaster whose parent never
         # reaps it (pid 1 in many containers) lingers as a zombie: neither is a running server.
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            if "postgres" not in comm or (fields and fields[0] in ("Z", "X")):
+            if "postgres" not in comm or _dying(pid):
                 return None
         return pid
 
@@ -295,7 +316,18 @@ class LocalServer:
                 (self.state.root / name).unlink()
 
     def _start(self) -> None:
-        result = self.runas.run(
+        # After a crash, backends of the dead postmaster keep its shared memory until they
+        # notice they are orphans (at their next wait): PostgreSQL then refuses to start with
+        # "pre-existing shared memory block is still in use". They go within moments; retry.
+        for _ in range(10):
+            result = self._pg_ctl_start()
+            if result.returncode == 0 or "pre-existing shared memory block" not in self.log_tail(5):
+                break
+            time.sleep(0.5)
+        self._check_started(result)
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        return self.runas.run(
             [
                 self._tool("pg_ctl"),
                 "start",
@@ -309,6 +341,8 @@ class LocalServer:
             ],
             timeout=180,
         )
+
+    def _check_started(self, result: subprocess.CompletedProcess[str]) -> None:
         if result.returncode != 0 or not self.is_running():
             tail = self.log_tail(15)
             if "Address already in use" in tail:
