@@ -133,22 +133,6 @@ def _guess(value: str) -> Any:
         return value
 
 
-def _by_key(schema: HistorySchema, oid: int, key_text: str) -> sql.Composed:
-    """The events of one row, as a subquery: small statements through the (table, key hash)
-    index, bulk statements through one probe of (stmt_id, key_hash) each (see the event
-    indexes in history.sql)."""
-    return sql.SQL(
-        "(SELECT s.* FROM {event} s "
-        " WHERE s.table_oid = {oid} AND s.kind = 's' "
-        "   AND s.key_hash = pg_catalog.hashtextextended({key}::jsonb::text, 0) "
-        " UNION ALL "
-        " SELECT b.* FROM {event} hd JOIN {event} b "
-        "   ON b.stmt_id = hd.stmt_id "
-        "  AND b.key_hash = pg_catalog.hashtextextended({key}::jsonb::text, 0) "
-        " WHERE hd.table_oid = {oid} AND hd.kind = 'h' AND b.kind <> 's')"
-    ).format(event=schema.table("event"), oid=sql.Literal(oid), key=sql.Literal(key_text))
-
-
 def _where(
     conn: Conn, schema: HistorySchema, flt: EventFilter
 ) -> tuple[sql.Composable, sql.Composed]:
@@ -169,9 +153,14 @@ def _where(
         if flt.key:
             text, exact = key_json(conn, flt.table, flt.key)
             if exact and oid is not None:
-                # Found by the hash of the key; the key itself settles collisions.
-                source = _by_key(schema, oid, text)
-                clauses.append(sql.SQL("e.row_key = {}::jsonb").format(sql.Literal(text)))
+                # Found by the hash of the key through table_event's indexes (the small-statement
+                # key index, one probe per bulk statement); the key itself settles collisions.
+                clauses.append(
+                    sql.SQL(
+                        "e.key_hash = pg_catalog.hashtextextended({}::jsonb::text, 0) "
+                        "AND e.row_key = {}::jsonb"
+                    ).format(sql.Literal(text), sql.Literal(text))
+                )
             else:
                 clauses.append(
                     sql.SQL("(e.old_row @> {0}::jsonb OR e.new_row @> {0}::jsonb)").format(
