@@ -14,9 +14,16 @@ from pgwarden.config import Config
 from pgwarden.history import install
 
 VARIANTS = ("untracked", "seed-fail-open", "seed-fail-closed", "pgwarden-fail-closed",
-            "pgwarden-fail-open")  # fmt: skip
+            "pgwarden-fail-open", "proto-nothing", "proto-json", "proto-native")  # fmt: skip
+# Prototype capture designs (bench/prototypes.sql), not the product: measured in the same run so
+# that the floor of each design compares with pgwarden. proto-nothing builds the transition
+# tables and writes nothing; proto-json is the leanest JSONB design that can still find a row by
+# its key; proto-native copies rows into a history table of the table's own type.
+PROTOTYPES = {"proto-nothing": "capture_nothing", "proto-json": "capture_json",
+              "proto-native": "capture_native"}  # fmt: skip
 STATEMENTS = ("INSERT", "UPDATE", "DELETE")
 SEED_SQL = (Path(__file__).parent / "seed.sql").read_text()
+PROTOTYPES_SQL = (Path(__file__).parent / "prototypes.sql").read_text()
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -71,6 +78,35 @@ def _setup(conn: Conn, variant: str, table: str) -> None:
     elif variant.startswith("pgwarden"):
         mode = variant.removeprefix("pgwarden-")
         conn.execute("SELECT pgwarden.track(%s::regclass, %s)", (table, mode))
+    elif variant in PROTOTYPES:
+        rows = sql.Identifier("proto", f"{table}_rows")
+        argument = "id"  # the key column, for proto-json
+        if variant == "proto-native":
+            conn.execute(
+                sql.SQL(
+                    'CREATE TABLE {rows} (stmt_id bigint NOT NULL, side "char" NOT NULL, '
+                    "ord bigint NOT NULL, LIKE {table}); CREATE INDEX ON {rows} (stmt_id, id)"
+                ).format(rows=rows, table=ident)
+            )
+            argument = rows.as_string(conn)
+        for event, transition in (
+            ("INSERT", "NEW TABLE AS new_rows"),
+            ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+            ("DELETE", "OLD TABLE AS old_rows"),
+        ):
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER {name} AFTER {event} ON {table} REFERENCING {transition} "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION {function}({argument})"
+                ).format(
+                    name=sql.Identifier(f"proto_{event.lower()}"),
+                    event=sql.SQL(event),
+                    table=ident,
+                    transition=sql.SQL(transition),
+                    function=sql.Identifier("proto", PROTOTYPES[variant]),
+                    argument=sql.Literal(argument),
+                )
+            )
 
 
 def _next_xid(conn: Conn) -> int:
@@ -96,6 +132,7 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
         result.xids[v] = {s: [] for s in STATEMENTS}
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SEED_SQL)
+        conn.execute(PROTOTYPES_SQL)
         install(conn, Config())
         for rep in range(reps):
             # Interleave variants (A B C … then rotated) so drift on a noisy machine hits all.
@@ -119,6 +156,11 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                     result.seconds[variant][name].append(seconds)
                     result.xids[variant][name].append(xids)
                 conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+                conn.execute(
+                    sql.SQL("DROP TABLE IF EXISTS {}").format(
+                        sql.Identifier("proto", f"{table}_rows")
+                    )
+                )
                 log(
                     f"  W1 rep {rep + 1}/{reps} {variant:22s} "  # type: ignore[operator]
                     + " ".join(f"{s} {result.seconds[variant][s][-1]:.3f}s" for s in STATEMENTS)

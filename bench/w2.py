@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden.config import Config
 from pgwarden.history import install
 
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
+# proto-images (bench/prototypes.sql, not the product): triggers that write only to_jsonb() of
+# each changed row into a plain unindexed table, the floor of any capture that writes history in
+# the application's transaction.
+VARIANTS = ("untracked", "tracked", "proto-images")
+PROTOTYPES_SQL = (Path(__file__).parent / "prototypes.sql").read_text()
 
 
 @dataclass
@@ -22,12 +28,20 @@ class W2Result:
     scale: int
     seconds: int
     clients: int
-    tps: dict[str, list[float]] = field(default_factory=lambda: {"untracked": [], "tracked": []})
+    tps: dict[str, list[float]] = field(
+        default_factory=lambda: {variant: [] for variant in VARIANTS}
+    )
     completeness: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         return statistics.median(self.tps["tracked"]) / statistics.median(self.tps["untracked"])
+
+    @property
+    def floor_ratio(self) -> float:
+        return statistics.median(self.tps["proto-images"]) / statistics.median(
+            self.tps["untracked"]
+        )
 
     @property
     def complete(self) -> bool:
@@ -40,6 +54,7 @@ class W2Result:
             "clients": self.clients,
             "tps": self.tps,
             "tracked_over_untracked": self.ratio,
+            "proto_images_over_untracked": self.floor_ratio,
             "completeness": self.completeness,
         }
 
@@ -63,6 +78,36 @@ def _pgbench(bindir: Path, url: str, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+def _prepare(conn: psycopg.Connection[tuple[object, ...]], variant: str, table: str) -> None:
+    """Make `table` tracked as `variant` says, and nothing else."""
+    conn.execute(
+        "SELECT pgwarden.untrack(%s::regclass) FROM pgwarden.tracked WHERE table_oid = %s::regclass",
+        (table, table),
+    )
+    ident = sql.Identifier(table)
+    for event in ("INSERT", "UPDATE"):
+        name = sql.Identifier(f"proto_{event.lower()}")
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, ident))
+    if variant == "tracked":
+        conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
+    elif variant == "proto-images":
+        for event, transition in (
+            ("INSERT", "NEW TABLE AS new_rows"),
+            ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+        ):
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER {} AFTER {} ON {} REFERENCING {} FOR EACH STATEMENT "
+                    "EXECUTE FUNCTION proto.capture_images()"
+                ).format(
+                    sql.Identifier(f"proto_{event.lower()}"),
+                    sql.SQL(event),
+                    ident,
+                    sql.SQL(transition),
+                )
+            )
+
+
 def run_w2(
     url: str, bindir: Path, scale: int, seconds: int, reps: int, log: object = print
 ) -> W2Result:
@@ -73,19 +118,14 @@ def run_w2(
         # variants get the column, so they run the same workload.
         conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
         install(conn, Config())
+        conn.execute(PROTOTYPES_SQL)
         conn.execute("VACUUM ANALYZE")
     for rep in range(reps):
-        for variant in ("untracked", "tracked") if rep % 2 == 0 else ("tracked", "untracked"):
+        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
+        for variant in order:
             with psycopg.connect(url, autocommit=True) as conn:
                 for table in TABLES:
-                    if variant == "tracked":
-                        conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
-                    else:
-                        conn.execute(
-                            "SELECT pgwarden.untrack(%s::regclass) FROM pgwarden.tracked "
-                            "WHERE table_oid = %s::regclass",
-                            (table, table),
-                        )
+                    _prepare(conn, variant, table)
                 # The previous run's dead tuples and new history are vacuumed now, not by
                 # autovacuum in the middle of the next run.
                 conn.execute("VACUUM")
@@ -117,5 +157,5 @@ def run_w2(
                     {"transactions": txns, "events": got, "expected": expected,
                      "missing": max(expected - got, 0), "extra": max(got - expected, 0)}
                 )  # fmt: skip
-            log(f"  W2 rep {rep + 1}/{reps} {variant:9s} tps {tps:.0f} ({txns} txns)")  # type: ignore[operator]
+            log(f"  W2 rep {rep + 1}/{reps} {variant:12s} tps {tps:.0f} ({txns} txns)")  # type: ignore[operator]
     return result
