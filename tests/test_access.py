@@ -12,6 +12,8 @@ from psycopg import sql
 from pgwarden.config import Config
 from pgwarden.converge import apply_config, build_plan
 from pgwarden.errors import UserError
+from pgwarden.history import EventFilter, TableName
+from pgwarden.history import events as read_events
 from tests.conftest import Database, Run
 
 
@@ -253,6 +255,13 @@ def test_ddl_guard(database: Database, monkeypatch: pytest.MonkeyPatch, pg_major
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="switch off"):
             conn.execute("DROP TRIGGER pgwarden_capture_update ON side.mine")
         conn.execute("INSERT INTO side.mine VALUES (1)")
+        # Deferred capture makes its spool table on bob's behalf; the guard lets that through,
+        # and bob setting pgwarden's flag himself gains nothing.
+        conn.execute("SET pgwarden.defer_rows = 1")
+        conn.execute("INSERT INTO side.mine VALUES (2), (3)")
+        conn.execute("SET pgwarden.spooling = 'on'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TABLE pgwarden.spool_0 (id int)")
     with psycopg.connect(_url_as(database, alice, "guard-pw-1"), autocommit=True) as conn:
         if pg_major < 16:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs the manager"):
@@ -269,6 +278,8 @@ def test_ddl_guard(database: Database, monkeypatch: pytest.MonkeyPatch, pg_major
             "AND command_tag = 'ALTER TABLE'"
         ).fetchall()
         assert ("manager",) in logged
+        spooled = [e.key for e in read_events(conn, EventFilter(table=TableName("side", "mine")))]
+        assert sorted(k["id"] for k in spooled) == [1, 2, 3]
         conn.commit()
         # Switching the guard off removes it.
         off = Config.model_validate({**config.model_dump(by_alias=True), "access": {

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from pgwarden.errors import UserError
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
+from pgwarden.history.deferred import materialize
 from pgwarden.history.names import TableName
 
 OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
@@ -81,12 +82,14 @@ class EventFilter:
 
 
 def _require_installed(conn: Conn, schema: HistorySchema) -> None:
+    """History is there, with the events of deferred statements written (see deferred.py)."""
     if not catalog.is_installed(conn, schema):
         raise UserError(
             f"no pgwarden history in this database (schema {schema.name} is not installed)",
             hint="list tables under history.tables in pgwarden.yaml and run `pgwarden apply`, "
             "or `pgwarden track TABLE`",
         )
+    materialize(conn, schema)
 
 
 def key_json(conn: Conn, table: TableName, key: Mapping[str, str]) -> tuple[str, bool]:
@@ -208,12 +211,14 @@ def events(
         " e.op,"
         " e.row_key, e.old_row, e.new_row, e.db_user, e.role_name, e.app_user, e.application,"
         " host(e.client_addr) AS client_addr, e.context"
-        " FROM {} e WHERE {} ORDER BY e.id {} {}"
+        # Statement order first: a deferred statement's events get their ids when they are
+        # written, after those of statements that ran later.
+        " FROM {source} e WHERE {where} ORDER BY e.stmt_id {order}, e.id {order} {limit}"
     ).format(
-        source,
-        where,
-        sql.SQL("DESC" if newest_first else "ASC"),
-        sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
+        source=source,
+        where=where,
+        order=sql.SQL("DESC" if newest_first else "ASC"),
+        limit=sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
     )
     name = f"pgwarden_history_{uuid.uuid4().hex[:8]}"
     with conn.cursor(name=name, row_factory=dict_row) as cur:
@@ -330,6 +335,8 @@ def as_of_into(
     # transaction makes all of that agree, so take one when the transaction is ours (decided
     # before any query, which would open one).
     own = conn.info.transaction_status == TransactionStatus.IDLE
+    if own:
+        materialize(conn, schema)  # committed before the snapshot below is taken
     with conn.transaction():
         if own:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

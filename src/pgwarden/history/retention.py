@@ -16,6 +16,7 @@ from psycopg import sql
 
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
+from pgwarden.history.deferred import materialize
 from pgwarden.history.planner import PARTITION_MONTHS_AHEAD
 
 
@@ -68,6 +69,10 @@ def apply_retention(
     with conn.transaction():
         if not catalog.is_installed(conn, schema):
             return RetentionResult(cutoff, [], 0)
+        if not dry_run:
+            # Deferred statements' events land in the partitions of their time, so write them
+            # before deciding which partitions are old enough to drop.
+            materialize(conn, schema)
         parts = partitions(conn, schema)
         old = [p for p in parts if p.end <= cutoff]
         if not dry_run:

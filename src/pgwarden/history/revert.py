@@ -63,7 +63,7 @@ def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> 
     them would overwrite later work. Later changes that were themselves undone are fine."""
     tracked = {str(t.name): t for t in catalog.tracked_tables(conn, schema)}
     found: list[Conflict] = []
-    last_id = max(e.id for e in evs)
+    last = max((e.stmt_id, e.id) for e in evs)
     for (table, key_text), image in _final_states(evs).items():
         name = TableName(*_split(table))
         if catalog.table_oid(conn, name) is None:
@@ -82,10 +82,10 @@ def _conflicts(conn: Conn, schema: HistorySchema, tx: int, evs: list[Event]) -> 
         later = conn.execute(
             sql.SQL(
                 "SELECT e.tx, e.op, e.tx_at::text FROM {} e "
-                "WHERE e.schema_name = %s AND e.table_name = %s AND e.id > %s "
-                "AND e.tx <> %s ORDER BY e.id DESC LIMIT 1"
+                "WHERE e.schema_name = %s AND e.table_name = %s AND (e.stmt_id, e.id) > (%s, %s) "
+                "AND e.tx <> %s ORDER BY e.stmt_id DESC, e.id DESC LIMIT 1"
             ).format(schema.table("event")),
-            (name.schema, name.table, last_id, tx),
+            (name.schema, name.table, *last, tx),
         ).fetchone()
         if later:
             tx_later, op, at = (str(v) for v in later)

@@ -8,6 +8,7 @@ from psycopg import sql
 
 from pgwarden.history import catalog
 from pgwarden.history.catalog import CAPTURE_TRIGGERS, DEFAULT_SCHEMA, Conn, HistorySchema
+from pgwarden.history.deferred import materialize
 from pgwarden.history.names import TableName
 
 
@@ -106,6 +107,7 @@ def verify(
                 Problem(None, "not-installed", f"history schema {schema.name} is not installed")
             )
             return report
+        materialize(conn, schema)  # deferred statements' events are checked like the rest
         tracked = catalog.tracked_tables(conn, schema)
         report.tracked = len(tracked)
         if deep:

@@ -35,7 +35,10 @@ BEGIN
         RETURN;
     END IF;
     FOR cmd IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
-        IF cmd.schema_name = {schema_name} THEN
+        -- pgwarden's own spool tables (deferred capture) are made and dropped by its definer
+        -- functions on behalf of any writer; nobody else holds privileges on this schema.
+        IF cmd.schema_name = {schema_name}
+           AND COALESCE(pg_catalog.current_setting('pgwarden.spooling', true), '') <> 'on' THEN
             RAISE EXCEPTION 'pgwarden: % on % is not allowed: history objects belong to pgwarden',
                 cmd.command_tag, cmd.object_identity
                 USING ERRCODE = 'insufficient_privilege';
@@ -72,7 +75,8 @@ BEGIN
         RETURN;
     END IF;
     FOR obj IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
-        IF obj.schema_name = {schema_name} THEN
+        IF obj.schema_name = {schema_name}
+           AND COALESCE(pg_catalog.current_setting('pgwarden.spooling', true), '') <> 'on' THEN
             RAISE EXCEPTION 'pgwarden: dropping % is not allowed: history objects belong to pgwarden',
                 obj.object_identity USING ERRCODE = 'insufficient_privilege';
         END IF;

@@ -143,6 +143,31 @@ CREATE TABLE IF NOT EXISTS {schema}.capture_failure (
     message text
 );
 
+-- Deferred bulk statements (opt in with the setting pgwarden.defer_rows, see docs/history.md):
+-- a statement over that many rows copies its rows, in their own column types, into a spool
+-- table of its own, which costs about one plain write per row instead of building JSON. Its
+-- events are written from the spool by materialize(), which every reader runs first. This is
+-- the statement's metadata until then, taken when it ran.
+CREATE TABLE IF NOT EXISTS {schema}.deferred (
+    stmt_id bigint PRIMARY KEY,
+    spool text NOT NULL,  -- a table in this schema: "pgwarden$side", "pgwarden$ord", the columns
+    tx bigint NOT NULL,
+    tx_at timestamptz NOT NULL,
+    stmt_at timestamptz NOT NULL,
+    table_oid oid NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    key_columns text[] NOT NULL,
+    db_user text NOT NULL,
+    role_name text NOT NULL,
+    application text,
+    client_addr inet,
+    app_user text,
+    context text,
+    statement text
+);
+
 -- Schema changes: who, when, what.
 CREATE TABLE IF NOT EXISTS {schema}.ddl_log (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -205,6 +230,24 @@ BEGIN
 END
 $body$;
 
+-- The INSERT that writes one bulk statement's events in key-hash order, with a head row (see
+-- the event indexes). `source` is a query over the statement's rows giving k (the key), o and n
+-- (the old and new images). Parameters: $1 the statement id, $2–$15 its metadata.
+CREATE OR REPLACE FUNCTION {schema}.bulk_insert(source text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.format(
+        'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
+        ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,'
+        ' application, client_addr, app_user, context, statement, kind)'
+        ' SELECT $1, $2, $3, $4, $5, $6, $7, $8, x.k, x.h, x.o, x.n, $9, $10, $11, $12, $13,'
+        ' $14, $15, CASE WHEN x.rn = 1 THEN ''h'' ELSE ''b'' END'
+        ' FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn'
+        ' FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n'
+        ' FROM (%s) z) y) x ORDER BY x.h', source)
+$$;
+
 -- The capture trigger for INSERT, UPDATE and DELETE (statement level, transition tables).
 -- Static SQL throughout: plpgsql compiles one copy per table and caches each plan for the
 -- session, so a one-row statement pays no parsing or planning. A branch that does not run is
@@ -241,6 +284,13 @@ DECLARE
     v_bulk boolean;
     v_query text;
     v_work_mem text;
+    v_defer_setting text := pg_catalog.current_setting('pgwarden.defer_rows', true);
+    v_defer boolean := false;
+    v_spool text;
+    v_coldefs text;
+    v_cols text;
+    v_copy_old text;
+    v_copy_new text;
     err_state text;
     err_message text;
 BEGIN
@@ -268,16 +318,76 @@ BEGIN
     ELSE
         v_bulk := EXISTS (SELECT 1 FROM old_rows OFFSET 1000);
     END IF;
+    -- Deferred capture (opt in, pgwarden.defer_rows): see the `deferred` table.
+    IF v_defer_setting IS NOT NULL AND v_defer_setting <> '' THEN
+        IF v_defer_setting !~ '^[0-9]{{1,18}}$' THEN
+            RAISE WARNING 'pgwarden: pgwarden.defer_rows = % is not a number of rows; ignored',
+                v_defer_setting;
+        ELSIF v_defer_setting::bigint > 0 THEN
+            IF TG_OP = 'INSERT' THEN
+                v_defer := EXISTS (SELECT 1 FROM new_rows OFFSET v_defer_setting::bigint - 1);
+            ELSE
+                v_defer := EXISTS (SELECT 1 FROM old_rows OFFSET v_defer_setting::bigint - 1);
+            END IF;
+        END IF;
+    END IF;
+    IF v_defer THEN
+        -- The spool: the table's columns (not the excluded ones) in their own types, plus the
+        -- side (old/new) and position that pair an UPDATE's images. A table with a column
+        -- named like ours is captured inline instead.
+        SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname,
+                   pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum),
+               pg_catalog.string_agg(pg_catalog.format('r.%I', a.attname), ', ' ORDER BY a.attnum),
+               NOT pg_catalog.bool_or(a.attname::text LIKE 'pgwarden$%')
+        INTO v_coldefs, v_cols, v_defer
+        FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attname::text <> ALL (v_excluded);
+    END IF;
+    IF v_defer THEN
+        v_spool := 'spool_' || sid;
+        v_query := pg_catalog.format('CREATE TABLE {schema}.%I ("pgwarden$side" "char" NOT NULL,'
+                                     ' "pgwarden$ord" bigint NOT NULL, %s)', v_spool, v_coldefs);
+        IF TG_OP <> 'INSERT' THEN
+            v_copy_old := pg_catalog.format('INSERT INTO {schema}.%I SELECT %L,'
+                ' pg_catalog.row_number() OVER (), %s FROM old_rows r', v_spool, 'o', v_cols);
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            v_copy_new := pg_catalog.format('INSERT INTO {schema}.%I SELECT %L,'
+                ' pg_catalog.row_number() OVER (), %s FROM new_rows r', v_spool, 'n', v_cols);
+        END IF;
+        -- The DDL guard lets pgwarden's own spool tables through (it checks this flag).
+        PERFORM pg_catalog.set_config('pgwarden.spooling', 'on', true);
+        IF v_mode = 'fail-open' THEN
+            BEGIN
+                EXECUTE v_query;
+                EXECUTE COALESCE(v_copy_old, v_copy_new);
+                IF v_copy_old IS NOT NULL AND v_copy_new IS NOT NULL THEN
+                    EXECUTE v_copy_new;
+                END IF;
+                INSERT INTO {schema}.deferred VALUES (sid, v_spool, v_tx, v_tx_at, v_stmt_at,
+                    TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP, v_keys, v_db_user, v_role,
+                    v_application, v_client_addr, v_actor, v_context, v_statement);
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT;
+                PERFORM {schema}.note_failure(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
+                                               err_state, err_message);
+            END;
+        ELSE
+            EXECUTE v_query;
+            EXECUTE COALESCE(v_copy_old, v_copy_new);
+            IF v_copy_old IS NOT NULL AND v_copy_new IS NOT NULL THEN
+                EXECUTE v_copy_new;
+            END IF;
+            INSERT INTO {schema}.deferred VALUES (sid, v_spool, v_tx, v_tx_at, v_stmt_at,
+                TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP, v_keys, v_db_user, v_role,
+                v_application, v_client_addr, v_actor, v_context, v_statement);
+        END IF;
+        PERFORM pg_catalog.set_config('pgwarden.spooling', '', true);
+        RETURN NULL;
+    END IF;
     IF v_bulk THEN
-        v_query := pg_catalog.format(
-            'INSERT INTO {schema}.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,'
-            ' table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name,'
-            ' application, client_addr, app_user, context, statement, kind)'
-            ' SELECT $1, $2, $3, $4, $5, $6, $7, $8, x.k, x.h, x.o, x.n, $9, $10, $11, $12, $13,'
-            ' $14, $15, CASE WHEN x.rn = 1 THEN ''h'' ELSE ''b'' END'
-            ' FROM (SELECT y.*, pg_catalog.row_number() OVER (ORDER BY y.h) AS rn'
-            ' FROM (SELECT z.k, pg_catalog.hashtextextended(z.k::text, 0) AS h, z.o, z.n'
-            ' FROM (%s) z) y) x ORDER BY x.h',
+        v_query := {schema}.bulk_insert(
             CASE TG_OP
             WHEN 'INSERT' THEN
                 'SELECT CASE WHEN $16 IS NOT NULL'
@@ -500,6 +610,78 @@ BEGIN
         COALESCE(excl, '{{}}'::text[]), pg_catalog.nextval('{schema}.statement_seq');
     GET DIAGNOSTICS written = ROW_COUNT;
     RETURN written;
+END
+$body$;
+
+-- The events of deferred statements, written from their spools (oldest statement first) as
+-- a bulk statement's are, then the spools dropped. Every reader runs it first; concurrent
+-- callers queue on an advisory lock. Returns how many statements it wrote.
+CREATE OR REPLACE FUNCTION {schema}.materialize() RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    d record;
+    done bigint := 0;
+    v_key1 text;
+    v_nonkey text[];
+    v_image text := 'pg_catalog.to_jsonb(s) OPERATOR(pg_catalog.-)'
+                    ' ''{{pgwarden$side,pgwarden$ord}}''::text[]';
+    v_key text := 'CASE WHEN $16 IS NOT NULL'
+                  ' THEN pg_catalog.jsonb_build_object($16, %1$s OPERATOR(pg_catalog.->) $16)'
+                  ' ELSE %1$s OPERATOR(pg_catalog.-) $17 END';
+    v_source text;
+    v_work_mem text := pg_catalog.current_setting('work_mem');
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM {schema}.deferred) THEN
+        RETURN 0;
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({schema_name} || '.materialize'));
+    PERFORM pg_catalog.set_config('work_mem', '64MB', true);
+    PERFORM pg_catalog.set_config('pgwarden.spooling', 'on', true);
+    FOR d IN SELECT * FROM {schema}.deferred ORDER BY stmt_id LOOP
+        -- Gone: written by a caller that committed while this (repeatable read) one waited.
+        CONTINUE WHEN pg_catalog.to_regclass(pg_catalog.format('{schema}.%I', d.spool)) IS NULL;
+        IF pg_catalog.cardinality(d.key_columns) = 1 THEN
+            v_key1 := d.key_columns[1];
+            v_nonkey := NULL;
+        ELSE
+            v_key1 := NULL;
+            v_nonkey := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                              WHERE a.attrelid = pg_catalog.format('{schema}.%I', d.spool)::regclass
+                                AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attname::text NOT IN ('pgwarden$side', 'pgwarden$ord')
+                                AND a.attname::text <> ALL (d.key_columns));
+        END IF;
+        IF d.op = 'INSERT' THEN
+            v_source := pg_catalog.format('SELECT %s AS k, NULL::jsonb AS o, j AS n'
+                ' FROM (SELECT %s AS j FROM {schema}.%I s OFFSET 0) i',
+                pg_catalog.format(v_key, 'j'), v_image, d.spool);
+        ELSIF d.op = 'DELETE' THEN
+            v_source := pg_catalog.format('SELECT %s AS k, j AS o, NULL::jsonb AS n'
+                ' FROM (SELECT %s AS j FROM {schema}.%I s OFFSET 0) i',
+                pg_catalog.format(v_key, 'j'), v_image, d.spool);
+        ELSE
+            v_source := pg_catalog.format('SELECT %s AS k, od.j AS o, nw.j AS n'
+                ' FROM (SELECT %s AS j, s."pgwarden$ord" AS pos FROM {schema}.%I s'
+                '       WHERE s."pgwarden$side" = %L) od'
+                ' JOIN (SELECT %s AS j, s."pgwarden$ord" AS pos FROM {schema}.%I s'
+                '       WHERE s."pgwarden$side" = %L OFFSET 0) nw'
+                ' ON od.pos OPERATOR(pg_catalog.=) nw.pos'
+                ' WHERE od.j IS DISTINCT FROM nw.j OFFSET 0',
+                pg_catalog.format(v_key, 'nw.j'), v_image, d.spool, 'o', v_image, d.spool, 'n');
+        END IF;
+        EXECUTE {schema}.bulk_insert(v_source)
+            USING d.stmt_id, d.tx, d.tx_at, d.stmt_at, d.table_oid, d.schema_name, d.table_name,
+                d.op, d.db_user, d.role_name, d.application, d.client_addr, d.app_user,
+                d.context, d.statement, v_key1, v_nonkey;
+        EXECUTE pg_catalog.format('DROP TABLE {schema}.%I', d.spool);
+        DELETE FROM {schema}.deferred WHERE stmt_id = d.stmt_id;
+        done := done + 1;
+    END LOOP;
+    PERFORM pg_catalog.set_config('pgwarden.spooling', '', true);
+    PERFORM pg_catalog.set_config('work_mem', v_work_mem, true);
+    RETURN done;
 END
 $body$;
 
@@ -874,6 +1056,10 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC;
 ALTER FUNCTION {schema}.capture() OWNER TO {owner};
+ALTER FUNCTION {schema}.bulk_insert(text) OWNER TO {owner};
+ALTER FUNCTION {schema}.materialize() OWNER TO {owner};
+-- Anyone who may read history may bring it up to date (it writes only what was captured).
+GRANT EXECUTE ON FUNCTION {schema}.materialize() TO PUBLIC;
 ALTER FUNCTION {schema}.capture_truncate() OWNER TO {owner};
 ALTER FUNCTION {schema}.write_table_rows(oid, text) OWNER TO {owner};
 ALTER FUNCTION {schema}.acting_role() OWNER TO {owner};
