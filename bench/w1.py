@@ -14,7 +14,11 @@ from pgwarden.config import Config
 from pgwarden.history import install
 
 VARIANTS = ("untracked", "seed-fail-open", "seed-fail-closed", "pgwarden-fail-closed",
-            "pgwarden-fail-open", "proto-nothing", "proto-json", "proto-native")  # fmt: skip
+            "pgwarden-fail-open", "pgwarden-deferred", "proto-nothing", "proto-json",
+            "proto-native")  # fmt: skip
+# pgwarden-deferred: fail-closed with pgwarden.defer_rows = DEFER_ROWS (docs/history.md); the
+# events are written by materialize() after the three statements, timed apart.
+DEFER_ROWS = 1000
 # Prototype capture designs (bench/prototypes.sql), not the product: measured in the same run so
 # that the floor of each design compares with pgwarden. proto-nothing builds the transition
 # tables and writes nothing; proto-json is the leanest JSONB design that can still find a row by
@@ -34,6 +38,7 @@ class W1Result:
     reps: int
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     xids: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    materialize_seconds: list[float] = field(default_factory=list)
 
     def median(self, variant: str, statement: str) -> float:
         return statistics.median(self.seconds[variant][statement])
@@ -54,6 +59,11 @@ class W1Result:
             "xids_per_statement": {
                 v: {s: min(self.xids[v][s]) for s in STATEMENTS} for v in self.xids
             },
+            # Writing pgwarden-deferred's events later (all three statements), and the same
+            # over the untracked INSERT, as R is.
+            "materialize_seconds": statistics.median(self.materialize_seconds),
+            "materialize_R": statistics.median(self.materialize_seconds)
+            / self.median("untracked", "INSERT"),
             "raw_xids": self.xids,
             "raw_seconds": self.seconds,
         }
@@ -76,7 +86,9 @@ def _setup(conn: Conn, variant: str, table: str) -> None:
             ).format(ident, sql.Identifier(function))
         )
     elif variant.startswith("pgwarden"):
-        mode = variant.removeprefix("pgwarden-")
+        mode = (
+            "fail-closed" if variant == "pgwarden-deferred" else variant.removeprefix("pgwarden-")
+        )
         conn.execute("SELECT pgwarden.track(%s::regclass, %s)", (table, mode))
     elif variant in PROTOTYPES:
         rows = sql.Identifier("proto", f"{table}_rows")
@@ -151,10 +163,21 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                     ).format(ident),
                     "DELETE": sql.SQL("DELETE FROM {}").format(ident),
                 }
+                deferred = variant == "pgwarden-deferred"
+                if deferred:
+                    conn.execute(
+                        sql.SQL("SET pgwarden.defer_rows = {}").format(sql.Literal(DEFER_ROWS))
+                    )
                 for name, statement in statements.items():
                     seconds, xids = _timed(conn, statement)
                     result.seconds[variant][name].append(seconds)
                     result.xids[variant][name].append(xids)
+                if deferred:
+                    conn.execute("RESET pgwarden.defer_rows")
+                    conn.execute("CHECKPOINT")
+                    started = time.perf_counter()
+                    conn.execute("SELECT pgwarden.materialize()")
+                    result.materialize_seconds.append(time.perf_counter() - started)
                 conn.execute(sql.SQL("DROP TABLE {}").format(ident))
                 conn.execute(
                     sql.SQL("DROP TABLE IF EXISTS {}").format(
