@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 
 from pgwarden.config import Config
+from pgwarden.converge import build_plan
 from pgwarden.history import EventFilter, TableName, as_of, revert, verify
 from pgwarden.history import events as read_events
 from tests.conftest import Database
@@ -156,3 +157,49 @@ def test_as_of_and_revert_read_deferred_statements(database: Database) -> None:
         live = conn.execute("SELECT a, b, v FROM pair ORDER BY a").fetchall()
         conn.commit()
     assert live == [(g, "x", g) for g in range(1, 7)]
+
+
+def test_domain_columns_spool_as_their_base_type_and_unusable_types_stay_inline(
+    database: Database,
+) -> None:
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA hidden")  # pgwarden's owner role has no USAGE on it
+        conn.execute("CREATE TYPE hidden.mood AS ENUM ('ok', 'sad')")
+        conn.execute("CREATE DOMAIN small_int AS int")
+        conn.execute("CREATE TABLE d (id int PRIMARY KEY, n small_int)")
+        conn.execute("CREATE TABLE e (id int PRIMARY KEY, m hidden.mood)")
+        conn.execute("INSERT INTO d SELECT g, g FROM generate_series(1, 3) g")
+        conn.execute("INSERT INTO e SELECT g, 'ok' FROM generate_series(1, 3) g")
+        # Old rows now break the domain: spooling them as small_int would refuse the DELETE.
+        conn.execute("ALTER DOMAIN small_int ADD CONSTRAINT tiny CHECK (VALUE < 2) NOT VALID")
+        conn.execute("SET pgwarden.defer_rows = 2")
+        conn.execute("DELETE FROM d")
+        conn.execute("DELETE FROM e")
+        pending = conn.execute("SELECT table_name FROM pgwarden.deferred").fetchall()
+        with conn.transaction():
+            gone = [(e.table, e.old) for e in read_events(conn, EventFilter(op="DELETE"))]
+    assert pending == [("d",)]
+    assert sorted(gone, key=repr) == sorted(
+        [("public.d", {"id": g, "n": g}) for g in (1, 2, 3)]
+        + [("public.e", {"id": g, "m": "ok"}) for g in (1, 2, 3)],
+        key=repr,
+    )
+
+
+def test_defer_rows_in_the_config_is_planned_applied_and_reset(database: Database) -> None:
+    def config(defer: int | None) -> Config:
+        return Config.model_validate({"history": {"tables": ["public.*"], "defer_rows": defer}})
+
+    setup_history(database.url, config(500))
+    with database.connect() as conn:
+        assert not build_plan(conn, config(500))
+        assert not build_plan(conn, config(None))  # unset: left alone
+        assert ["over 20 rows" in op.description for op in build_plan(conn, config(20))] == [True]
+    with database.connect() as conn:  # a new session gets the database's default
+        assert conn.execute("SHOW pgwarden.defer_rows").fetchone() == ("500",)
+    setup_history(database.url, config(0))
+    with database.connect() as conn:
+        assert not build_plan(conn, config(0))
+        setting = conn.execute("SELECT current_setting('pgwarden.defer_rows', true)").fetchone()
+    assert setting in ((None,), ("",))

@@ -179,6 +179,14 @@ class HistoryConfig(_Section):
     record_statement: bool = Field(
         False, description="Also store the statement text (off: it can carry secrets)."
     )
+    defer_rows: int | None = Field(
+        None,
+        ge=0,
+        description="Statements changing at least this many rows are spooled natively and "
+        "their events written when history is next read (fast bulk writes; see "
+        "docs/history.md). Set as the database's pgwarden.defer_rows, for new sessions. "
+        "0: off. Unset: pgwarden leaves the setting alone.",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 

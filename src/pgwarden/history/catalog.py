@@ -133,6 +133,19 @@ def tracked_tables(conn: Conn, schema: HistorySchema) -> list[TrackedTable]:
     ]
 
 
+def database_setting(conn: Conn, name: str) -> str | None:
+    """The value set with ALTER DATABASE (current database, all roles) for `name`, if any."""
+    row = conn.execute(
+        "SELECT substr(c, length(%s) + 2) FROM pg_catalog.pg_db_role_setting s,"
+        " pg_catalog.unnest(s.setconfig) AS c"
+        " WHERE s.setrole = 0 AND s.setdatabase ="
+        " (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())"
+        " AND c LIKE %s || '=%%'",
+        (name, name),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
 def is_superuser(conn: Conn) -> bool:
     row = conn.execute(
         "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"

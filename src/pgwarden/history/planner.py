@@ -290,6 +290,29 @@ def _table_setting_operations(
     return ops
 
 
+def _defer_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) -> list[Operation]:
+    """history.defer_rows, kept as the database's default for pgwarden.defer_rows."""
+    if history.defer_rows is None:
+        return []
+    wanted = str(history.defer_rows) if history.defer_rows > 0 else None
+    if catalog.database_setting(conn, "pgwarden.defer_rows") == wanted:
+        return []
+    what = (
+        f"defer the events of statements over {history.defer_rows} rows to the next read"
+        if wanted
+        else "capture every statement inline (reset pgwarden.defer_rows)"
+    )
+    return [
+        Operation(
+            DOMAIN,
+            f"{what}, for new sessions of this database",
+            sql.SQL("SELECT {}({})").format(
+                schema.func("set_defer_rows"), sql.Literal(history.defer_rows)
+            ),
+        )
+    ]
+
+
 def _meta_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) -> list[Operation]:
     wanted = "on" if history.record_statement else "off"
     if catalog.meta(conn, schema).get("record_statement", "off") == wanted:
@@ -319,6 +342,7 @@ def plan_history(conn: Conn, config: Config) -> HistoryPlan:
         ops.append(partition_operation(schema))
     meta_ops = _meta_operations(conn, schema, history)
     ops.extend(meta_ops)
+    ops.extend(_defer_operations(conn, schema, history))
     ops.extend(_rule_operations(conn, schema, history))
     ops.extend(_table_setting_operations(conn, schema, history))
 

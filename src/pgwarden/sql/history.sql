@@ -333,14 +333,25 @@ BEGIN
     END IF;
     IF v_defer THEN
         -- The spool: the table's columns (not the excluded ones) in their own types, plus the
-        -- side (old/new) and position that pair an UPDATE's images. A table with a column
-        -- named like ours is captured inline instead.
+        -- side (old/new) and position that pair an UPDATE's images. A domain column is stored
+        -- as its base type (a constraint added NOT VALID since must not refuse old rows; the
+        -- JSON is the same). Captured inline instead: a table with a column named like ours,
+        -- or with a column type this function's owner may not use (it creates the spool).
         SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname,
-                   pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum),
+                   CASE WHEN t.typtype = 'd' THEN pg_catalog.format_type(t.typbasetype, t.typtypmod)
+                        ELSE pg_catalog.format_type(a.atttypid, a.atttypmod) END),
+                   ', ' ORDER BY a.attnum),
                pg_catalog.string_agg(pg_catalog.format('r.%I', a.attname), ', ' ORDER BY a.attnum),
                NOT pg_catalog.bool_or(a.attname::text LIKE 'pgwarden$%')
+               AND pg_catalog.bool_and(
+                   pg_catalog.has_type_privilege(
+                       CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END, 'USAGE')
+                   AND pg_catalog.has_schema_privilege(
+                       (SELECT b.typnamespace FROM pg_catalog.pg_type b
+                        WHERE b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype
+                                           ELSE a.atttypid END), 'USAGE'))
         INTO v_coldefs, v_cols, v_defer
-        FROM pg_catalog.pg_attribute a
+        FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
         WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
           AND a.attname::text <> ALL (v_excluded);
     END IF;
@@ -682,6 +693,23 @@ BEGIN
     PERFORM pg_catalog.set_config('pgwarden.spooling', '', true);
     PERFORM pg_catalog.set_config('work_mem', v_work_mem, true);
     RETURN done;
+END
+$body$;
+
+-- history.defer_rows in pgwarden.yaml: this database's default for pgwarden.defer_rows (0 or
+-- less: none). Runs with the caller's rights: ALTER DATABASE needs its owner or a superuser.
+CREATE OR REPLACE FUNCTION {schema}.set_defer_rows(n bigint) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+BEGIN
+    IF n > 0 THEN
+        EXECUTE pg_catalog.format('ALTER DATABASE %I SET pgwarden.defer_rows = %L',
+                                  pg_catalog.current_database(), n::text);
+    ELSE
+        EXECUTE pg_catalog.format('ALTER DATABASE %I RESET pgwarden.defer_rows',
+                                  pg_catalog.current_database());
+    END IF;
 END
 $body$;
 
