@@ -14,10 +14,10 @@ from pgwarden.config import Config
 from pgwarden.history import install
 
 VARIANTS = ("untracked", "seed-fail-open", "seed-fail-closed", "pgwarden-fail-closed",
-            "pgwarden-fail-open", "pgwarden-deferred", "proto-nothing", "proto-json",
-            "proto-native")  # fmt: skip
-# pgwarden-deferred: fail-closed with pgwarden.defer_rows = DEFER_ROWS (docs/history.md); the
-# events are written by materialize() after the three statements, timed apart.
+            "pgwarden-fail-open", "pgwarden-deferred-fail-closed", "pgwarden-deferred-fail-open",
+            "proto-nothing", "proto-json", "proto-native")  # fmt: skip
+# pgwarden-deferred-*: pgwarden.defer_rows = DEFER_ROWS (docs/history.md); the events are
+# written by materialize() after the three statements, timed apart.
 DEFER_ROWS = 1000
 # Prototype capture designs (bench/prototypes.sql), not the product: measured in the same run so
 # that the floor of each design compares with pgwarden. proto-nothing builds the transition
@@ -59,7 +59,7 @@ class W1Result:
             "xids_per_statement": {
                 v: {s: min(self.xids[v][s]) for s in STATEMENTS} for v in self.xids
             },
-            # Writing pgwarden-deferred's events later (all three statements), and the same
+            # Writing pgwarden-deferred-*'s events later (all three statements), and the same
             # over the untracked INSERT, as R is.
             "materialize_seconds": statistics.median(self.materialize_seconds),
             "materialize_R": statistics.median(self.materialize_seconds)
@@ -86,9 +86,7 @@ def _setup(conn: Conn, variant: str, table: str) -> None:
             ).format(ident, sql.Identifier(function))
         )
     elif variant.startswith("pgwarden"):
-        mode = (
-            "fail-closed" if variant == "pgwarden-deferred" else variant.removeprefix("pgwarden-")
-        )
+        mode = variant.removeprefix("pgwarden-").removeprefix("deferred-")
         conn.execute("SELECT pgwarden.track(%s::regclass, %s)", (table, mode))
     elif variant in PROTOTYPES:
         rows = sql.Identifier("proto", f"{table}_rows")
@@ -163,7 +161,7 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                     ).format(ident),
                     "DELETE": sql.SQL("DELETE FROM {}").format(ident),
                 }
-                deferred = variant == "pgwarden-deferred"
+                deferred = variant.startswith("pgwarden-deferred")
                 if deferred:
                     conn.execute(
                         sql.SQL("SET pgwarden.defer_rows = {}").format(sql.Literal(DEFER_ROWS))
