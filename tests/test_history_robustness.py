@@ -79,6 +79,16 @@ def _break_history(conn: psycopg.Connection[tuple[object, ...]]) -> None:
         "CREATE TRIGGER refuse BEFORE INSERT ON pgwarden.event "
         "FOR EACH ROW EXECUTE FUNCTION public.refuse()"
     )
+    conn.execute(  # deferred capture's metadata, too
+        "CREATE TRIGGER refuse BEFORE INSERT ON pgwarden.deferred "
+        "FOR EACH ROW EXECUTE FUNCTION public.refuse()"
+    )
+
+
+def _spools(conn: psycopg.Connection[tuple[object, ...]]) -> object:
+    return conn.execute(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'pgwarden' AND tablename ~ '^spool_'"
+    ).fetchone()
 
 
 def test_fail_open_writes_succeed_and_failures_are_counted(database: Database) -> None:
@@ -96,8 +106,14 @@ def test_fail_open_writes_succeed_and_failures_are_counted(database: Database) -
         # A bulk statement (over 1,000 rows) takes the other capture path: same behaviour.
         work_mem = conn.execute("SHOW work_mem").fetchone()
         conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 1500) g")
+        # And a deferred one (pgwarden.defer_rows): its spool goes with the failure.
+        conn.execute("SET pgwarden.defer_rows = 2")
+        conn.execute("UPDATE t SET v = 2 WHERE id <= 20")
+        conn.execute("RESET pgwarden.defer_rows")
+        assert conn.execute("SELECT count(*) FROM t WHERE v = 2").fetchone() == (20,)
+        assert _spools(conn) == (0,)
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (1500,)
-        assert conn.execute("SELECT count(*) FROM pgwarden.capture_failure").fetchone() == (5,)
+        assert conn.execute("SELECT count(*) FROM pgwarden.capture_failure").fetchone() == (6,)
         assert conn.execute("SHOW work_mem").fetchone() == work_mem  # restored after the sort
         assert any("was not recorded" in n for n in notices)
         assert events(conn) == []
@@ -105,7 +121,7 @@ def test_fail_open_writes_succeed_and_failures_are_counted(database: Database) -
 
     with database.connect() as conn:
         report = verify(conn)
-    assert any(p.kind == "capture-failures" and "5 statement" in p.detail for p in report.problems)
+    assert any(p.kind == "capture-failures" and "6 statement" in p.detail for p in report.problems)
 
 
 def test_fail_closed_refuses_the_write_and_writes_nothing(database: Database) -> None:
@@ -121,6 +137,11 @@ def test_fail_closed_refuses_the_write_and_writes_nothing(database: Database) ->
             conn.execute("INSERT INTO t VALUES (2, 0)")
         with pytest.raises(psycopg.errors.RaiseException):  # the bulk path, too
             conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(2, 1600) g")
+        conn.execute("SET pgwarden.defer_rows = 2")
+        with pytest.raises(psycopg.errors.RaiseException):  # and the deferred one
+            conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(2, 10) g")
+        conn.execute("RESET pgwarden.defer_rows")
+        assert _spools(conn) == (0,)
         assert conn.execute("SELECT id, v FROM t").fetchall() == [(1, 0)]
         assert conn.execute("SELECT count(*) FROM pgwarden.capture_failure").fetchone() == (0,)
 
