@@ -636,7 +636,7 @@ DECLARE
     done bigint := 0;
     v_key1 text;
     v_nonkey text[];
-    v_image text := 'pg_catalog.to_jsonb(s) OPERATOR(pg_catalog.-)'
+    v_image text := 'pg_catalog.to_jsonb(%1$s) OPERATOR(pg_catalog.-)'
                     ' ''{{pgwarden$side,pgwarden$ord}}''::text[]';
     v_key text := 'CASE WHEN $16 IS NOT NULL'
                   ' THEN pg_catalog.jsonb_build_object($16, %1$s OPERATOR(pg_catalog.->) $16)'
@@ -667,20 +667,21 @@ BEGIN
         IF d.op = 'INSERT' THEN
             v_source := pg_catalog.format('SELECT %s AS k, NULL::jsonb AS o, j AS n'
                 ' FROM (SELECT %s AS j FROM {schema}.%I s OFFSET 0) i',
-                pg_catalog.format(v_key, 'j'), v_image, d.spool);
+                pg_catalog.format(v_key, 'j'), pg_catalog.format(v_image, 's'), d.spool);
         ELSIF d.op = 'DELETE' THEN
             v_source := pg_catalog.format('SELECT %s AS k, j AS o, NULL::jsonb AS n'
                 ' FROM (SELECT %s AS j FROM {schema}.%I s OFFSET 0) i',
-                pg_catalog.format(v_key, 'j'), v_image, d.spool);
+                pg_catalog.format(v_key, 'j'), pg_catalog.format(v_image, 's'), d.spool);
         ELSE
-            v_source := pg_catalog.format('SELECT %s AS k, od.j AS o, nw.j AS n'
-                ' FROM (SELECT %s AS j, s."pgwarden$ord" AS pos FROM {schema}.%I s'
-                '       WHERE s."pgwarden$side" = %L) od'
-                ' JOIN (SELECT %s AS j, s."pgwarden$ord" AS pos FROM {schema}.%I s'
-                '       WHERE s."pgwarden$side" = %L OFFSET 0) nw'
-                ' ON od.pos OPERATOR(pg_catalog.=) nw.pos'
-                ' WHERE od.j IS DISTINCT FROM nw.j OFFSET 0',
-                pg_catalog.format(v_key, 'nw.j'), v_image, d.spool, 'o', v_image, d.spool, 'n');
+            -- Pair the native rows first, then build each image once (OFFSET 0): building
+            -- them before the join made the planner build them twice, 2.6 times slower.
+            v_source := pg_catalog.format('SELECT %s AS k, x.o, x.n'
+                ' FROM (SELECT %s AS o, %s AS n FROM {schema}.%I so JOIN {schema}.%I sn'
+                '       ON so."pgwarden$ord" OPERATOR(pg_catalog.=) sn."pgwarden$ord"'
+                '       WHERE so."pgwarden$side" = %L AND sn."pgwarden$side" = %L OFFSET 0) x'
+                ' WHERE x.o IS DISTINCT FROM x.n',
+                pg_catalog.format(v_key, 'x.n'), pg_catalog.format(v_image, 'so'),
+                pg_catalog.format(v_image, 'sn'), d.spool, d.spool, 'o', 'n');
         END IF;
         EXECUTE {schema}.bulk_insert(v_source)
             USING d.stmt_id, d.tx, d.tx_at, d.stmt_at, d.table_oid, d.schema_name, d.table_name,
