@@ -140,7 +140,7 @@ def database_setting(conn: Conn, name: str) -> str | None:
         " pg_catalog.unnest(s.setconfig) AS c"
         " WHERE s.setrole = 0 AND s.setdatabase ="
         " (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())"
-        " AND c LIKE %s || '=%%'",
+        " AND pg_catalog.starts_with(c, %s || '=')",
         (name, name),
     ).fetchone()
     return str(row[0]) if row else None
