@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from bench import prototypes
 from pgwarden.config import Config
 from pgwarden.history import install
 
@@ -27,7 +28,6 @@ PROTOTYPES = {"proto-nothing": "capture_nothing", "proto-json": "capture_json",
               "proto-native": "capture_native"}  # fmt: skip
 STATEMENTS = ("INSERT", "UPDATE", "DELETE")
 SEED_SQL = (Path(__file__).parent / "seed.sql").read_text()
-PROTOTYPES_SQL = (Path(__file__).parent / "prototypes.sql").read_text()
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -99,24 +99,7 @@ def _setup(conn: Conn, variant: str, table: str) -> None:
                 ).format(rows=rows, table=ident)
             )
             argument = rows.as_string(conn)
-        for event, transition in (
-            ("INSERT", "NEW TABLE AS new_rows"),
-            ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
-            ("DELETE", "OLD TABLE AS old_rows"),
-        ):
-            conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER {name} AFTER {event} ON {table} REFERENCING {transition} "
-                    "FOR EACH STATEMENT EXECUTE FUNCTION {function}({argument})"
-                ).format(
-                    name=sql.Identifier(f"proto_{event.lower()}"),
-                    event=sql.SQL(event),
-                    table=ident,
-                    transition=sql.SQL(transition),
-                    function=sql.Identifier("proto", PROTOTYPES[variant]),
-                    argument=sql.Literal(argument),
-                )
-            )
+        prototypes.add_triggers(conn, ident, PROTOTYPES[variant], STATEMENTS, argument)
 
 
 def _next_xid(conn: Conn) -> int:
@@ -142,7 +125,7 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
         result.xids[v] = {s: [] for s in STATEMENTS}
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SEED_SQL)
-        conn.execute(PROTOTYPES_SQL)
+        conn.execute(prototypes.SQL)
         install(conn, Config())
         for rep in range(reps):
             # Interleave variants (A B C … then rotated) so drift on a noisy machine hits all.

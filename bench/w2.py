@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from bench import prototypes
 from pgwarden.config import Config
 from pgwarden.history import install
 
@@ -20,7 +21,7 @@ TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_hi
 # each changed row into a plain unindexed table, the floor of any capture that writes history in
 # the application's transaction.
 VARIANTS = ("untracked", "tracked", "proto-images")
-PROTOTYPES_SQL = (Path(__file__).parent / "prototypes.sql").read_text()
+EVENTS = ("INSERT", "UPDATE")  # what tpcb-like runs on the tracked tables
 
 
 @dataclass
@@ -85,27 +86,14 @@ def _prepare(conn: psycopg.Connection[tuple[object, ...]], variant: str, table: 
         (table, table),
     )
     ident = sql.Identifier(table)
-    for event in ("INSERT", "UPDATE"):
-        name = sql.Identifier(f"proto_{event.lower()}")
-        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, ident))
+    for event in EVENTS:
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(prototypes.trigger_name(event), ident)
+        )
     if variant == "tracked":
         conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
     elif variant == "proto-images":
-        for event, transition in (
-            ("INSERT", "NEW TABLE AS new_rows"),
-            ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
-        ):
-            conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER {} AFTER {} ON {} REFERENCING {} FOR EACH STATEMENT "
-                    "EXECUTE FUNCTION proto.capture_images()"
-                ).format(
-                    sql.Identifier(f"proto_{event.lower()}"),
-                    sql.SQL(event),
-                    ident,
-                    sql.SQL(transition),
-                )
-            )
+        prototypes.add_triggers(conn, ident, "capture_images", EVENTS)
 
 
 def run_w2(
@@ -118,7 +106,7 @@ def run_w2(
         # variants get the column, so they run the same workload.
         conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
         install(conn, Config())
-        conn.execute(PROTOTYPES_SQL)
+        conn.execute(prototypes.SQL)
         conn.execute("VACUUM ANALYZE")
     for rep in range(reps):
         order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
