@@ -155,6 +155,12 @@ class TableHistory(_Section):
     )
 
 
+class CaptureTrigger(StrEnum):
+    AUTO = "auto"
+    COMPILED = "compiled"
+    PLPGSQL = "plpgsql"
+
+
 class HistoryConfig(_Section):
     """Change history: which tables are tracked and how."""
 
@@ -179,13 +185,17 @@ class HistoryConfig(_Section):
     record_statement: bool = Field(
         False, description="Also store the statement text (off: it can carry secrets)."
     )
+    trigger: CaptureTrigger = Field(
+        CaptureTrigger.AUTO,
+        description="Which capture trigger writes history: auto (the compiled one where the "
+        "server can load it, else PL/pgSQL), compiled (refuse otherwise) or plpgsql. Both "
+        "write the same history; see docs/history.md.",
+    )
     defer_rows: int | None = Field(
         None,
         ge=0,
-        description="Statements changing at least this many rows are spooled natively and "
-        "their events written when history is next read (fast bulk writes; see "
-        "docs/history.md). Set as the database's pgwarden.defer_rows, for new sessions. "
-        "0: off. Unset: pgwarden leaves the setting alone.",
+        description="No longer used: bulk statements are captured cheaply without it. "
+        "Accepted so that older files still load; `plan` says to remove it.",
     )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)

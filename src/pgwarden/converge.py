@@ -18,10 +18,7 @@ Planner = Callable[[Conn, Config, Plan], None]
 def _history(conn: Conn, config: Config, plan: Plan) -> None:
     history = plan_history(conn, config)
     plan.extend(history.operations)
-    for name in history.without_key:
-        plan.warnings.append(
-            f"{name} matches history.tables but has no primary key: not tracked until it has one"
-        )
+    plan.warnings.extend(history.warnings)
 
 
 def _access(conn: Conn, config: Config, plan: Plan) -> None:

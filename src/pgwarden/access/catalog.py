@@ -133,6 +133,17 @@ def table_privileges(conn: Conn, schemas: list[str]) -> dict[tuple[str, str, str
     return result
 
 
+def relations_in(conn: Conn, schema: str) -> list[str]:
+    """Tables and views of one schema (partitions not counted)."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition",
+        (schema,),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def schema_usage(conn: Conn) -> dict[str, set[str]]:
     """role → schemas it has USAGE on by a direct grant (owners not counted)."""
     rows = conn.execute(

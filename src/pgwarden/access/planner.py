@@ -16,25 +16,16 @@ from pgwarden.access.catalog import Conn
 from pgwarden.access.secrets import read_password, scram_verifier, verifier_matches
 from pgwarden.config import AccessConfig, Config
 from pgwarden.errors import ConfigError, UserError
-from pgwarden.history.catalog import HistorySchema
+from pgwarden.history.catalog import HistorySchema, has_meta
 from pgwarden.history.catalog import is_installed as history_installed
 from pgwarden.history.catalog import meta as history_meta
 from pgwarden.history.names import TableName, parse_pattern
-from pgwarden.history.planner import install_operations, set_meta
+from pgwarden.history.planner import install_operations
+from pgwarden.history.upgrade import set_meta
 from pgwarden.plan import Operation
 from pgwarden.sqlfiles import compose, sql_version
 
 DOMAIN = "access"
-HISTORY_TABLES = (
-    "event",
-    "table_event",
-    "ddl_log",
-    "tracked",
-    "capture_failure",
-    "rule",
-    "table_setting",
-    "meta",
-)
 _KIND_SQL = {
     "schema": "SCHEMA",
     "table": "TABLE",
@@ -352,16 +343,19 @@ def _auditor_operations(conn: Conn, config: Config) -> list[Operation]:
         conn, auditor, schema.name, "USAGE"
     ):
         granted = catalog.table_privileges(conn, [schema.name])
-        if all("SELECT" in granted.get((auditor, schema.name, t), set()) for t in HISTORY_TABLES):
+        if all(
+            "SELECT" in granted.get((auditor, schema.name, t), set())
+            for t in catalog.relations_in(conn, schema.name)
+        ):
             return []
+    # Every table and view of history; a history table made later gets the SELECT grants of
+    # the tx table (history/track.sql), so the auditor can read it without another apply.
     return [
         _op(
             f"role {auditor}: read-only access to history (schema {schema.name})",
-            sql.SQL("GRANT USAGE ON SCHEMA {s} TO {a}; GRANT SELECT ON TABLE {t} TO {a}").format(
-                s=schema.ident,
-                a=_ident(auditor),
-                t=sql.SQL(", ").join(schema.table(t) for t in HISTORY_TABLES),
-            ),
+            sql.SQL(
+                "GRANT USAGE ON SCHEMA {s} TO {a}; GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {a}"
+            ).format(s=schema.ident, a=_ident(auditor)),
         )
     ]
 
@@ -395,8 +389,10 @@ def _guard_operations(conn: Conn, config: Config, superuser: bool) -> list[Opera
         )
     ops: list[Operation] = []
     installed = history_installed(conn, schema)
-    if not installed and not config.history.tables:
-        ops += install_operations(conn, schema)  # the guard lives beside history
+    if not has_meta(conn, schema) and not config.history.tables:
+        # The guard lives beside history (the history planner installs it when tables are
+        # tracked, or when an older release's history is there to upgrade).
+        ops += install_operations(conn, schema, config.history.trigger.value)
     meta = history_meta(conn, schema)
     version = sql_version("guard.sql")
     if meta.get("guard_version") != version or len(present) < 2:

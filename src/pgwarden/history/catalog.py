@@ -38,6 +38,7 @@ class HistorySchema:
             "schema": self.ident,
             "owner": sql.Identifier(self.owner),
             "schema_name": sql.Literal(self.name),
+            "owner_name": sql.Literal(self.owner),
         }
 
 
@@ -48,7 +49,8 @@ DEFAULT_SCHEMA = HistorySchema()
 class LiveTable:
     oid: int
     name: TableName
-    has_key: bool
+    has_key: bool  # a primary key or replica identity index; without one, rows are told apart
+    # by their whole content
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,16 @@ CAPTURE_TRIGGERS = (
 
 
 def is_installed(conn: Conn, schema: HistorySchema) -> bool:
+    """History of this release's layout is there (not only an older release's, which `apply`
+    upgrades)."""
+    row = conn.execute(
+        "SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(%s) || '.logged_table') IS NOT NULL",
+        (schema.name,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def has_meta(conn: Conn, schema: HistorySchema) -> bool:
     row = conn.execute(
         "SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(%s) || '.meta') IS NOT NULL",
         (schema.name,),
@@ -79,7 +91,7 @@ def is_installed(conn: Conn, schema: HistorySchema) -> bool:
 
 
 def meta(conn: Conn, schema: HistorySchema) -> dict[str, str]:
-    if not is_installed(conn, schema):
+    if not has_meta(conn, schema):
         return {}
     rows = conn.execute(sql.SQL("SELECT key, value FROM {}").format(schema.table("meta")))
     return {str(k): str(v) for k, v in rows.fetchall()}

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from psycopg import sql
 
 from pgwarden.config import Config, HistoryConfig
 from pgwarden.errors import ConfigError
-from pgwarden.history import catalog
+from pgwarden.history import catalog, native
 from pgwarden.history.catalog import Conn, HistorySchema, TrackedTable
 from pgwarden.history.names import TableName, TablePattern, parse_pattern, parse_table
+from pgwarden.history.upgrade import DOMAIN, ddl_operations, schema_operations, set_meta
 from pgwarden.plan import Operation
-from pgwarden.sqlfiles import compose, sql_version
-
-DOMAIN = "history"
-PARTITION_MONTHS_AHEAD = 12
 
 
 @dataclass(frozen=True)
@@ -72,87 +68,13 @@ def desired_settings(history: HistoryConfig, name: TableName) -> TableSettings:
     return settings_by_table(history).get(name, TableSettings(str(history.mode.value), (), "rows"))
 
 
-def install_operations(conn: Conn, schema: HistorySchema) -> list[Operation]:
-    ops: list[Operation] = []
-    if not catalog.role_exists(conn, schema.owner):
-        ops.append(
-            Operation(
-                DOMAIN,
-                f"create the NOLOGIN role {schema.owner} that owns history",
-                sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(schema.owner)),
-            )
-        )
-    current = catalog.meta(conn, schema)
-    version = sql_version("history.sql")
-    if current.get("version") != version:
-        verb = "install" if not current else "upgrade"
-        ops.append(
-            Operation(
-                DOMAIN,
-                f"{verb} the history schema {schema.name} (tables, capture functions)",
-                sql.Composed(
-                    [
-                        compose("history.sql", **schema.placeholders()),
-                        set_meta(schema, "version", version),
-                    ]
-                ),
-                display=f"-- pgwarden/sql/history.sql, version {version}",
-            )
-        )
-    if catalog.is_superuser(conn):
-        ddl_version = sql_version("ddl.sql")
-        if current.get("ddl_version") != ddl_version or not catalog.event_triggers_ok(conn):
-            ops.append(
-                Operation(
-                    DOMAIN,
-                    "install the DDL log and auto-tracking event triggers",
-                    sql.Composed(
-                        [
-                            compose("ddl.sql", **schema.placeholders()),
-                            set_meta(schema, "ddl_version", ddl_version),
-                        ]
-                    ),
-                    display=f"-- pgwarden/sql/ddl.sql, version {ddl_version}",
-                )
-            )
-    return ops
-
-
-def set_meta(schema: HistorySchema, key: str, value: str) -> sql.Composed:
-    return sql.SQL(
-        "\nINSERT INTO {} (key, value) VALUES ({}, {}) "
-        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;\n"
-    ).format(schema.table("meta"), sql.Literal(key), sql.Literal(value))
-
-
-def missing_partitions(conn: Conn, schema: HistorySchema) -> bool:
-    if not catalog.is_installed(conn, schema):
-        return True
-    now = datetime.now(UTC)
-    wanted = []
-    year, month = now.year, now.month
-    for _ in range(PARTITION_MONTHS_AHEAD + 1):
-        wanted.append(f"event_p{year:04d}{month:02d}")
-        month += 1
-        if month == 13:
-            year, month = year + 1, 1
-    rows = conn.execute(
-        "SELECT c.relname FROM pg_catalog.pg_class c "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = ANY (%s)",
-        (schema.name, wanted),
-    ).fetchall()
-    return len(rows) < len(wanted)
-
-
-def partition_operation(schema: HistorySchema) -> Operation:
-    return Operation(
-        DOMAIN,
-        f"create monthly history partitions up to {PARTITION_MONTHS_AHEAD} months ahead",
-        sql.SQL("SELECT {}({})").format(
-            schema.func("ensure_partitions"), sql.Literal(PARTITION_MONTHS_AHEAD)
-        ),
-    )
+def install_operations(conn: Conn, schema: HistorySchema, engine: str) -> list[Operation]:
+    """History's schema, functions, capture engine and event triggers, for this release."""
+    return [
+        *schema_operations(conn, schema),
+        *native.engine_operations(conn, schema, engine),
+        *ddl_operations(conn, schema),
+    ]
 
 
 def regclass(name: TableName) -> sql.Composed:
@@ -290,24 +212,17 @@ def _table_setting_operations(
     return ops
 
 
-def _defer_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) -> list[Operation]:
-    """history.defer_rows, kept as the database's default for pgwarden.defer_rows."""
-    if history.defer_rows is None:
+def _legacy_operations(conn: Conn) -> list[Operation]:
+    """pgwarden 0.1's deferred capture was switched on with the database setting
+    pgwarden.defer_rows; nothing reads it now."""
+    if catalog.database_setting(conn, "pgwarden.defer_rows") is None:
         return []
-    wanted = str(history.defer_rows) if history.defer_rows > 0 else None
-    if catalog.database_setting(conn, "pgwarden.defer_rows") == wanted:
-        return []
-    what = (
-        f"defer the events of statements over {history.defer_rows} rows to the next read"
-        if wanted
-        else "capture every statement inline (reset pgwarden.defer_rows)"
-    )
     return [
         Operation(
             DOMAIN,
-            f"{what}, for new sessions of this database",
-            sql.SQL("SELECT {}({})").format(
-                schema.func("set_defer_rows"), sql.Literal(history.defer_rows)
+            "reset pgwarden.defer_rows, which pgwarden no longer uses",
+            sql.SQL("ALTER DATABASE {} RESET pgwarden.defer_rows").format(
+                sql.Identifier(str(conn.info.dbname))
             ),
         )
     ]
@@ -329,20 +244,24 @@ def _meta_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) 
 @dataclass(frozen=True)
 class HistoryPlan:
     operations: list[Operation]
-    without_key: list[TableName]  # matched by a pattern, but cannot be tracked: plan warnings
+    warnings: list[str]
 
 
 def plan_history(conn: Conn, config: Config) -> HistoryPlan:
     history = config.history
     schema = HistorySchema(history.schema_name)
-    if not history.tables and not catalog.is_installed(conn, schema):
+    if not history.tables and not catalog.has_meta(conn, schema):
         return HistoryPlan([], [])  # nothing asked, nothing installed: stay out of the way
-    ops = install_operations(conn, schema)
-    if missing_partitions(conn, schema):
-        ops.append(partition_operation(schema))
+    warnings = []
+    if history.defer_rows is not None:
+        warnings.append(
+            "history.defer_rows is no longer used (bulk statements are captured cheaply "
+            "without it): remove it from pgwarden.yaml"
+        )
+    ops = install_operations(conn, schema, history.trigger.value)
     meta_ops = _meta_operations(conn, schema, history)
     ops.extend(meta_ops)
-    ops.extend(_defer_operations(conn, schema, history))
+    ops.extend(_legacy_operations(conn))
     ops.extend(_rule_operations(conn, schema, history))
     ops.extend(_table_setting_operations(conn, schema, history))
 
@@ -354,25 +273,15 @@ def plan_history(conn: Conn, config: Config) -> HistoryPlan:
         if pattern.is_glob:
             continue
         name = pattern.exact()
-        match = next((t for t in live if t.name == name), None)
-        if match is None:
+        if not any(t.name == name for t in live):
             raise ConfigError(
                 f"history.tables: table {name} does not exist",
                 hint="create it first, or use a pattern (e.g. 'public.*') to track it "
                 "when it is created",
             )
-        if not match.has_key:
-            raise ConfigError(
-                f"history.tables: {name} has no primary key, so its rows cannot be told apart",
-                hint="add a primary key (or REPLICA IDENTITY USING INDEX), then apply again",
-            )
-    without_key: list[TableName] = []
     for table in live:
         if any(p.matches(table.name) for p in pats):
-            if table.has_key:
-                wanted[table.oid] = table.name
-            else:
-                without_key.append(table.name)
+            wanted[table.oid] = table.name
     for oid, name in wanted.items():
         settings = desired_settings(history, name)
         have: TrackedTable | None = tracked.get(oid)
@@ -401,4 +310,4 @@ def plan_history(conn: Conn, config: Config) -> HistoryPlan:
     for oid, have in tracked.items():
         if oid not in wanted and have.source != "manual":
             ops.append(untrack_operation(schema, have.name, "no longer in history.tables"))
-    return HistoryPlan(ops, without_key)
+    return HistoryPlan(ops, warnings)

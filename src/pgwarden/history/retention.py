@@ -16,8 +16,8 @@ from psycopg import sql
 
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
-from pgwarden.history.deferred import materialize
-from pgwarden.history.planner import PARTITION_MONTHS_AHEAD
+materialize = lambda *a: 0  # TEMP
+PARTITION_MONTHS_AHEAD = 12  # TEMP
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ from pgwarden.history.planner import (
     TableSettings,
     desired_settings,
     install_operations,
-    missing_partitions,
-    partition_operation,
     track_operation,
     untrack_operation,
 )
@@ -27,20 +25,13 @@ def _existing(conn: Conn, schema: HistorySchema, names: Sequence[TableName]) -> 
         table = live.get(name)
         if table is None:
             raise UserError(f"table {name} does not exist", hint="names are schema.table")
-        if not table.has_key:
-            raise UserError(
-                f"{name} has no primary key, so its rows cannot be told apart in history",
-                hint="add a primary key (or REPLICA IDENTITY USING INDEX), then track it",
-            )
 
 
 def install(conn: Conn, config: Config) -> list[Operation]:
     """Install (or upgrade) the history schema without tracking anything; returns what ran."""
     schema = HistorySchema(config.history.schema_name)
     with conn.transaction():
-        ops = install_operations(conn, schema)
-        if missing_partitions(conn, schema):
-            ops.append(partition_operation(schema))
+        ops = install_operations(conn, schema, config.history.trigger.value)
     apply_plan(conn, ops)
     return ops
 
@@ -57,9 +48,7 @@ def track(
     schema = HistorySchema(config.history.schema_name)
     with conn.transaction():
         _existing(conn, schema, names)
-        ops = install_operations(conn, schema)
-        if missing_partitions(conn, schema):
-            ops.append(partition_operation(schema))
+        ops = install_operations(conn, schema, config.history.trigger.value)
         for name in names:
             base = desired_settings(config.history, name)
             settings = TableSettings(

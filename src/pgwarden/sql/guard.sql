@@ -35,10 +35,11 @@ BEGIN
         RETURN;
     END IF;
     FOR cmd IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
-        -- pgwarden's own spool tables (deferred capture) are made and dropped by its definer
-        -- functions on behalf of any writer; nobody else holds privileges on this schema.
+        -- pgwarden's own history tables follow the tables they record (track.sql), on behalf
+        -- of whoever changed such a table; nobody else holds privileges on this schema, so
+        -- setting the flag gains nobody anything.
         IF cmd.schema_name = {schema_name}
-           AND COALESCE(pg_catalog.current_setting('pgwarden.spooling', true), '') <> 'on' THEN
+           AND COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') <> 'on' THEN
             RAISE EXCEPTION 'pgwarden: % on % is not allowed: history objects belong to pgwarden',
                 cmd.command_tag, cmd.object_identity
                 USING ERRCODE = 'insufficient_privilege';
@@ -76,7 +77,7 @@ BEGIN
     END IF;
     FOR obj IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
         IF obj.schema_name = {schema_name}
-           AND COALESCE(pg_catalog.current_setting('pgwarden.spooling', true), '') <> 'on' THEN
+           AND COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') <> 'on' THEN
             RAISE EXCEPTION 'pgwarden: dropping % is not allowed: history objects belong to pgwarden',
                 obj.object_identity USING ERRCODE = 'insufficient_privilege';
         END IF;

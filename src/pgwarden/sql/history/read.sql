@@ -1,0 +1,119 @@
+-- pgwarden history: reading. Functions only; placeholders as in base.sql.
+--
+-- History tables hold native values; JSON is made here, when read. An image lists the columns
+-- the table had when the event was written (from the statement id and logged_column), under
+-- their current names, in the table's column order; `json`, not `jsonb`, so that order and
+-- every number's digits are kept as PostgreSQL wrote them.
+
+-- The SQL expression (text) for one side ('o' old, 'n' new) of the events in history table
+-- alias `alias`, as json; `only` limits it to some columns (the key). Columns come and go at
+-- statement ids (since, until), so the expression picks the column set by the event's
+-- statement id.
+CREATE OR REPLACE FUNCTION {schema}.image_sql(log int, side "char", alias text,
+                                               only_attnums int2[] DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    bounds bigint[];
+    b bigint;
+    i int;
+    parts text := '';
+    cols text;
+BEGIN
+    SELECT pg_catalog.array_agg(DISTINCT x ORDER BY x) INTO bounds
+    FROM {schema}.logged_column c, LATERAL (VALUES (c.since), (c.until)) v(x)
+    WHERE c.log_id = log AND x IS NOT NULL AND x > 0
+      AND (only_attnums IS NULL OR c.attnum = ANY (only_attnums));
+    bounds := ARRAY[0::bigint] || COALESCE(bounds, '{{}}');
+    FOR i IN 1 .. pg_catalog.cardinality(bounds) LOOP
+        b := bounds[i];
+        SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I AS %I', alias,
+                   CASE WHEN side = 'o' THEN c.old_col ELSE c.new_col END, c.name),
+                   ', ' ORDER BY c.attnum < 0, pg_catalog.abs(c.attnum), c.gen)
+        INTO cols
+        FROM {schema}.logged_column c
+        WHERE c.log_id = log AND c.since <= b AND (c.until IS NULL OR c.until > b)
+          AND (only_attnums IS NULL OR c.attnum = ANY (only_attnums));
+        cols := pg_catalog.format('(SELECT pg_catalog.to_json(x) FROM (SELECT %s) x)',
+                                  COALESCE(cols, ''));
+        IF i < pg_catalog.cardinality(bounds) THEN
+            parts := parts || pg_catalog.format(' WHEN %I.stmt < %s THEN %s', alias,
+                                                bounds[i + 1], cols);
+        ELSE
+            parts := parts || ' ELSE ' || cols;
+        END IF;
+    END LOOP;
+    IF pg_catalog.cardinality(bounds) = 1 THEN
+        RETURN cols;
+    END IF;
+    RETURN 'CASE' || parts || ' END';
+END
+$body$;
+
+-- The three JSON columns of an event: key, old row, new row.
+CREATE OR REPLACE FUNCTION {schema}.event_sql(log int, alias text)
+RETURNS TABLE (row_key text, old_row text, new_row text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN t.key_attnums IS NULL THEN 'NULL::json'
+                ELSE pg_catalog.format(
+                    'CASE WHEN %1$I.op IN (''D'', ''T'') THEN %2$s WHEN %1$I.op = ''X'' THEN NULL'
+                    ' ELSE %3$s END', alias,
+                    {schema}.image_sql(log, 'o', alias, t.key_attnums),
+                    {schema}.image_sql(log, 'n', alias, t.key_attnums)) END,
+           pg_catalog.format('CASE WHEN %I.op IN (''U'', ''D'', ''T'') THEN %s END', alias,
+                             {schema}.image_sql(log, 'o', alias)),
+           pg_catalog.format('CASE WHEN %I.op IN (''I'', ''U'', ''S'') THEN %s END', alias,
+                             {schema}.image_sql(log, 'n', alias))
+    FROM {schema}.logged_table t WHERE t.id = log
+$$;
+
+CREATE OR REPLACE FUNCTION {schema}.op_name("char") RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE $1 WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' WHEN 'D' THEN 'DELETE'
+                   WHEN 'T' THEN 'TRUNCATE' WHEN 'X' THEN 'TRUNCATE' WHEN 'S' THEN 'SNAPSHOT' END
+$$;
+
+-- {schema}.event: every event of every table, as JSON, with who and when; for reading history
+-- with plain SQL (pgwarden's own readers query the history tables directly). Remade whenever a
+-- history table or its columns change.
+CREATE OR REPLACE FUNCTION {schema}.refresh_views() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    t record;
+    e record;
+    parts text[] := '{{}}';
+BEGIN
+    FOR t IN SELECT * FROM {schema}.logged_table l ORDER BY l.id LOOP
+        SELECT * INTO e FROM {schema}.event_sql(t.id, 'h');
+        parts := parts || pg_catalog.format(
+            'SELECT %s::int AS log_id, %s::oid AS table_oid, %L::text AS schema_name, '
+            '%L::text AS table_name, h.stmt AS stmt_id, h.ctx, {schema}.op_name(h.op) AS op, '
+            '%s AS row_key, %s AS old_row, %s AS new_row, x.tx, x.at AS tx_at, x.db_user, '
+            'x.role_name, x.application, x.client_addr, x.app_user, x.context, '
+            's.text AS statement '
+            'FROM {schema}.%I h JOIN {schema}.tx x ON x.id = h.ctx '
+            'LEFT JOIN {schema}.statement s ON s.stmt = h.stmt',
+            t.id, COALESCE(t.table_oid::text, 'NULL'), t.schema_name, t.table_name,
+            e.row_key, e.old_row, e.new_row, t.shadow);
+    END LOOP;
+    IF pg_catalog.cardinality(parts) = 0 THEN
+        parts := ARRAY['SELECT NULL::int AS log_id, NULL::oid AS table_oid, NULL::text AS schema_name, '
+            'NULL::text AS table_name, NULL::bigint AS stmt_id, NULL::bigint AS ctx, NULL::text AS op, '
+            'NULL::json AS row_key, NULL::json AS old_row, NULL::json AS new_row, NULL::bigint AS tx, '
+            'NULL::timestamptz AS tx_at, NULL::text AS db_user, NULL::text AS role_name, '
+            'NULL::text AS application, NULL::inet AS client_addr, NULL::text AS app_user, '
+            'NULL::text AS context, NULL::text AS statement WHERE false'];
+    END IF;
+    EXECUTE 'CREATE OR REPLACE VIEW {schema}.event AS '
+            || pg_catalog.array_to_string(parts, ' UNION ALL ');
+    EXECUTE 'ALTER VIEW {schema}.event OWNER TO {owner}';
+END
+$body$;
