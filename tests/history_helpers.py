@@ -25,7 +25,7 @@ def setup_history(url: str, config: Config | None = None) -> Config:
 
 def events(conn: Conn, table: str | None = None) -> list[dict[str, Any]]:
     query = (
-        "SELECT id, op, row_key, old_row, new_row, schema_name, table_name, db_user, role_name, "
+        "SELECT op, row_key, old_row, new_row, schema_name, table_name, db_user, role_name, "
         "app_user, context, tx::text AS tx FROM pgwarden.event"
     )
     params: tuple[Any, ...] = ()
@@ -33,4 +33,4 @@ def events(conn: Conn, table: str | None = None) -> list[dict[str, Any]]:
         query += " WHERE table_name = %s"
         params = (table,)
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        return cur.execute(query + " ORDER BY id", params).fetchall()
+        return cur.execute(query + " ORDER BY stmt_id, pos", params).fetchall()

@@ -47,14 +47,49 @@ def test_who_and_transaction_are_recorded(database: Database) -> None:
         conn.commit()
         rows = conn.execute(
             "SELECT app_user, context, application, db_user, role_name, host(client_addr), "
-            "tx::text, tx_at <= stmt_at FROM pgwarden.event WHERE op = 'INSERT' ORDER BY id"
+            "tx::text, tx_at <= now() FROM pgwarden.event WHERE op = 'INSERT' "
+            "ORDER BY stmt_id, pos"
         ).fetchall()
+        # Who and when once per transaction: one tx row for the first two events.
+        contexts = conn.execute(
+            "SELECT count(DISTINCT ctx) FROM pgwarden.event WHERE op = 'INSERT'"
+        ).fetchone()
     assert tx is not None
     assert rows[0] == ("alice@example.com", '{"request": "r-1"}', "billing", "postgres",
                        "postgres", "127.0.0.1", tx[0], True)  # fmt: skip
     assert rows[1][:2] == ("alice@example.com", '{"request": "r-1"}')
     assert rows[2][0] is None  # transaction-local: gone after commit
     assert rows[2][1] is None
+    assert contexts == (2,)
+
+
+def test_actor_change_inside_a_transaction_opens_a_new_context(database: Database) -> None:
+    setup_history(database.url)
+    with database.connect() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.commit()
+        with conn.transaction():
+            set_actor(conn, "alice")
+            conn.execute("INSERT INTO t VALUES (1)")
+            conn.execute("INSERT INTO t VALUES (2)")
+            set_actor(conn, "bob")
+            conn.execute("INSERT INTO t VALUES (3)")
+            with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+                # A savepoint that opened a context and rolled back takes the context with it.
+                set_actor(conn, "carol")
+                conn.execute("INSERT INTO t VALUES (4)")
+                conn.execute("INSERT INTO t VALUES (4)")
+            conn.execute("INSERT INTO t VALUES (5)")
+        rows = conn.execute(
+            "SELECT row_key->>'id', app_user FROM pgwarden.event ORDER BY stmt_id"
+        ).fetchall()
+        dangling = conn.execute(  # the snapshot of the empty table has its own, in `reset`
+            "SELECT count(*) FROM pgwarden.tx x WHERE NOT EXISTS "
+            "(SELECT 1 FROM pgwarden.event e WHERE e.ctx = x.id) "
+            "AND NOT EXISTS (SELECT 1 FROM pgwarden.reset r WHERE r.ctx = x.id)"
+        ).fetchone()
+    assert rows == [("1", "alice"), ("2", "alice"), ("3", "bob"), ("5", "bob")]
+    assert dangling == (0,)
 
 
 def test_set_role_is_recorded_as_the_acting_role(database: Database) -> None:
@@ -168,25 +203,26 @@ def test_one_subtransaction_at_most_per_statement(database: Database) -> None:
 
 
 def test_tables_without_primary_key(database: Database) -> None:
+    """Tracked like any other: the whole row is its identity (REPLICA IDENTITY FULL)."""
     with database.connect(autocommit=True) as conn:
-        conn.execute("CREATE TABLE nokey (v int)")
+        conn.execute("CREATE TABLE nokey (v int, note text)")
         conn.execute("CREATE TABLE ri (v int NOT NULL)")
         conn.execute("CREATE UNIQUE INDEX ri_v ON ri (v)")
         conn.execute("ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_v")
-    config = history_config("public.*")
-    with database.connect() as conn:
-        plan = build_plan(conn, config)
-    assert any("nokey" in w and "primary key" in w for w in plan.warnings)
-    setup_history(database.url, config)
+    setup_history(database.url, history_config("public.nokey", "public.ri"))
     with database.connect(autocommit=True) as conn:
-        conn.execute("INSERT INTO nokey VALUES (1)")
+        conn.execute("INSERT INTO nokey VALUES (1, 'a'), (1, 'a')")
+        conn.execute("UPDATE nokey SET note = 'b'")
         conn.execute("INSERT INTO ri VALUES (7)")
-        assert [(e["table_name"], e["row_key"]) for e in events(conn)] == [("ri", {"v": 7})]
-    # Named explicitly, a table without a key is an error, and nothing is applied.
-    from pgwarden.errors import ConfigError
-
-    with database.connect() as conn, pytest.raises(ConfigError, match="no primary key"):
-        build_plan(conn, history_config("public.nokey"))
+        got = [(e["table_name"], e["op"], e["row_key"], e["old_row"], e["new_row"])
+               for e in events(conn)]  # fmt: skip
+    assert got == [
+        ("nokey", "INSERT", None, None, {"v": 1, "note": "a"}),
+        ("nokey", "INSERT", None, None, {"v": 1, "note": "a"}),
+        ("nokey", "UPDATE", None, {"v": 1, "note": "a"}, {"v": 1, "note": "b"}),
+        ("nokey", "UPDATE", None, {"v": 1, "note": "a"}, {"v": 1, "note": "b"}),
+        ("ri", "INSERT", {"v": 7}, None, {"v": 7}),
+    ]
 
 
 def test_tables_created_later_are_tracked_and_ddl_is_logged(database: Database) -> None:
@@ -245,21 +281,29 @@ def test_history_is_append_only_even_for_its_owner(database: Database) -> None:
     with database.connect(autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
         conn.execute("INSERT INTO t VALUES (1)")
+        shadow = conn.execute(
+            "SELECT shadow FROM pgwarden.logged_table WHERE table_oid = 't'::regclass"
+        ).fetchone()
+        assert shadow is not None
         for statement in (
-            "UPDATE pgwarden.event SET op = 'X'",
-            "DELETE FROM pgwarden.event",
-            "TRUNCATE pgwarden.event",
+            f"UPDATE pgwarden.{shadow[0]} SET op = 'X'",
+            f"DELETE FROM pgwarden.{shadow[0]}",
+            f"TRUNCATE pgwarden.{shadow[0]}",
+            "UPDATE pgwarden.tx SET app_user = 'someone else'",
+            "DELETE FROM pgwarden.tx",
+            "TRUNCATE pgwarden.tx",
             "DELETE FROM pgwarden.ddl_log",
         ):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-                conn.execute(statement)
-        partition = conn.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'pgwarden.event'::regclass AND c.relname LIKE 'event_p%' LIMIT 1"
-        ).fetchone()
-        assert partition is not None
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute(f'TRUNCATE pgwarden."{partition[0]}"')
+            for role in ("postgres", "pgwarden_owner"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                    with conn.transaction():
+                        conn.execute(f"SET LOCAL ROLE {role}")
+                        conn.execute(statement)
+        # The retention flag is no way around it for anyone but the owner.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            with conn.transaction():
+                conn.execute("SET LOCAL pgwarden.retention = on")
+                conn.execute(f"DELETE FROM pgwarden.{shadow[0]}")
         assert len(events(conn)) == 1
 
 
@@ -273,8 +317,11 @@ def test_key_change_refreshes_triggers(database: Database) -> None:
         conn.execute("ALTER TABLE t RENAME COLUMN code TO label")
         conn.execute("UPDATE t SET id = 3")
         keys = [e["row_key"] for e in events(conn)]
+        images = [e["new_row"] for e in events(conn)]
         state = conn.execute("SELECT pgwarden.trigger_state('t'::regclass)").fetchone()
-    assert keys == [{"id": 1}, {"code": "a"}, {"label": "a"}]
+    # Every event is keyed by the table's key as it is now, under the column's current name.
+    assert keys == [{"label": "a"}, {"label": "a"}, {"label": "a"}]
+    assert images == [{"id": 1, "label": "a"}, {"id": 2, "label": "a"}, {"id": 3, "label": "a"}]
     assert state == ("ok",)
 
 
@@ -292,9 +339,7 @@ def test_record_statement_applies_in_one_go(database: Database) -> None:
     assert "marker" in row[0]
 
 
-def test_bulk_statements_are_found_by_key_without_a_per_row_key_index(database: Database) -> None:
-    # Statements over 1,000 rows are written in key-hash order with one head row each, and
-    # found by key through their head; smaller ones through the (table, key hash) index.
+def test_rows_are_found_by_key(database: Database) -> None:
     with database.connect(autocommit=True) as conn:
         conn.execute("CREATE TABLE big (id int PRIMARY KEY, v int)")
         conn.execute("INSERT INTO big SELECT g, 0 FROM generate_series(1, 1500) g")  # SNAPSHOT
@@ -304,33 +349,25 @@ def test_bulk_statements_are_found_by_key_without_a_per_row_key_index(database: 
         conn.execute("UPDATE big SET v = v + 1 WHERE id <= 10")  # small
         conn.execute("INSERT INTO big SELECT g, 0 FROM generate_series(1501, 3000) g")  # bulk
         conn.execute("UPDATE big SET id = id + 10000 WHERE id > 2990")  # small, keys move
-        kinds = conn.execute(
-            "SELECT op, kind, count(*)::int FROM pgwarden.event WHERE table_name = 'big' "
-            "GROUP BY 1, 2 ORDER BY 1, 2"
-        ).fetchall()
-        assert kinds == [
-            ("INSERT", "b", 1499), ("INSERT", "h", 1),
-            ("SNAPSHOT", "b", 1499), ("SNAPSHOT", "h", 1),
-            ("UPDATE", "b", 1499), ("UPDATE", "h", 1), ("UPDATE", "s", 20),
-        ]  # fmt: skip
-        # Inside a bulk statement, ids follow the key hash, so its index only grows rightwards.
-        unordered = conn.execute(
-            "SELECT count(*) FROM (SELECT key_hash < lag(key_hash) OVER (PARTITION BY stmt_id "
-            "ORDER BY id) AS down FROM pgwarden.event WHERE kind <> 's') d WHERE down"
-        ).fetchone()
-        assert unordered == (0,)
-
         with conn.transaction():
             one = [
                 (e.op, e.old, e.new)
                 for e in read_events(conn, EventFilter(table=BIG, key={"id": "5"}))
             ]
-            moved = [e.op for e in read_events(conn, EventFilter(table=BIG, key={"id": "12995"}))]
+            moved = [
+                (e.op, e.old["id"], e.new["id"])
+                for e in read_events(conn, EventFilter(table=BIG, key={"id": "12995"}))
+            ]
             fresh = [e.op for e in read_events(conn, EventFilter(table=BIG, key={"id": "2000"}))]
+            plan = conn.execute(
+                "EXPLAIN SELECT * FROM pgwarden.rows_1 h WHERE COALESCE(h.n1_1, h.o1_1) = 5"
+            ).fetchall()
         assert one == [
             ("SNAPSHOT", None, {"id": 5, "v": 0}),
             ("UPDATE", {"id": 5, "v": 0}, {"id": 5, "v": 1}),
             ("UPDATE", {"id": 5, "v": 1}, {"id": 5, "v": 2}),
         ]
-        assert moved == ["UPDATE"]  # recorded under the key it moved to
+        # Recorded under the key it moved to, with the key it came from.
+        assert moved == [("UPDATE", 2995, 12995)]
         assert fresh == ["INSERT"]
+        assert "rows_1_key" in " ".join(str(r[0]) for r in plan)

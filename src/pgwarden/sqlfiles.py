@@ -25,7 +25,7 @@ def sql_version(*names: str) -> str:
 
 def compose(name: str, **names: sql.Composable) -> sql.Composed:
     # The file is our own package data, not user input: it is as trusted as a literal in code.
-    return sql.SQL(sql_text(name)).format(**names)  # type: ignore[arg-type]
+    return sql.SQL(sql_text(name)).format(**names)
 
 
 @dataclass(frozen=True, order=True)

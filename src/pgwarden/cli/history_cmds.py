@@ -31,6 +31,7 @@ from pgwarden.history import (
     untrack,
     verify,
 )
+from pgwarden.history.layout import dump_json
 from pgwarden.history.names import TableName
 from pgwarden.history.read import OPS, AsOfMethod, columns_of
 
@@ -52,9 +53,7 @@ def _schema(app: AppContext) -> HistorySchema:
 
 
 def _short(value: Any) -> str:
-    text = (
-        json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, str) else value
-    )
+    text = dump_json(value) if not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "…"
 
 
@@ -72,13 +71,12 @@ def _change_text(event: Event) -> str:
 
 def _render_table(rows: Iterable[Event]) -> int:
     table = Table(show_lines=False, header_style="bold")
-    for col in ("id", "at", "tx", "table", "op", "key", "change", "who"):
+    for col in ("at", "tx", "table", "op", "key", "change", "who"):
         table.add_column(col, overflow="fold")
     count = 0
     for e in rows:
         who = e.app_user or e.db_user if not e.app_user else f"{e.app_user} ({e.db_user})"
         table.add_row(
-            str(e.id),
             e.at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             str(e.tx),
             e.table,
@@ -99,14 +97,14 @@ def _render_json(rows: Iterable[Event]) -> int:
     count = 0
     for e in rows:
         write(",\n" if count else "\n")
-        write(json.dumps(e.to_json(), ensure_ascii=False, default=str))
+        write(dump_json(e.to_json()))
         count += 1
     write("\n]\n" if count else "]\n")
     return count
 
 
 def _render_csv(rows: Iterable[Event]) -> int:
-    fields = ["id", "tx", "at", "table", "op", "key", "old", "new", "db_user", "app_user",
+    fields = ["tx", "at", "table", "op", "key", "old", "new", "db_user", "app_user",
               "application", "client_addr", "context"]  # fmt: skip
     writer = csv.DictWriter(sys.stdout, fieldnames=fields)
     writer.writeheader()
@@ -114,7 +112,7 @@ def _render_csv(rows: Iterable[Event]) -> int:
     for e in rows:
         data = e.to_json()
         for col in ("key", "old", "new"):
-            data[col] = "" if data[col] is None else json.dumps(data[col], ensure_ascii=False)
+            data[col] = "" if data[col] is None else dump_json(data[col])
         writer.writerow(data)
         count += 1
     return count
@@ -164,7 +162,7 @@ def history_cmd(
     with connect(app.target()) as conn, conn.transaction():
         rows: Iterable[Event] = events(conn, flt, schema=_schema(app), newest_first=bool(limit))
         if limit:
-            rows = sorted(rows, key=lambda e: e.id)  # at most `limit`, shown oldest first
+            rows = sorted(rows, key=lambda e: e.stmt_id)  # at most `limit`, shown oldest first
         renderer = {"table": _render_table, "json": _render_json, "csv": _render_csv}[fmt]
         count = renderer(rows)
     if fmt == "table":
@@ -229,7 +227,7 @@ def as_of_cmd(
             return
         rows = as_of(conn, name, time, key=_keys(key_pairs), schema=_schema(app))
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False, default=str))
+        click.echo("[" + ",\n ".join(dump_json(r) for r in rows) + "]")
         return
     view = Table(header_style="bold")
     cols = columns_of(rows)
@@ -269,12 +267,13 @@ def revert_cmd(app: AppContext, tx: int, dry_run: bool) -> None:
 
 
 @click.command("retention")
-@click.option("--dry-run", is_flag=True, help="Show which partitions would be dropped.")
+@click.option("--dry-run", is_flag=True, help="Count what would be removed, remove nothing.")
 @pass_app
 def retention_cmd(app: AppContext, dry_run: bool) -> None:
-    """Remove history older than history.retention (drops whole monthly partitions).
+    """Remove history older than history.retention, keeping the state at the cutoff.
 
-    Also creates the partitions of the coming months: run it daily (cron, CronJob).
+    Per row, the last event before the cutoff stays (unless it deleted the row): as-of and
+    verify give the same answers from the cutoff on. Run it regularly (cron, CronJob).
 
     \b
     Example:
@@ -289,12 +288,12 @@ def retention_cmd(app: AppContext, dry_run: bool) -> None:
         )
     with connect(app.target()) as conn:
         result = apply_retention(conn, keep, dry_run=dry_run, schema=_schema(app))
-    verb = "would drop" if dry_run else "dropped"
-    for part in result.dropped:
-        out.print(f"{verb} {part.name} ({part.start:%Y-%m}, ~{part.rows} events)")
+    verb = "would remove" if dry_run else "removed"
+    for t in result.tables:
+        out.print(f"{t.table}: {verb} {t.removed} event(s), {t.kept} kept")
     out.print(
-        f"cutoff {result.cutoff.isoformat(timespec='seconds')}: {verb} {len(result.dropped)} "
-        f"partition(s), {result.kept} kept"
+        f"cutoff {result.cutoff.isoformat(timespec='seconds')}: {verb} {result.removed} "
+        "event(s) older than history.retention"
     )
 
 

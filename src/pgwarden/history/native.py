@@ -77,13 +77,16 @@ def engine_operations(conn: Conn, schema: HistorySchema, engine: str) -> list[Op
     """Switch the database to the engine `engine` asks for, when it is not using it already."""
     if engine not in ENGINES:
         raise ConfigError(
-            f"history.trigger: {engine!r} is not a capture engine", hint="use auto, compiled or plpgsql"
+            f"history.trigger: {engine!r} is not a capture engine",
+            hint="use auto, compiled or plpgsql",
         )
     current = catalog.meta(conn, schema).get("engine", "plpgsql")
     if engine == "plpgsql":
         if current == "plpgsql" and installed_library(conn, schema) is None:
             return []
-        return [_use_plpgsql(schema, "capture with the PL/pgSQL triggers (history.trigger: plpgsql)")]
+        return [
+            _use_plpgsql(schema, "capture with the PL/pgSQL triggers (history.trigger: plpgsql)")
+        ]
     path, why = usable_library(conn)
     if path is None:
         if engine == "compiled":
@@ -136,9 +139,9 @@ def _use_plpgsql(schema: HistorySchema, description: str) -> Operation:
                 set_meta(schema, "engine", "plpgsql"),
                 refresh_tracked(schema),
                 # After the triggers stopped calling it.
-                sql.SQL(
-                    "DROP FUNCTION IF EXISTS {}();\nDROP FUNCTION IF EXISTS {}();\n"
-                ).format(schema.func("capture_native"), schema.func("capture_native_version")),
+                sql.SQL("DROP FUNCTION IF EXISTS {}();\nDROP FUNCTION IF EXISTS {}();\n").format(
+                    schema.func("capture_native"), schema.func("capture_native_version")
+                ),
             ]
         ),
     )

@@ -1,14 +1,20 @@
-"""Reading history: events (streamed with a server-side cursor) and tables as of a time."""
+"""Reading history: events (streamed with a server-side cursor) and tables as of a time.
+
+History tables hold native rows (layout.py); events come out as JSON built by the database
+(read.sql), parsed here with every number exact. A table as of a time is rebuilt natively: per
+key, the last word before that time since tracking last (re)started, or, for a table without a
+key, the rows counted in and out; `--into` writes it straight into a table of the same types.
+"""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
@@ -16,17 +22,29 @@ from psycopg.rows import dict_row
 from pgwarden.errors import UserError
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
-materialize = lambda *a: 0  # TEMP
+from pgwarden.history.layout import (
+    NEW_SIDE,
+    OLD_SIDE,
+    OP_NAMES,
+    TableLog,
+    event_sql,
+    key_sql,
+    load_json,
+    table_logs,
+    value_sql,
+)
 from pgwarden.history.names import TableName
 
 OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
+OP_CODES = {"INSERT": ("I",), "UPDATE": ("U",), "DELETE": ("D",), "TRUNCATE": ("T", "X"),
+            "SNAPSHOT": ("S",)}  # fmt: skip
 AS_OF_WORK_MEM = "256MB"
 
 
 @dataclass(frozen=True)
 class Event:
-    id: int
     stmt_id: int
+    ctx: int
     tx: int
     at: datetime
     table: str
@@ -43,7 +61,6 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id,
             "tx": self.tx,
             "at": self.at.isoformat(),
             "table": self.table,
@@ -81,115 +98,142 @@ class EventFilter:
     limit: int | None = None
 
 
-def _require_installed(conn: Conn, schema: HistorySchema) -> None:
-    """History is there, with the events of deferred statements written (see deferred.py)."""
-    if not catalog.is_installed(conn, schema):
+def require_installed(conn: Conn, schema: HistorySchema) -> None:
+    if catalog.is_installed(conn, schema):
+        return
+    if catalog.has_meta(conn, schema):
         raise UserError(
-            f"no pgwarden history in this database (schema {schema.name} is not installed)",
-            hint="list tables under history.tables in pgwarden.yaml and run `pgwarden apply`, "
-            "or `pgwarden track TABLE`",
+            f"the history in schema {schema.name} was written by an older pgwarden",
+            hint="run `pgwarden apply` once to upgrade it in place (every event is kept)",
         )
-    materialize(conn, schema)
+    raise UserError(
+        f"no pgwarden history in this database (schema {schema.name} is not installed)",
+        hint="list tables under history.tables in pgwarden.yaml and run `pgwarden apply`, "
+        "or `pgwarden track TABLE`",
+    )
 
 
-def key_json(conn: Conn, table: TableName, key: Mapping[str, str]) -> tuple[str, bool]:
-    """The stored form of a key given as text (`id=1` → `{"id": 1}`), and whether the given
-    columns are exactly the table's key (so the key index applies)."""
+def logs_of(conn: Conn, schema: HistorySchema, table: TableName) -> list[TableLog]:
+    """The history of one table: the live table's, else a dropped table's of that name."""
     oid = catalog.table_oid(conn, table)
-    if oid is None:
-        # Table gone: values can only be matched as JSON text/numbers as given.
-        return json.dumps({k: _guess(v) for k, v in key.items()}), False
-    columns = catalog.key_columns(conn, oid)
-    known = {
-        str(r[0])
-        for r in conn.execute(
-            "SELECT attname FROM pg_catalog.pg_attribute "
-            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
-            (oid,),
-        ).fetchall()
-    }
-    unknown = sorted(set(key) - known)
-    if unknown:
-        raise UserError(
-            f"{table} has no column {', '.join(unknown)}",
-            hint=f"its columns are: {', '.join(sorted(known))}",
+    logs = table_logs(conn, schema, oid=oid) if oid is not None else []
+    if not logs:
+        logs = [log for log in table_logs(conn, schema, name=table) if log.oid is None]
+    if not logs:
+        hint = (
+            f"{table} is not tracked: `pgwarden track {table}` starts its history"
+            if oid is not None
+            else "names are schema.table; `pgwarden verify` lists tracked tables"
         )
-    # Let PostgreSQL convert the text values to the columns' own types.
-    query = sql.SQL(
-        "SELECT pg_catalog.jsonb_object_agg(k, pg_catalog.to_jsonb(r) -> k) "
-        "FROM pg_catalog.jsonb_populate_record(NULL::{}, %s::jsonb) r, "
-        "pg_catalog.unnest(%s::text[]) k"
-    ).format(sql.Identifier(table.schema, table.table))
-    try:
-        with conn.transaction():
-            row = conn.execute(query, (json.dumps(dict(key)), list(key))).fetchone()
-    except Exception as exc:
-        raise UserError(f"bad key value for {table}: {exc}") from None
-    assert row is not None
-    return json.dumps(row[0]), sorted(key) == sorted(columns)
+        what = "exists but has no history" if oid is not None else "has no history"
+        raise UserError(f"{table} {what}", hint=hint)
+    return logs
 
 
-def _guess(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def _where(
-    conn: Conn, schema: HistorySchema, flt: EventFilter
-) -> tuple[sql.Composable, sql.Composed]:
-    """(what to read from, which rows): a row's events come from a narrower source."""
-    source: sql.Composable = schema.table("event")
+def _context_filter(schema: HistorySchema, flt: EventFilter) -> sql.Composable | None:
+    """Conditions on who and when (the tx table), or None."""
     clauses: list[sql.Composable] = []
-    if flt.table is not None:
-        oid = catalog.table_oid(conn, flt.table)
-        if oid is not None:
-            source = schema.table("table_event")  # by index: see history.sql
-            clauses.append(sql.SQL("e.table_oid = {}").format(sql.Literal(oid)))
-        else:
-            clauses.append(
-                sql.SQL("e.schema_name = {} AND e.table_name = {}").format(
-                    sql.Literal(flt.table.schema), sql.Literal(flt.table.table)
-                )
-            )
-        if flt.key:
-            text, exact = key_json(conn, flt.table, flt.key)
-            if exact and oid is not None:
-                # Found by the hash of the key through table_event's indexes (the small-statement
-                # key index, one probe per bulk statement); the key itself settles collisions.
-                clauses.append(
-                    sql.SQL(
-                        "e.key_hash = pg_catalog.hashtextextended({}::jsonb::text, 0) "
-                        "AND e.row_key = {}::jsonb"
-                    ).format(sql.Literal(text), sql.Literal(text))
-                )
-            else:
-                clauses.append(
-                    sql.SQL("(e.old_row @> {0}::jsonb OR e.new_row @> {0}::jsonb)").format(
-                        sql.Literal(text)
-                    )
-                )
-    elif flt.key:
-        raise UserError("--key needs a TABLE", hint="e.g. pgwarden history public.users --key id=7")
     if flt.since is not None:
-        clauses.append(sql.SQL("e.tx_at >= {}").format(sql.Literal(flt.since)))
+        clauses.append(sql.SQL("x.at >= {}").format(sql.Literal(flt.since)))
     if flt.until is not None:
-        clauses.append(sql.SQL("e.tx_at <= {}").format(sql.Literal(flt.until)))
+        clauses.append(sql.SQL("x.at <= {}").format(sql.Literal(flt.until)))
     if flt.actor is not None:
         clauses.append(
-            sql.SQL("{} IN (e.app_user, e.db_user, e.role_name)").format(sql.Literal(flt.actor))
+            sql.SQL("{} IN (x.app_user, x.db_user, x.role_name)").format(sql.Literal(flt.actor))
         )
+    if flt.tx is not None:
+        clauses.append(sql.SQL("x.tx = {}").format(sql.Literal(flt.tx)))
+    if not clauses:
+        return None
+    return sql.SQL("h.ctx IN (SELECT x.id FROM {} x WHERE {})").format(
+        schema.table("tx"), sql.SQL(" AND ").join(clauses)
+    )
+
+
+def _key_filter(log: TableLog, key: Mapping[str, str]) -> sql.Composable:
+    """Rows with these column values. The table's exact key goes through the key index."""
+    names = {s.name for s in log.slots}
+    unknown = sorted(set(key) - names)
+    if unknown:
+        raise UserError(
+            f"{log.name} has no column {', '.join(unknown)}",
+            hint=f"its columns are: {', '.join(sorted(names))}",
+        )
+    if not log.keyless and sorted(key) == sorted(log.key_names()):
+        exprs = key_sql(log, "h")
+        values = []
+        for attnum, expr in zip(log.key_attnums or (), exprs, strict=True):
+            slot = log.current_slot(attnum)
+            assert slot is not None
+            values.append(
+                sql.SQL("{} = {}::{}").format(expr, sql.Literal(key[slot.name]), sql.SQL(slot.type))
+            )
+        return sql.SQL(" AND ").join(values)
+    # Any other columns: compared as text, on either side, in every generation.
+    clauses = []
+    for column, value in key.items():
+        sides = [
+            sql.SQL("{}::text = {}").format(sql.Identifier("h", s.col(side)), sql.Literal(value))
+            for s in log.slots
+            if s.name == column
+            for side in ("o", "n")
+        ]
+        clauses.append(sql.SQL("({})").format(sql.SQL(" OR ").join(sides)))
+    return sql.SQL(" AND ").join(clauses)
+
+
+def _events_query(
+    conn: Conn,
+    schema: HistorySchema,
+    logs: Sequence[TableLog],
+    flt: EventFilter,
+    newest_first: bool,
+) -> sql.Composed:
+    context = _context_filter(schema, flt)
+    op_codes: tuple[str, ...] | None = None
     if flt.op is not None:
         op = flt.op.upper()
         if op not in OPS:
             raise UserError(f"unknown operation {flt.op!r}", hint=f"use one of {', '.join(OPS)}")
-        clauses.append(sql.SQL("e.op = {}").format(sql.Literal(op)))
-    if flt.tx is not None:
-        clauses.append(sql.SQL("e.tx = {}").format(sql.Literal(flt.tx)))
-    if not clauses:
-        return source, sql.Composed([sql.SQL("TRUE")])
-    return source, sql.SQL(" AND ").join(clauses)
+        op_codes = OP_CODES[op]
+    parts = []
+    for log in logs:
+        columns = event_sql(conn, schema, log, "h")
+        where: list[sql.Composable] = []
+        if flt.key:
+            where.append(_key_filter(log, flt.key))
+        if context is not None:
+            where.append(context)
+        if op_codes is not None:
+            where.append(sql.SQL("h.op = ANY ({})").format(sql.Literal(list(op_codes))))
+        parts.append(
+            sql.SQL(
+                "SELECT {id}::int AS log_id, h.ctid AS pos, h.ctx, h.stmt, h.op, "
+                "({k})::text AS row_key, ({o})::text AS old_row, ({n})::text AS new_row "
+                "FROM {shadow} h WHERE {where}"
+            ).format(
+                id=sql.Literal(log.id),
+                k=columns.row_key,
+                o=columns.old_row,
+                n=columns.new_row,
+                shadow=log.table(schema),
+                where=sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE"),
+            )
+        )
+    order = sql.SQL("DESC" if newest_first else "ASC")
+    return sql.SQL(
+        "SELECT e.*, x.tx, x.at, x.db_user, x.role_name, x.app_user, x.application, "
+        "host(x.client_addr) AS client_addr, x.context "
+        "FROM ({parts}) e JOIN {tx} x ON x.id = e.ctx "
+        # Statement order (statement ids are taken as statements run, across sessions), then
+        # the rows of one statement as they were written.
+        "ORDER BY e.stmt {order}, e.log_id {order}, e.pos {order} {limit}"
+    ).format(
+        parts=sql.SQL(" UNION ALL ").join(parts),
+        tx=schema.table("tx"),
+        order=order,
+        limit=sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
+    )
 
 
 def events(
@@ -204,87 +248,185 @@ def events(
 
     Must run inside a transaction (psycopg opens one unless the connection is autocommit).
     """
-    _require_installed(conn, schema)
-    source, where = _where(conn, schema, flt)
-    query = sql.SQL(
-        "SELECT e.id, e.stmt_id, e.tx, e.tx_at, e.schema_name, e.table_name,"
-        " e.op,"
-        " e.row_key, e.old_row, e.new_row, e.db_user, e.role_name, e.app_user, e.application,"
-        " host(e.client_addr) AS client_addr, e.context"
-        # Statement order first: a deferred statement's events get their ids when they are
-        # written, after those of statements that ran later.
-        " FROM {source} e WHERE {where} ORDER BY e.stmt_id {order}, e.id {order} {limit}"
-    ).format(
-        source=source,
-        where=where,
-        order=sql.SQL("DESC" if newest_first else "ASC"),
-        limit=sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
-    )
-    name = f"pgwarden_history_{uuid.uuid4().hex[:8]}"
-    with conn.cursor(name=name, row_factory=dict_row) as cur:
-        cur.itersize = batch
-        cur.execute(query)
-        for r in cur:
-            yield Event(
-                id=r["id"],
-                stmt_id=r["stmt_id"],
-                tx=r["tx"],
-                at=r["tx_at"],
-                table=str(TableName(r["schema_name"], r["table_name"])),
-                op=r["op"],
-                key=r["row_key"],
-                old=r["old_row"],
-                new=r["new_row"],
-                db_user=r["db_user"],
-                role=r["role_name"],
-                app_user=r["app_user"],
-                application=r["application"],
-                client_addr=r["client_addr"],
-                context=r["context"],
+    require_installed(conn, schema)
+    if flt.table is not None:
+        logs = logs_of(conn, schema, flt.table)
+    else:
+        if flt.key:
+            raise UserError(
+                "--key needs a TABLE", hint="e.g. pgwarden history public.users --key id=7"
             )
+        logs = table_logs(conn, schema)
+    if not logs:
+        return
+    names = {log.id: str(log.name) for log in logs}
+    query = _events_query(conn, schema, logs, flt, newest_first)
+    name = f"pgwarden_history_{uuid.uuid4().hex[:8]}"
+    try:
+        with conn.cursor(name=name, row_factory=dict_row) as cur:
+            cur.itersize = batch
+            cur.execute(query)
+            for r in cur:
+                yield Event(
+                    stmt_id=r["stmt"],
+                    ctx=r["ctx"],
+                    tx=r["tx"],
+                    at=r["at"],
+                    table=names[r["log_id"]],
+                    op=OP_NAMES[r["op"]],
+                    key=load_json(r["row_key"]),
+                    old=load_json(r["old_row"]),
+                    new=load_json(r["new_row"]),
+                    db_user=r["db_user"],
+                    role=r["role_name"],
+                    app_user=r["app_user"],
+                    application=r["application"],
+                    client_addr=r["client_addr"],
+                    context=r["context"],
+                )
+    except psycopg.errors.InvalidTextRepresentation as exc:
+        raise UserError(f"bad key value: {exc.diag.message_primary}") from None
 
 
-def _as_of_query(
-    conn: Conn, schema: HistorySchema, oid: int, at: datetime, key: str | None
-) -> sql.Composed:
-    """Rows as of `at` (see rows_as_of in history.sql), optionally one key only."""
-    query = sql.SQL("SELECT r.img FROM {}({}, {}) AS r(img)").format(
-        schema.func("rows_as_of"), sql.Literal(oid), sql.Literal(at)
-    )
-    if key is None:
-        return query
-    # The key columns of the image, compared with the key asked for.
+# --- tables as of a time -----------------------------------------------------------------
+
+
+def _visible(schema: HistorySchema, log: TableLog, at: datetime, alias: str = "h") -> sql.Composed:
+    """Events of transactions started at or before `at`, since the table's history last
+    restarted at or before it (tracking began again, or a TRUNCATE)."""
     return sql.SQL(
-        "{} WHERE (SELECT pg_catalog.jsonb_object_agg(c, r.img -> c) "
-        "FROM pg_catalog.jsonb_object_keys({}::jsonb) c) = {}::jsonb"
-    ).format(query, sql.Literal(key), sql.Literal(key))
+        "{a}.ctx IN (SELECT x.id FROM {tx} x WHERE x.at <= {at}) AND {a}.stmt >= "
+        "(SELECT COALESCE(pg_catalog.max(r.stmt), 0) FROM {reset} r JOIN {tx} x ON x.id = r.ctx "
+        "WHERE r.log_id = {log} AND x.at <= {at})"
+    ).format(
+        a=sql.Identifier(alias),
+        tx=schema.table("tx"),
+        reset=schema.table("reset"),
+        at=sql.Literal(at),
+        log=sql.Literal(log.id),
+    )
 
 
-def _table_for_as_of(conn: Conn, schema: HistorySchema, table: TableName) -> int:
-    _require_installed(conn, schema)
-    oid = catalog.table_oid(conn, table)
-    if oid is None:
-        row = conn.execute(
-            sql.SQL(
-                "SELECT table_oid FROM {} WHERE schema_name = %s AND table_name = %s "
-                "ORDER BY id DESC LIMIT 1"
-            ).format(schema.table("event")),
-            (table.schema, table.table),
-        ).fetchone()
-        if row is None:
-            raise UserError(f"no history for {table}", hint="is it tracked? see `pgwarden verify`")
-        oid = int(row[0])  # type: ignore[call-overload]
-    return oid
+@dataclass(frozen=True)
+class Column:
+    attnum: int
+    name: str
+    type: str
 
 
-def tracking_started(conn: Conn, schema: HistorySchema, oid: int) -> datetime | None:
-    row = conn.execute(
-        sql.SQL("SELECT min(tx_at) FROM {} WHERE table_oid = %s").format(
-            schema.table("table_event")
-        ),
+def live_columns(conn: Conn, oid: int) -> list[Column]:
+    rows = conn.execute(
+        "SELECT attnum, attname, pg_catalog.format_type(atttypid, atttypmod) "
+        "FROM pg_catalog.pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+        "ORDER BY attnum",
         (oid,),
-    ).fetchone()
-    return row[0] if row else None  # type: ignore[return-value]
+    ).fetchall()
+    return [Column(int(str(a)), str(n), str(t)) for a, n, t in rows]
+
+
+def replay_sql(
+    schema: HistorySchema, log: TableLog, at: datetime, outputs: Sequence[tuple[str, Any]]
+) -> sql.Composed:
+    """The rows of a table as of `at`, from its history alone. `outputs`: (name, f) pairs, f
+    giving an expression for a side ('o'/'n') over the history table alias `h`.
+
+    Per key the last word wins; an UPDATE that moved a row to a new key also vacates the old
+    one, and inside one statement a key being taken beats it being vacated (a multi-row key
+    shift vacates and retakes keys in any order). A table without a key: every row counted in
+    (insert, update's new row, snapshot) and out (delete, update's old row, truncate), and what
+    remains, duplicates included.
+    """
+    visible = _visible(schema, log, at)
+    shadow = log.table(schema)
+    out_names = [sql.Identifier(f"c{i}") for i in range(len(outputs))]
+
+    def values(side: str) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(f(side), name)
+            for (_, f), name in zip(outputs, out_names, strict=True)
+        )
+
+    final = sql.SQL(", ").join(
+        sql.SQL("w.{} AS {}").format(name, sql.Identifier(label))
+        for (label, _), name in zip(outputs, out_names, strict=True)
+    )
+    if log.keyless:
+        # Rows are told apart by their whole content, compared as text (every type has one).
+        text = {
+            side: sql.SQL("ROW({})::text").format(
+                sql.SQL(", ").join(f(side) for _, f in outputs) if outputs else sql.SQL("NULL")
+            )
+            for side in ("o", "n")
+        }
+        return sql.SQL(
+            "SELECT {final} FROM (SELECT DISTINCT ON (e.t) e.*, "
+            "pg_catalog.sum(e.d) OVER (PARTITION BY e.t) AS n FROM ("
+            "SELECT {tn} AS t, 1 AS d, {vn} FROM {shadow} h "
+            "WHERE {visible} AND h.op = ANY ({newside}) "
+            "UNION ALL "
+            "SELECT {to} AS t, -1 AS d, {vo} FROM {shadow} h "
+            "WHERE {visible} AND h.op = ANY ({oldside})"
+            ") e ORDER BY e.t) w CROSS JOIN LATERAL pg_catalog.generate_series(1, w.n::int) "
+            "WHERE w.n > 0"
+        ).format(
+            final=final,
+            tn=text["n"],
+            to=text["o"],
+            vn=values("n"),
+            vo=values("o"),
+            shadow=shadow,
+            visible=visible,
+            newside=sql.Literal(list(NEW_SIDE)),
+            oldside=sql.Literal(list(OLD_SIDE)),
+        )
+    keys = [
+        (attnum, (log.current_slot(attnum) or log.generations(attnum)[0]).type)
+        for attnum in log.key_attnums or ()
+    ]
+    k_names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
+
+    def key_values(side: str) -> sql.Composable:
+        if side == "taken":
+            return sql.SQL(", ").join(
+                sql.SQL("COALESCE({}, {}) AS {}").format(
+                    value_sql(log, "n", a, "h", t), value_sql(log, "o", a, "h", t), k
+                )
+                for (a, t), k in zip(keys, k_names, strict=True)
+            )
+        return sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(value_sql(log, "o", a, "h", t), k)
+            for (a, t), k in zip(keys, k_names, strict=True)
+        )
+
+    old_key = sql.SQL(", ").join(value_sql(log, "o", a, "h", t) for a, t in keys)
+    new_key = sql.SQL(", ").join(value_sql(log, "n", a, "h", t) for a, t in keys)
+    nulls = sql.SQL(", ").join(sql.SQL("NULL AS {}").format(name) for name in out_names)
+    return sql.SQL(
+        "SELECT {final} FROM (SELECT DISTINCT ON ({ks}) e.* FROM ("
+        "SELECT {taken}, h.stmt, 1 AS prio, h.op, {vn} FROM {shadow} h WHERE {visible} "
+        "UNION ALL "
+        "SELECT {vacated}, h.stmt, 0 AS prio, h.op, {nulls} FROM {shadow} h WHERE {visible} "
+        "AND h.op = 'U' AND ROW({old_key}) IS DISTINCT FROM ROW({new_key})"
+        ") e ORDER BY {ks}, e.stmt DESC, e.prio DESC) w "
+        "WHERE w.prio = 1 AND w.op = ANY ({newside})"
+    ).format(
+        final=final,
+        ks=sql.SQL(", ").join(sql.SQL("e.{}").format(k) for k in k_names),
+        taken=key_values("taken"),
+        vacated=key_values("vacated"),
+        vn=values("n"),
+        nulls=nulls,
+        shadow=shadow,
+        visible=visible,
+        old_key=old_key,
+        new_key=new_key,
+        newside=sql.Literal(list(NEW_SIDE)),
+    )
+
+
+def _single_log(conn: Conn, schema: HistorySchema, table: TableName) -> TableLog:
+    require_installed(conn, schema)
+    return logs_of(conn, schema, table)[0]
 
 
 def as_of(
@@ -295,11 +437,21 @@ def as_of(
     key: Mapping[str, str] | None = None,
     schema: HistorySchema = DEFAULT_SCHEMA,
 ) -> list[dict[str, Any]]:
-    """The rows of `table` as they were at `at` (transaction time), rebuilt from history."""
-    oid = _table_for_as_of(conn, schema, table)
-    key_text = key_json(conn, table, key)[0] if key else None
-    rows = conn.execute(_as_of_query(conn, schema, oid, at, key_text)).fetchall()
-    return [r[0] for r in rows]  # type: ignore[misc]
+    """The rows of `table` as they were at `at` (transaction time), rebuilt from history, as
+    JSON images: each holds the columns the table had when the row was last written."""
+    log = _single_log(conn, schema, table)
+    image = event_sql(conn, schema, log, "h")
+    query = replay_sql(
+        schema, log, at, [("img", lambda side: image.new_row if side == "n" else image.old_row)]
+    )
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AS_OF_WORK_MEM)))
+        found = conn.execute(sql.SQL("SELECT r.img::text FROM ({}) r").format(query)).fetchall()
+    rows = [load_json(str(r[0])) for r in found]
+    if key:
+        _key_filter(log, key)  # unknown columns are an error, as for `history --key`
+        rows = [r for r in rows if all(str(r.get(c)) == v for c, v in key.items())]
+    return rows
 
 
 AsOfMethod = Literal["auto", "replay", "rewind"]
@@ -311,7 +463,7 @@ class AsOfInto:
 
     rows: int
     method: str  # "replay" or "rewind"
-    note: str | None = None  # why auto did not rewind, when it did not
+    note: str | None = None  # why auto did not rewind, when it did not; columns filled with NULL
 
 
 def as_of_into(
@@ -323,30 +475,30 @@ def as_of_into(
     method: AsOfMethod = "auto",
     schema: HistorySchema = DEFAULT_SCHEMA,
 ) -> AsOfInto:
-    """Rebuild the whole table as of `at` into a new table `target`.
+    """Rebuild the whole table as of `at` into a new table `target`, with the table's columns
+    as they are now (a column renamed since comes under its new name; one added since, or
+    excluded from history, is NULL, and the result says which).
 
     Two ways, same rows: *replay* folds every event up to `at` (works for any history);
     *rewind* copies the live table and undoes the changes made after `at`, which costs a copy
     plus the recent changes when few rows changed since. `auto` rewinds when history after
-    `at` is complete (see rewind_blocker in history.sql) and shorter than the table.
+    `at` is complete (see rewind_blocker) and shorter than the table.
     """
     # Rewinding reads the live table and the events after `at` in two places of one statement,
     # and checks first that history since `at` is complete: only a snapshot held for the whole
     # transaction makes all of that agree, so take one when the transaction is ours (decided
     # before any query, which would open one).
     own = conn.info.transaction_status == TransactionStatus.IDLE
-    if own:
-        materialize(conn, schema)  # committed before the snapshot below is taken
     with conn.transaction():
         if own:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        oid = _table_for_as_of(conn, schema, table)
+        log = _single_log(conn, schema, table)
         if catalog.table_oid(conn, target) is not None:
             raise UserError(
                 f"{target} already exists; pgwarden will not overwrite it",
                 hint="choose another name for --into, or drop that table yourself",
             )
-        if catalog.table_oid(conn, table) is None:
+        if log.oid is None:
             raise UserError(
                 f"{table} no longer exists, so its column types are unknown",
                 hint="use --format json to read its rows as of that time",
@@ -357,54 +509,131 @@ def as_of_into(
         # transaction only, instead of spilling to disk in 4 MB runs (about twice as fast).
         conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AS_OF_WORK_MEM)))
         # LIKE also locks the source against schema changes until we are done.
-        conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
-        chosen, note = _choose_method(conn, schema, oid, table, at, method)
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
+        except psycopg.errors.InvalidSchemaName:
+            raise UserError(
+                f"cannot create {target}: schema {target.schema} does not exist",
+                hint="create the schema first, or choose a table in an existing one",
+            ) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise UserError(
+                f"cannot create {target}: {exc.diag.message_primary}",
+                hint="choose a schema you may create tables in",
+            ) from None
+        columns = live_columns(conn, log.oid)
+        missing = [c.name for c in columns if log.current_slot(c.attnum) is None]
+        chosen, note = _choose_method(conn, schema, log, at, method)
         if chosen == "rewind":
-            query = _rewind_query(conn, schema, oid, at, source, dest)
+            query = _rewind_query(conn, schema, log, at, source, dest, columns)
         else:
-            query = sql.SQL(
-                # LATERAL, not (f(img)).*: that form calls f once per column.
-                "INSERT INTO {dest} SELECT r.* FROM ({history}) h "
-                "CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, h.img) r"
-            ).format(dest=dest, src=source, history=_as_of_query(conn, schema, oid, at, None))
-        cur = conn.execute(query)
-        return AsOfInto(rows=cur.rowcount, method=chosen, note=note)
+            outputs = [(c.name, _column_value(log, c)) for c in columns]
+            query = sql.SQL("INSERT INTO {dest} ({cols}) {rows}").format(
+                dest=dest,
+                cols=sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
+                rows=replay_sql(schema, log, at, outputs),
+            )
+        try:
+            cur = conn.execute(query)
+        except psycopg.errors.DataException as exc:
+            raise UserError(
+                f"cannot rebuild {table} as of {at}: a recorded value does not fit the "
+                f"column's type now ({exc.diag.message_primary})",
+                hint="use --format json, which shows every value in the type it was written in",
+            ) from None
+        notes = [note] if note else []
+        if missing:
+            notes.append(
+                f"not in history, so NULL in every row: {', '.join(missing)} "
+                "(added after tracking started, or excluded)"
+            )
+        return AsOfInto(rows=cur.rowcount, method=chosen, note="; ".join(notes) or None)
+
+
+def _column_value(log: TableLog, column: Column) -> Any:
+    def value(side: str) -> sql.Composable:
+        return value_sql(log, side, column.attnum, "h", column.type)
+
+    return value
+
+
+def rewind_blocker(conn: Conn, schema: HistorySchema, log: TableLog, at: datetime) -> str | None:
+    """Why the events after `at` may not describe every change since (None: they do)."""
+    tracked = next((t for t in catalog.tracked_tables(conn, schema) if t.oid == log.oid), None)
+    if tracked is None:
+        return "the table is not tracked now"
+    if tracked.exclude_columns:
+        return "some columns are excluded from history"
+    if not tracked.triggers_ok:
+        return "its capture triggers are not all in place"
+    row = conn.execute(
+        sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {reset} r JOIN {tx} x ON x.id = r.ctx "
+            "               WHERE r.log_id = %(log)s AND x.at > %(at)s AND r.kind = 'S'), "
+            "       EXISTS (SELECT 1 FROM {reset} r JOIN {tx} x ON x.id = r.ctx "
+            "               WHERE r.log_id = %(log)s AND x.at > %(at)s AND r.kind = 'X'), "
+            "       EXISTS (SELECT 1 FROM {failure} f "
+            "               WHERE f.table_oid = %(oid)s AND f.at > %(at)s), "
+            "       EXISTS (SELECT 1 FROM {shape} c WHERE c.log_id = %(log)s AND c.at > %(at)s)"
+        ).format(
+            reset=schema.table("reset"),
+            tx=schema.table("tx"),
+            failure=schema.table("capture_failure"),
+            shape=schema.table("shape_change"),
+        ),
+        {"log": log.id, "at": at, "oid": log.oid},
+    ).fetchone()
+    assert row is not None
+    restarted, marker, failed, reshaped = (bool(v) for v in row)
+    if restarted:
+        return "tracking (re)started after that time"
+    if marker:
+        return "a TRUNCATE recorded as a marker only since"
+    if failed:
+        return "a fail-open change went unrecorded since"
+    if reshaped:
+        return "the table's columns or key changed since"
+    return None
 
 
 def _choose_method(
-    conn: Conn, schema: HistorySchema, oid: int, table: TableName, at: datetime, method: str
+    conn: Conn, schema: HistorySchema, log: TableLog, at: datetime, method: str
 ) -> tuple[str, str | None]:
     if method == "replay":
         return "replay", None
+    if log.keyless:
+        why = "the table has no key, so changed rows cannot be matched to live ones"
+        if method == "rewind":
+            raise UserError(f"cannot rewind {log.name}: {why}", hint="use --method replay")
+        return "replay", f"replayed: {why}"
     row = conn.execute(
-        sql.SQL(
-            "SELECT {}(%s, %s), pg_catalog.current_setting('transaction_isolation'), "
-            "(SELECT c.reltuples FROM pg_catalog.pg_class c WHERE c.oid = %s)"
-        ).format(schema.func("rewind_blocker")),
-        (oid, at, oid),
+        "SELECT pg_catalog.current_setting('transaction_isolation'), "
+        "(SELECT c.reltuples FROM pg_catalog.pg_class c WHERE c.oid = %s)",
+        (log.oid,),
     ).fetchone()
     assert row is not None
-    blocker, isolation, live_estimate = row
+    isolation, reltuples = row
+    blocker = rewind_blocker(conn, schema, log, at)
     if blocker is None and isolation not in ("repeatable read", "serializable"):
-        blocker = "it needs a transaction of its own (one snapshot for the table and history)"
+        blocker = "the caller's transaction is not REPEATABLE READ, so live rows could move"
     if blocker is not None:
         if method == "rewind":
             raise UserError(
-                f"cannot rewind {table} to {at.isoformat()}: {blocker}",
-                hint="use --method replay, which rebuilds from history alone",
+                f"cannot rewind {log.name} to {at}: {blocker}", hint="use --method replay"
             )
         return "replay", f"replayed: {blocker}"
     if method == "rewind":
         return "rewind", None
-    # Rewinding costs a copy of the table plus the events after `at`; replaying costs every
-    # event up to `at`, at least one per row. Count the later events only as far as it matters.
-    limit = max(int(float(str(live_estimate))), 1000)
+    # Rewinding costs a copy plus the changes since; replaying, all events. When more rows
+    # changed since than the table holds, replay.
+    limit = max(int(float(str(reltuples or 0))), 1000)
     counted = conn.execute(
         sql.SQL(
-            "SELECT pg_catalog.count(*) FROM (SELECT 1 FROM {} e "
-            "WHERE e.table_oid = %s AND e.tx_at > %s LIMIT %s) later"
-        ).format(schema.table("table_event")),
-        (oid, at, limit + 1),
+            "SELECT count(*) FROM (SELECT 1 FROM {} h WHERE h.ctx IN "
+            "(SELECT x.id FROM {} x WHERE x.at > %s) LIMIT %s) c"
+        ).format(log.table(schema), schema.table("tx")),
+        (at, limit + 1),
     ).fetchone()
     assert counted is not None
     if int(str(counted[0])) > limit:
@@ -415,42 +644,77 @@ def _choose_method(
 def _rewind_query(
     conn: Conn,
     schema: HistorySchema,
-    oid: int,
+    log: TableLog,
     at: datetime,
     source: sql.Identifier,
     dest: sql.Identifier,
+    columns: Sequence[Column],
 ) -> sql.Composed:
-    """One statement (one snapshot): live rows of keys unchanged since `at`, plus the rows as
-    of `at` of the keys changed since (rows_before in history.sql)."""
-    keys = catalog.key_columns(conn, oid)
-    same_key = sql.SQL(" AND ").join(
-        sql.SQL("c.{k} = s.{k}").format(k=sql.Identifier(k)) for k in keys
+    """One statement (one snapshot): live rows of keys unchanged since `at`, plus, for the keys
+    changed since, their rows as of `at`. The first change after `at` decides: a change of an
+    existing row (UPDATE, DELETE, TRUNCATE) holds its earlier image; a key being taken (INSERT,
+    or an UPDATE moving a row onto it) means it was free, unless the same statement vacated it
+    first (a key shift), hence prio."""
+    by_attnum = {c.attnum: c for c in columns}
+    keys = [by_attnum[a] for a in log.key_attnums or ()]
+    k_names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
+    after = sql.SQL("h.ctx IN (SELECT x.id FROM {} x WHERE x.at > {})").format(
+        schema.table("tx"), sql.Literal(at)
+    )
+    old_vals = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(
+            value_sql(log, "o", c.attnum, "h", c.type), sql.Identifier(f"c{i}")
+        )
+        for i, c in enumerate(columns)
+    )
+    nulls = sql.SQL(", ").join(
+        sql.SQL("NULL::{} AS {}").format(sql.SQL(c.type), sql.Identifier(f"c{i}"))
+        for i, c in enumerate(columns)
     )
     partitioned = conn.execute(
-        "SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = %s", (oid,)
+        "SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = %s", (log.oid,)
     ).fetchone()
     # ONLY: rows of inheritance children are not this table's (a partitioned table has none
     # of its own, so it is read whole).
     only = sql.SQL("") if partitioned and partitioned[0] else sql.SQL("ONLY ")
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
     return sql.SQL(
-        "WITH before AS MATERIALIZED (SELECT b.k, b.img FROM {rows_before}({oid}, {at}) b), "
-        "changed AS (SELECT {key_cols} FROM before b "
-        "  CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, b.k) kr) "
-        "INSERT INTO {dest} "
-        "SELECT s.* FROM {only}{src} s WHERE NOT EXISTS (SELECT 1 FROM changed c WHERE {same}) "
+        "WITH changed AS MATERIALIZED (SELECT DISTINCT ON ({ks}) e.* FROM ("
+        "  SELECT {old_keys}, h.stmt, 0 AS prio, {old_vals} FROM {shadow} h "
+        "  WHERE {after} AND h.op = ANY ({oldside}) "
+        "  UNION ALL "
+        "  SELECT {new_keys}, h.stmt, 1 AS prio, {nulls} FROM {shadow} h "
+        "  WHERE {after} AND h.op IN ('I', 'U')"
+        ") e ORDER BY {ks}, e.stmt, e.prio) "
+        "INSERT INTO {dest} ({cols}) "
+        "SELECT {cols} FROM {only}{src} s WHERE NOT EXISTS "
+        "  (SELECT 1 FROM changed c WHERE {same}) "
         "UNION ALL "
-        "SELECT r.* FROM before b "
-        "  CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{src}, b.img) r "
-        "WHERE b.img IS NOT NULL"
+        "SELECT {outs} FROM changed c WHERE c.prio = 0"
     ).format(
-        rows_before=schema.func("rows_before"),
-        oid=sql.Literal(oid),
-        at=sql.Literal(at),
-        key_cols=sql.SQL(", ").join(sql.SQL("kr.{}").format(sql.Identifier(k)) for k in keys),
-        src=source,
+        ks=sql.SQL(", ").join(sql.SQL("e.{}").format(k) for k in k_names),
+        old_keys=sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(value_sql(log, "o", c.attnum, "h", c.type), k)
+            for c, k in zip(keys, k_names, strict=True)
+        ),
+        new_keys=sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(value_sql(log, "n", c.attnum, "h", c.type), k)
+            for c, k in zip(keys, k_names, strict=True)
+        ),
+        old_vals=old_vals,
+        nulls=nulls,
+        shadow=log.table(schema),
+        after=after,
+        oldside=sql.Literal(list(OLD_SIDE)),
         dest=dest,
+        cols=cols,
         only=only,
-        same=same_key,
+        src=source,
+        same=sql.SQL(" AND ").join(
+            sql.SQL("c.{} = s.{}").format(k, sql.Identifier(c.name))
+            for c, k in zip(keys, k_names, strict=True)
+        ),
+        outs=sql.SQL(", ").join(sql.Identifier("c", f"c{i}") for i in range(len(columns))),
     )
 
 

@@ -1,60 +1,83 @@
-"""Removing old history: whole monthly partitions are dropped, never rows deleted.
+"""Removing old history: events older than history.retention go, the state at the cutoff stays.
 
-Events live in monthly partitions of `<schema>.event` (by transaction time). A partition whose
-whole month is older than `history.retention` is dropped: a catalog operation that costs the
-same for ten rows or ten million, leaves no dead tuples and needs no VACUUM. A month that is only
-partly older than the cutoff is kept until all of it is, so up to one month more than the
-retention period is kept. Running retention also creates the partitions of the coming months.
+Deleting every event older than the cutoff would lose the rows that were last written before
+it (a row inserted two years ago and never changed since would vanish from `as-of now` and
+from `verify`). So per row (key) the last event before the cutoff is kept unless it removed the
+row, and every earlier one is deleted: history from the cutoff on replays exactly as before.
+A table without a key keeps everything since its last snapshot or TRUNCATE before the cutoff.
+Who-and-when rows (tx) no event refers to any more go too. It runs as the history owner, the
+only role allowed to delete from the append-only history tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from psycopg import sql
 
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
-materialize = lambda *a: 0  # TEMP
-PARTITION_MONTHS_AHEAD = 12  # TEMP
+from pgwarden.history.layout import TableLog, table_logs, value_sql
 
 
 @dataclass(frozen=True)
-class Partition:
-    name: str
-    start: datetime
-    end: datetime
-    rows: int
+class TableRetention:
+    table: str
+    removed: int
+    kept: int
 
 
 @dataclass(frozen=True)
 class RetentionResult:
     cutoff: datetime
-    dropped: list[Partition]
-    kept: int
+    tables: list[TableRetention] = field(default_factory=list)
+    contexts_removed: int = 0
+
+    @property
+    def removed(self) -> int:
+        return sum(t.removed for t in self.tables)
 
 
-def partitions(conn: Conn, schema: HistorySchema) -> list[Partition]:
-    rows = conn.execute(
-        """
-        SELECT c.relname, c.reltuples::bigint
-        FROM pg_catalog.pg_inherits i
-        JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
-        JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
-        JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace
-        WHERE n.nspname = %s AND p.relname = 'event' AND c.relname ~ '^event_p[0-9]{6}$'
-        ORDER BY c.relname
-        """,
-        (schema.name,),
-    ).fetchall()
-    result = []
-    for name, tuples in rows:
-        text = str(name)[len("event_p") :]
-        start = datetime(int(text[:4]), int(text[4:]), 1, tzinfo=UTC)
-        end = datetime(start.year + (start.month == 12), start.month % 12 + 1, 1, tzinfo=UTC)
-        result.append(Partition(str(name), start, end, max(int(tuples), 0)))  # type: ignore[call-overload]
-    return result
+def _old_rows(schema: HistorySchema, log: TableLog, cutoff: datetime) -> sql.Composed:
+    """ctids of events before the cutoff that the state at the cutoff does not need."""
+    before = sql.SQL("h.ctx IN (SELECT x.id FROM {} x WHERE x.at < {})").format(
+        schema.table("tx"), sql.Literal(cutoff)
+    )
+    shadow = log.table(schema)
+    if log.keyless:
+        return sql.SQL(
+            "SELECT h.ctid FROM {shadow} h WHERE {before} AND h.stmt < "
+            "(SELECT COALESCE(pg_catalog.max(r.stmt), 0) FROM {reset} r "
+            " JOIN {tx} x ON x.id = r.ctx WHERE r.log_id = {log} AND x.at < {cutoff})"
+        ).format(
+            shadow=shadow,
+            before=before,
+            reset=schema.table("reset"),
+            tx=schema.table("tx"),
+            log=sql.Literal(log.id),
+            cutoff=sql.Literal(cutoff),
+        )
+    keys = [
+        value_sql(log, "n", a, "h", (log.current_slot(a) or log.generations(a)[0]).type)
+        for a in log.key_attnums or ()
+    ]
+    olds = [
+        value_sql(log, "o", a, "h", (log.current_slot(a) or log.generations(a)[0]).type)
+        for a in log.key_attnums or ()
+    ]
+    taken = sql.SQL(", ").join(
+        sql.SQL("COALESCE({}, {})").format(n, o) for n, o in zip(keys, olds, strict=True)
+    )
+    # The last event per key before the cutoff, unless it left no row there (delete,
+    # truncate); an UPDATE that moved a row away also leaves no row at its old key.
+    return sql.SQL(
+        "SELECT h.ctid FROM {shadow} h WHERE {before} EXCEPT "
+        "SELECT w.pos FROM (SELECT DISTINCT ON (k) e.pos, e.op FROM ("
+        "  SELECT ROW({taken}) AS k, h.ctid AS pos, h.stmt, 1 AS prio, h.op FROM {shadow} h "
+        "  WHERE {before} "
+        ") e ORDER BY k, e.stmt DESC, e.prio DESC) w WHERE w.op IN ('I', 'U', 'S')"
+    ).format(shadow=shadow, before=before, taken=taken)
 
 
 def apply_retention(
@@ -66,21 +89,49 @@ def apply_retention(
     now: datetime | None = None,
 ) -> RetentionResult:
     cutoff = (now or datetime.now(UTC)) - keep
+    tables: list[TableRetention] = []
+    contexts = 0
     with conn.transaction():
         if not catalog.is_installed(conn, schema):
-            return RetentionResult(cutoff, [], 0)
+            return RetentionResult(cutoff)
         if not dry_run:
-            # Deferred statements' events land in the partitions of their time, so write them
-            # before deciding which partitions are old enough to drop.
-            materialize(conn, schema)
-        parts = partitions(conn, schema)
-        old = [p for p in parts if p.end <= cutoff]
+            # The history tables are append-only except to their owner during retention.
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(schema.owner)))
+            conn.execute("SELECT pg_catalog.set_config('pgwarden.retention', 'on', true)")
+        for log in table_logs(conn, schema):
+            shadow = log.table(schema)
+            old = _old_rows(schema, log, cutoff)
+            if dry_run:
+                row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) o").format(old)).fetchone()
+                removed = int(str(row[0])) if row else 0
+            else:
+                removed = conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE ctid IN ({})").format(shadow, old)
+                ).rowcount
+            total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(shadow)).fetchone()
+            kept = int(str(total[0])) - (removed if dry_run else 0) if total else 0
+            if removed:
+                tables.append(TableRetention(str(log.name), removed, kept))
         if not dry_run:
-            for part in old:
-                conn.execute(sql.SQL("DROP TABLE {}").format(schema.table(part.name)))
-            conn.execute(
-                sql.SQL("SELECT {}({})").format(
-                    schema.func("ensure_partitions"), sql.Literal(PARTITION_MONTHS_AHEAD)
+            logs = table_logs(conn, schema)
+            used = (
+                sql.SQL(" UNION ").join(
+                    sql.SQL("SELECT h.ctx FROM {} h").format(log.table(schema)) for log in logs
                 )
+                if logs
+                else sql.SQL("SELECT NULL::bigint")
             )
-    return RetentionResult(cutoff, old, len(parts) - len(old))
+            contexts = conn.execute(
+                sql.SQL(
+                    "DELETE FROM {tx} x WHERE x.at < %s AND x.id NOT IN ({used}) "
+                    "AND x.id NOT IN (SELECT r.ctx FROM {reset} r)"
+                ).format(tx=schema.table("tx"), used=used, reset=schema.table("reset")),
+                (cutoff,),
+            ).rowcount
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {s} s WHERE NOT EXISTS (SELECT 1 FROM {tx} x WHERE x.id = s.ctx)"
+                ).format(s=schema.table("statement"), tx=schema.table("tx"))
+            )
+            conn.execute("RESET ROLE")
+    return RetentionResult(cutoff, tables, contexts)

@@ -35,7 +35,8 @@ def set_meta(schema: HistorySchema, key: str, value: str) -> sql.Composed:
 def refresh_tracked(schema: HistorySchema) -> sql.Composed:
     """Every tracked table's capture function, triggers and column map brought up to date."""
     return sql.SQL(
-        "\nSELECT {refresh}(t.table_oid) FROM {tracked} t ORDER BY t.table_oid;\nSELECT {views}();\n"
+        "\nSELECT {refresh}(t.table_oid) FROM {tracked} t ORDER BY t.table_oid;\n"
+        "SELECT {views}();\n"
     ).format(
         refresh=schema.func("refresh"),
         tracked=schema.table("tracked"),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from psycopg import sql
 
-from pgwarden.history import catalog
+from pgwarden.history import catalog, native
 from pgwarden.history.catalog import CAPTURE_TRIGGERS, DEFAULT_SCHEMA, Conn, HistorySchema
-materialize = lambda *a: 0  # TEMP
+from pgwarden.history.layout import table_logs, value_sql
 from pgwarden.history.names import TableName
+from pgwarden.history.read import live_columns, replay_sql
 
 
 @dataclass(frozen=True)
@@ -71,22 +74,38 @@ def _trigger_problems(
 
 
 def _gap(conn: Conn, schema: HistorySchema, table: catalog.TrackedTable) -> Problem | None:
-    """Rows whose live content differs from what history says they are now."""
+    """Rows whose live content differs from what history says they are now (compared as
+    text, so that every type compares, and duplicates count)."""
+    logs = table_logs(conn, schema, oid=table.oid)
+    if not logs:
+        return Problem(str(table.name), "gap", "tracked, but it has no history table")
+    log = logs[0]
+    columns = [c for c in live_columns(conn, table.oid) if log.current_slot(c.attnum)]
     tbl = sql.Identifier(table.name.schema, table.name.table)
+    partitioned = conn.execute(
+        "SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = %s", (table.oid,)
+    ).fetchone()
+    only = sql.SQL("") if partitioned and partitioned[0] else sql.SQL("ONLY ")
+    replayed = replay_sql(
+        schema,
+        log,
+        datetime.max.replace(tzinfo=UTC),
+        [(c.name, _value(log, c)) for c in columns],
+    )
+    names = (
+        sql.SQL(", ").join(sql.Identifier(c.name) for c in columns) if columns else sql.SQL("NULL")
+    )
     query = sql.SQL(
         """
-        WITH live AS (
-            SELECT pg_catalog.to_jsonb(t) - %(excl)s::text[] AS img FROM ONLY {tbl} t
-        ), hist AS (
-            SELECT img FROM {rows_as_of}(%(oid)s, 'infinity') AS r(img)
-        )
-        SELECT (SELECT count(*) FROM (SELECT img FROM live EXCEPT ALL SELECT img FROM hist) a),
-               (SELECT count(*) FROM (SELECT img FROM hist EXCEPT ALL SELECT img FROM live) b)
+        WITH live AS (SELECT ROW({names})::text AS t FROM {only}{tbl}),
+             hist AS (SELECT ROW({names})::text AS t FROM ({replayed}) r)
+        SELECT (SELECT count(*) FROM (SELECT t FROM live EXCEPT ALL SELECT t FROM hist) a),
+               (SELECT count(*) FROM (SELECT t FROM hist EXCEPT ALL SELECT t FROM live) b)
         """
-    ).format(tbl=tbl, rows_as_of=schema.func("rows_as_of"))
-    row = conn.execute(query, {"excl": list(table.exclude_columns), "oid": table.oid}).fetchone()
+    ).format(names=names, only=only, tbl=tbl, replayed=replayed)
+    row = conn.execute(query).fetchone()
     assert row is not None
-    unrecorded, stale = int(row[0]), int(row[1])  # type: ignore[call-overload]
+    unrecorded, stale = int(str(row[0])), int(str(row[1]))
     if unrecorded == 0 and stale == 0:
         return None
     return Problem(
@@ -97,30 +116,70 @@ def _gap(conn: Conn, schema: HistorySchema, table: catalog.TrackedTable) -> Prob
     )
 
 
+def _value(log: Any, column: Any) -> Any:
+    return lambda side: value_sql(log, side, column.attnum, "h", column.type)
+
+
+def _engine_problem(conn: Conn, schema: HistorySchema) -> Problem | None:
+    """The compiled trigger in use, but its library gone (pgwarden moved or uninstalled):
+    every write to a tracked table would fail."""
+    path = native.installed_library(conn, schema)
+    if path is None or catalog.meta(conn, schema).get("engine") != "c":
+        return None
+    row = (
+        conn.execute("SELECT (pg_catalog.pg_stat_file(%s, true)).size IS NULL", (path,)).fetchone()
+        if catalog.is_superuser(conn)
+        else None
+    )
+    if row and row[0]:
+        return Problem(
+            None,
+            "capture-engine",
+            f"the compiled capture trigger {path} is gone: writes to tracked tables fail "
+            "until `pgwarden apply` points capture at this installation's library or at PL/pgSQL",
+        )
+    return None
+
+
 def verify(
     conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA, deep: bool = True
 ) -> VerifyReport:
     report = VerifyReport()
     with conn.transaction():
         if not catalog.is_installed(conn, schema):
-            report.problems.append(
-                Problem(None, "not-installed", f"history schema {schema.name} is not installed")
+            detail = (
+                f"history in schema {schema.name} is from an older pgwarden: run `pgwarden apply`"
+                if catalog.has_meta(conn, schema)
+                else f"history schema {schema.name} is not installed"
             )
+            report.problems.append(Problem(None, "not-installed", detail))
             return report
-        materialize(conn, schema)  # deferred statements' events are checked like the rest
         tracked = catalog.tracked_tables(conn, schema)
         report.tracked = len(tracked)
-        if deep:
-            count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(schema.table("event")))
-        else:  # the planner's estimate: free, but 0 until the partitions were analyzed
-            count = conn.execute(
+        shadows = [log.table(schema) for log in table_logs(conn, schema)]
+        if not shadows:
+            report.events = 0
+        elif deep:
+            row = conn.execute(
+                sql.SQL("SELECT {}").format(
+                    sql.SQL(" + ").join(
+                        sql.SQL("(SELECT count(*) FROM {})").format(t) for t in shadows
+                    )
+                )
+            ).fetchone()
+            report.events = int(str(row[0])) if row else 0
+        else:  # the planner's estimate: free, but 0 until the tables were analyzed
+            row = conn.execute(
                 "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::bigint "
-                "FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = %s::regclass",
-                (f"{schema.name}.event",),
-            )
-        row = count.fetchone()
-        report.events = int(str(row[0])) if row else 0
+                "FROM pg_catalog.pg_class c "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname ~ '^rows_[0-9]+$' AND c.relkind = 'r'",
+                (schema.name,),
+            ).fetchone()
+            report.events = int(str(row[0])) if row else 0
+        engine = _engine_problem(conn, schema)
+        if engine:
+            report.problems.append(engine)
         for table in tracked:
             report.problems.extend(_trigger_problems(conn, schema, table))
             if deep:
@@ -161,23 +220,12 @@ def verify(
                 Problem(
                     str(TableName(str(nsp), str(rel))),
                     "untracked",
-                    "matches history.tables but is not tracked (no primary key?)",
+                    "matches history.tables but is not tracked (created before the pattern, or "
+                    "while the DDL event trigger was missing): run `pgwarden apply`",
                 )
             )
         if catalog.is_superuser(conn) and not catalog.event_triggers_ok(conn):
             report.problems.append(
                 Problem(None, "ddl-log", "the DDL log event triggers are missing or disabled")
-            )
-        stray = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(schema.table("event_default"))
-        ).fetchone()
-        if stray and int(stray[0]):  # type: ignore[call-overload]
-            report.problems.append(
-                Problem(
-                    None,
-                    "partitions",
-                    f"{stray[0]} event(s) fell into the default partition: "
-                    "run `pgwarden retention` (it creates monthly partitions) regularly",
-                )
             )
     return report

@@ -80,8 +80,8 @@ AS $$
 $$;
 
 -- {schema}.event: every event of every table, as JSON, with who and when; for reading history
--- with plain SQL (pgwarden's own readers query the history tables directly). Remade whenever a
--- history table or its columns change.
+-- with plain SQL (pgwarden's own readers query the history tables directly). Events in order:
+-- ORDER BY stmt_id, pos. Remade whenever a history table or its columns change.
 CREATE OR REPLACE FUNCTION {schema}.refresh_views() RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -95,7 +95,7 @@ BEGIN
         SELECT * INTO e FROM {schema}.event_sql(t.id, 'h');
         parts := parts || pg_catalog.format(
             'SELECT %s::int AS log_id, %s::oid AS table_oid, %L::text AS schema_name, '
-            '%L::text AS table_name, h.stmt AS stmt_id, h.ctx, {schema}.op_name(h.op) AS op, '
+            '%L::text AS table_name, h.stmt AS stmt_id, h.ctid AS pos, h.ctx, {schema}.op_name(h.op) AS op, '
             '%s AS row_key, %s AS old_row, %s AS new_row, x.tx, x.at AS tx_at, x.db_user, '
             'x.role_name, x.application, x.client_addr, x.app_user, x.context, '
             's.text AS statement '
@@ -106,7 +106,7 @@ BEGIN
     END LOOP;
     IF pg_catalog.cardinality(parts) = 0 THEN
         parts := ARRAY['SELECT NULL::int AS log_id, NULL::oid AS table_oid, NULL::text AS schema_name, '
-            'NULL::text AS table_name, NULL::bigint AS stmt_id, NULL::bigint AS ctx, NULL::text AS op, '
+            'NULL::text AS table_name, NULL::bigint AS stmt_id, NULL::tid AS pos, NULL::bigint AS ctx, NULL::text AS op, '
             'NULL::json AS row_key, NULL::json AS old_row, NULL::json AS new_row, NULL::bigint AS tx, '
             'NULL::timestamptz AS tx_at, NULL::text AS db_user, NULL::text AS role_name, '
             'NULL::text AS application, NULL::inet AS client_addr, NULL::text AS app_user, '

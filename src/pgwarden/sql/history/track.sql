@@ -31,8 +31,11 @@ BEGIN
         'CREATE TABLE {schema}.%I (ctx bigint NOT NULL, stmt bigint NOT NULL, op "char" NOT NULL)',
         v_shadow);
     EXECUTE pg_catalog.format('ALTER TABLE {schema}.%I OWNER TO {owner}', v_shadow);
-    -- Events of one transaction (revert, --tx) and in transaction order (history, paging).
-    EXECUTE pg_catalog.format('CREATE INDEX %I ON {schema}.%I (ctx)', v_shadow || '_ctx', v_shadow);
+    -- Events of one transaction (revert, --tx), of a time range, after a statement: context
+    -- and statement ids grow as rows are appended, so BRIN finds them for nearly nothing per
+    -- write (a b-tree cost about a sixth of the compiled trigger's whole work per row).
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON {schema}.%I USING brin (ctx, stmt) '
+                              'WITH (autosummarize = on)', v_shadow || '_brin', v_shadow);
     EXECUTE pg_catalog.format(
         'CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.%I '
         'FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change()', v_shadow);
@@ -147,14 +150,18 @@ BEGIN
         WHERE c.log_id = log AND c.attnum = cur.attnum AND c.gen = cur.gen;
         changed := true;
     END LOOP;
+    IF boundary > 0 THEN
+        INSERT INTO {schema}.shape_change (log_id, stmt) VALUES (log, boundary);
+    END IF;
     RETURN changed;
 END
 $body$;
 
--- The history table's key indexes, for the table's key as it is now (primary key, else
--- replica identity index; none for a table without either): one on the key after the change
--- (the new key, or the old one for a delete) and a small partial one on the keys UPDATEs moved
--- rows away from. Rebuilt when the key or its columns' generation changes.
+-- The history table's key index, for the table's key as it is now (primary key, else replica
+-- identity index; none for a table without either): on the key after each change, the new
+-- one (or the old one, for a delete). An UPDATE that moved a row to a new key is found under
+-- the new key and names the old one, so a row's life is followed back from its last key.
+-- Rebuilt when the key or its columns' generation changes.
 CREATE OR REPLACE FUNCTION {schema}.refresh_keys(log int) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -181,21 +188,17 @@ BEGIN
         RETURN false;
     END IF;
     EXECUTE pg_catalog.format('DROP INDEX IF EXISTS {schema}.%I', t.shadow || '_key');
-    EXECUTE pg_catalog.format('DROP INDEX IF EXISTS {schema}.%I', t.shadow || '_moved');
     IF want IS NOT NULL THEN
         EXECUTE pg_catalog.format('CREATE INDEX %I ON {schema}.%I (%s)', t.shadow || '_key',
             t.shadow,
             (SELECT pg_catalog.string_agg(pg_catalog.format('(COALESCE(%I, %I))', news[i], olds[i]), ', ')
              FROM pg_catalog.generate_series(1, pg_catalog.cardinality(olds)) AS i));
-        EXECUTE pg_catalog.format(
-            'CREATE INDEX %I ON {schema}.%I (%s) WHERE op = %L AND ROW(%s) IS DISTINCT FROM ROW(%s)',
-            t.shadow || '_moved', t.shadow,
-            (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(o), ', ') FROM pg_catalog.unnest(olds) o),
-            'U',
-            (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(o), ', ') FROM pg_catalog.unnest(olds) o),
-            (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(n), ', ') FROM pg_catalog.unnest(news) n));
     END IF;
     UPDATE {schema}.logged_table l SET key_attnums = want, key_slots = slots WHERE l.id = log;
+    IF t.key_slots IS NOT NULL OR want IS DISTINCT FROM t.key_attnums THEN
+        INSERT INTO {schema}.shape_change (log_id, stmt)
+        VALUES (log, pg_catalog.nextval('{schema}.statement_seq'));
+    END IF;
     RETURN true;
 END
 $body$;
@@ -447,7 +450,9 @@ BEGIN
     log := {schema}.register(relid);
     changed := {schema}.sync_columns(log, tr.exclude_columns) OR changed;
     changed := {schema}.refresh_keys(log) OR changed;
-    IF changed OR {schema}.trigger_state(relid) <> 'ok' THEN
+    -- Disabled or dropped triggers are not quietly put back here: `verify`, `plan` and the DDL
+    -- guard deal with those.
+    IF changed OR {schema}.trigger_state(relid) = 'stale' THEN
         PERFORM {schema}.install_capture(log);
         PERFORM {schema}.refresh_views();
         changed := true;

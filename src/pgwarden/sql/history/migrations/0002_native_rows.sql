@@ -68,7 +68,28 @@ CREATE TABLE {schema}.reset (
     PRIMARY KEY (log_id, stmt)
 );
 
+-- When a table's columns or key changed (its history table followed): rewinding across such a
+-- change is refused, the live rows no longer having the shape the events describe.
+CREATE TABLE {schema}.shape_change (
+    log_id int NOT NULL REFERENCES {schema}.logged_table (id),
+    stmt bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT pg_catalog.transaction_timestamp()
+);
+CREATE INDEX shape_change_log ON {schema}.shape_change (log_id, at);
+
 ALTER TABLE {schema}.tracked ADD COLUMN log_id int REFERENCES {schema}.logged_table (id);
+
+-- Append-only, as the history tables are (forbid_change, common.sql).
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.tx
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.statement
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
+DROP TRIGGER IF EXISTS ddl_log_append_only ON {schema}.ddl_log;
+DROP TRIGGER IF EXISTS ddl_log_no_truncate ON {schema}.ddl_log;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.ddl_log
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.capture_failure
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.forbid_change();
 RESET ROLE;
 
 -- 0.1's deferred statements get their events first, with 0.1's own function.
