@@ -255,13 +255,13 @@ def test_ddl_guard(database: Database, monkeypatch: pytest.MonkeyPatch, pg_major
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="switch off"):
             conn.execute("DROP TRIGGER pgwarden_capture_update ON side.mine")
         conn.execute("INSERT INTO side.mine VALUES (1)")
-        # Deferred capture makes its spool table on bob's behalf; the guard lets that through,
-        # and bob setting pgwarden's flag himself gains nothing.
-        conn.execute("SET pgwarden.defer_rows = 1")
-        conn.execute("INSERT INTO side.mine VALUES (2), (3)")
-        conn.execute("SET pgwarden.spooling = 'on'")
+        # A column added to bob's table: its history table follows on bob's behalf (the guard
+        # lets pgwarden's own DDL through), and bob setting pgwarden's flag himself gains nothing.
+        conn.execute("ALTER TABLE side.mine ADD COLUMN note text")
+        conn.execute("INSERT INTO side.mine VALUES (2, 'two'), (3, 'three')")
+        conn.execute("SET pgwarden.in_track = 'on'")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("CREATE TABLE pgwarden.spool_0 (id int)")
+            conn.execute("CREATE TABLE pgwarden.rows_999 (id int)")
     with psycopg.connect(_url_as(database, alice, "guard-pw-1"), autocommit=True) as conn:
         if pg_major < 16:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs the manager"):

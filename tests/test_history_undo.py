@@ -13,7 +13,7 @@ import pytest
 
 from pgwarden.errors import UserError
 from pgwarden.history import EventFilter, TableName, as_of, as_of_into, events, revert, verify
-from pgwarden.history.retention import apply_retention, partitions
+from pgwarden.history.retention import apply_retention
 from tests.conftest import Database, Run
 from tests.history_helpers import setup_history
 
@@ -101,7 +101,7 @@ def test_as_of_into_rewinds_when_history_since_is_complete(database: Database) -
         method, note, rows = rebuilt("auto", "t_after_ddl")
         assert (method, rows) == ("replay", [(*r, None) for r in expected])
         assert note is not None
-        assert "definition changed" in note
+        assert "columns or key changed" in note
         with pytest.raises(UserError, match="cannot rewind"):
             rebuilt("rewind", "t_forced")
         # Inside a caller's READ COMMITTED transaction there is no single snapshot to rewind.
@@ -110,7 +110,7 @@ def test_as_of_into_rewinds_when_history_since_is_complete(database: Database) -
             built = as_of_into(conn, T, later, TableName("public", "t_in_tx"))
         assert built.method == "replay"
         assert built.note
-        assert "transaction of its own" in built.note
+        assert "REPEATABLE READ" in built.note
 
 
 def test_revert_undoes_a_transaction_and_is_recorded(database: Database) -> None:
@@ -147,42 +147,40 @@ def test_revert_refuses_when_rows_changed_later(database: Database) -> None:
             revert(conn, 999999999)
 
 
-def test_retention_drops_whole_old_partitions_only(database: Database) -> None:
-    _seed(database)
-    with database.connect(autocommit=True) as conn:
-        # An old month, as two years of history would have left it.
-        conn.execute(
-            "CREATE TABLE pgwarden.event_p202001 PARTITION OF pgwarden.event "
-            "FOR VALUES FROM ('2020-01-01') TO ('2020-02-01')"
-        )
-        conn.execute(
-            "INSERT INTO pgwarden.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name, "
-            "table_name, op, db_user, role_name) SELECT g, '1', '2020-01-15', '2020-01-15', 1, "
-            "'public', 'old', 'INSERT', 'x', 'x' FROM generate_series(1, 1000) g"
-        )
-        conn.execute("ANALYZE pgwarden.event_p202001")
-        recent = conn.execute(
-            "SELECT count(*) FROM pgwarden.event WHERE tx_at > '2021-01-01'"
-        ).fetchone()
+def _age(conn: psycopg.Connection[tuple[object, ...]], tx: int, at: str) -> None:
+    """Make a transaction look as if it ran at `at` (tests only: history is append-only)."""
+    conn.execute("ALTER TABLE pgwarden.tx DISABLE TRIGGER append_only")
+    conn.execute("UPDATE pgwarden.tx SET at = %s WHERE tx = %s", (at, tx))
+    conn.execute("ALTER TABLE pgwarden.tx ENABLE TRIGGER append_only")
+
+
+def test_retention_keeps_the_state_at_the_cutoff(database: Database) -> None:
+    _seed(database)  # row 1: SNAPSHOT
     with database.connect() as conn:
+        first = _tx(conn, "INSERT INTO test_table VALUES (2, 'two'), (3, 'three')")
+        second = _tx(conn, "UPDATE test_table SET name = 'TWO' WHERE id = 2",
+                     "DELETE FROM test_table WHERE id = 3")  # fmt: skip
+        _tx(conn, "UPDATE test_table SET name = 'now' WHERE id = 1")
+        snapshot = conn.execute("SELECT min(tx) FROM pgwarden.tx").fetchone()
+        assert snapshot is not None
+        with conn.transaction():
+            for tx in (int(str(snapshot[0])), first, second):
+                _age(conn, tx, "2020-01-15")
+        now = datetime.now(UTC)
+        rows_now = as_of(conn, T, now)
         dry = apply_retention(conn, timedelta(days=400), dry_run=True)
-        assert [p.name for p in dry.dropped] == ["event_p202001"]
-        assert "event_p202001" in [
-            p.name for p in partitions(conn, verify.__globals__["DEFAULT_SCHEMA"])
-        ]
+        # Gone: row 2's INSERT (its UPDATE, still before the cutoff, says what it was then),
+        # row 3 entirely (deleted before the cutoff).
+        assert dry.removed == 3
         done = apply_retention(conn, timedelta(days=400))
-        assert [p.name for p in done.dropped] == ["event_p202001"]
-        names = [p.name for p in partitions(conn, verify.__globals__["DEFAULT_SCHEMA"])]
-        assert "event_p202001" not in names
-        assert (
-            conn.execute(
-                "SELECT count(*) FROM pgwarden.event WHERE tx_at > '2021-01-01'"
-            ).fetchone()
-            == recent
-        )
-        assert conn.execute(
-            "SELECT count(*) FROM pgwarden.event WHERE tx_at < '2021-01-01'"
-        ).fetchone() == (0,)
+        assert done.removed == 3
+        assert done.contexts_removed == 1  # the first transaction's who-and-when
+        assert as_of(conn, T, now) == rows_now
+        with conn.transaction():
+            left = [(e.op, e.key["id"]) for e in events(conn, EventFilter(table=T))]
+        assert left == [("SNAPSHOT", 1), ("UPDATE", 2), ("UPDATE", 1)]
+        assert verify(conn).ok
+        assert apply_retention(conn, timedelta(days=400)).removed == 0
 
 
 def test_verify_reports_disabled_triggers_and_gaps(database: Database) -> None:
@@ -216,7 +214,7 @@ def test_cli_history_formats(cli_db: Database, run: Run, monkeypatch: pytest.Mon
     )
     data = json.loads(run("history", "public.test_table", "--format", "json").out)
     assert [e["op"] for e in data] == ["SNAPSHOT", "UPDATE"]
-    assert set(data[1]) == {"id", "tx", "at", "table", "op", "key", "old", "new", "db_user",
+    assert set(data[1]) == {"tx", "at", "table", "op", "key", "old", "new", "db_user",
                             "app_user", "application", "client_addr", "context"}  # fmt: skip
     assert data[1]["old"] == {"id": 1, "name": "Test Data"}
     assert data[1]["table"] == "public.test_table"
@@ -286,4 +284,4 @@ def test_cli_retention_needs_a_setting(
     (tmp_path / "pgwarden.yaml").write_text("history:\n  tables: ['public.*']\n  retention: 400d\n")
     result = run("retention", "--dry-run")
     assert result.code == 0, result.err
-    assert "would drop 0 partition(s)" in result.out
+    assert "would remove 0 event(s)" in result.out

@@ -568,8 +568,9 @@ def plan_access(conn: Conn, config: Config) -> Sequence[Operation]:
     ops += _ownership_operations(conn, access)
     desired, desired_defaults = _desired_table_grants(conn, config)
     ops += _table_operations(conn, config, desired, desired_defaults)
-    ops += _auditor_operations(conn, config)
     ops += _guard_operations(conn, config, superuser)
+    # After the guard, whose table lives in the history schema too.
+    ops += _auditor_operations(conn, config)
     if access.mode == "authoritative":
         ops += _authoritative_operations(conn, config, existing, desired, desired_defaults)
     return ops

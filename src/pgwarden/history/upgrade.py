@@ -22,6 +22,7 @@ FUNCTION_FILES = (
     "history/capture.sql",
     "history/track.sql",
     "history/read.sql",
+    "history/grants.sql",
 )
 
 

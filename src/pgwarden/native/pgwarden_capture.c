@@ -32,17 +32,18 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/dependency.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
-#include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/execnodes.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
+#include "utils/xid8.h"
 #include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
@@ -592,33 +593,50 @@ capture(TriggerData *trigdata, const CaptureArgs *args)
 	close_target(&t);
 }
 
-/* fail-open: the statement goes on without its history; say so and count it. */
+/*
+ * fail-open: the statement goes on without its history; say so and count it, in
+ * capture_failure (written directly, as history is: the writer needs no rights on it, and
+ * nobody else can add rows there).
+ */
 static void
 note_failure(TriggerData *trigdata, const CaptureArgs *args, ErrorData *edata)
 {
 	Relation	rel = trigdata->tg_relation;
-	Oid			nsp = get_rel_namespace(args->history);
-	const char *schema = get_namespace_name(nsp);
-	char	   *query;
-	Oid			types[6] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-	Datum		values[6];
 	const char *op = TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) ? "INSERT" :
 		TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ? "UPDATE" : "DELETE";
+	const char *nsp = get_namespace_name(RelationGetNamespace(rel));
+	Oid			failures = get_relname_relid("capture_failure", get_rel_namespace(args->history));
+	Target		t;
+	Oid			seq;
+	Datum		values[9];
+	bool		nulls[9];
 
-	if (schema == NULL)
+	ereport(WARNING,
+			(errmsg("pgwarden: history of %s on %s.%s was not recorded: %s", op, nsp,
+					RelationGetRelationName(rel), edata->message ? edata->message : ""),
+			 errhint("fail-open mode: the change itself went through; see pgwarden verify")));
+	if (!OidIsValid(failures))
 		ReThrowError(edata);
-	query = psprintf("SELECT %s.note_failure($1, $2, $3, $4, $5, $6)", quote_identifier(schema));
-	values[0] = ObjectIdGetDatum(RelationGetRelid(rel));
-	values[1] = CStringGetTextDatum(get_namespace_name(RelationGetNamespace(rel)));
-	values[2] = CStringGetTextDatum(RelationGetRelationName(rel));
-	values[3] = CStringGetTextDatum(op);
-	values[4] = CStringGetTextDatum(unpack_sql_state(edata->sqlerrcode));
-	values[5] = CStringGetTextDatum(edata->message ? edata->message : "");
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "pgwarden capture: SPI_connect failed");
-	if (SPI_execute_with_args(query, 6, types, values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "pgwarden capture: could not record a capture failure");
-	SPI_finish();
+	open_target(&t, failures);
+	if (RelationGetDescr(t.rel)->natts != 9)
+		ReThrowError(edata);
+#if PG_VERSION_NUM >= 170000
+	seq = getIdentitySequence(t.rel, 1, false);
+#else
+	seq = getIdentitySequence(failures, 1, false);
+#endif
+	memset(nulls, 0, sizeof(nulls));
+	values[0] = Int64GetDatum(nextval_internal(seq, false));
+	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[2] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+	values[3] = ObjectIdGetDatum(RelationGetRelid(rel));
+	values[4] = CStringGetTextDatum(nsp);
+	values[5] = CStringGetTextDatum(RelationGetRelationName(rel));
+	values[6] = CStringGetTextDatum(op);
+	values[7] = CStringGetTextDatum(unpack_sql_state(edata->sqlerrcode));
+	values[8] = text_or_null(edata->message, &nulls[8]);
+	insert_row(&t, values, nulls);
+	close_target(&t);
 }
 
 Datum

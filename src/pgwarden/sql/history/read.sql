@@ -71,14 +71,6 @@ AS $$
     FROM {schema}.logged_table t WHERE t.id = log
 $$;
 
-CREATE OR REPLACE FUNCTION {schema}.op_name("char") RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE $1 WHEN 'I' THEN 'INSERT' WHEN 'U' THEN 'UPDATE' WHEN 'D' THEN 'DELETE'
-                   WHEN 'T' THEN 'TRUNCATE' WHEN 'X' THEN 'TRUNCATE' WHEN 'S' THEN 'SNAPSHOT' END
-$$;
-
 -- {schema}.event: every event of every table, as JSON, with who and when; for reading history
 -- with plain SQL (pgwarden's own readers query the history tables directly). Events in order:
 -- ORDER BY stmt_id, pos. Remade whenever a history table or its columns change.
@@ -95,7 +87,9 @@ BEGIN
         SELECT * INTO e FROM {schema}.event_sql(t.id, 'h');
         parts := parts || pg_catalog.format(
             'SELECT %s::int AS log_id, %s::oid AS table_oid, %L::text AS schema_name, '
-            '%L::text AS table_name, h.stmt AS stmt_id, h.ctid AS pos, h.ctx, {schema}.op_name(h.op) AS op, '
+            '%L::text AS table_name, h.stmt AS stmt_id, h.ctid AS pos, h.ctx, '
+            'CASE h.op WHEN ''I'' THEN ''INSERT'' WHEN ''U'' THEN ''UPDATE'' WHEN ''D'' THEN ''DELETE'' '
+            'WHEN ''S'' THEN ''SNAPSHOT'' ELSE ''TRUNCATE'' END AS op, '
             '%s AS row_key, %s AS old_row, %s AS new_row, x.tx, x.at AS tx_at, x.db_user, '
             'x.role_name, x.application, x.client_addr, x.app_user, x.context, '
             's.text AS statement '
