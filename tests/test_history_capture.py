@@ -74,11 +74,11 @@ def test_actor_change_inside_a_transaction_opens_a_new_context(database: Databas
             conn.execute("INSERT INTO t VALUES (2)")
             set_actor(conn, "bob")
             conn.execute("INSERT INTO t VALUES (3)")
-            with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
-                # A savepoint that opened a context and rolled back takes the context with it.
-                set_actor(conn, "carol")
-                conn.execute("INSERT INTO t VALUES (4)")
-                conn.execute("INSERT INTO t VALUES (4)")
+            # A savepoint that opened a context and rolled back takes the context with it.
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("SAVEPOINT s; SELECT set_config('pgwarden.actor', 'carol', true); "
+                             "INSERT INTO t VALUES (4); INSERT INTO t VALUES (4)")  # fmt: skip
+            conn.execute("ROLLBACK TO SAVEPOINT s")
             conn.execute("INSERT INTO t VALUES (5)")
         rows = conn.execute(
             "SELECT row_key->>'id', app_user FROM pgwarden.event ORDER BY stmt_id"
@@ -296,14 +296,14 @@ def test_history_is_append_only_even_for_its_owner(database: Database) -> None:
         ):
             for role in ("postgres", "pgwarden_owner"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-                    with conn.transaction():
-                        conn.execute(f"SET LOCAL ROLE {role}")
-                        conn.execute(statement)
+                    conn.execute(f"BEGIN; SET LOCAL ROLE {role}; {statement}")
+                conn.execute("ROLLBACK")
         # The retention flag is no way around it for anyone but the owner.
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-            with conn.transaction():
-                conn.execute("SET LOCAL pgwarden.retention = on")
-                conn.execute(f"DELETE FROM pgwarden.{shadow[0]}")
+            conn.execute(
+                f"BEGIN; SET LOCAL pgwarden.retention = on; DELETE FROM pgwarden.{shadow[0]}"
+            )
+        conn.execute("ROLLBACK")
         assert len(events(conn)) == 1
 
 

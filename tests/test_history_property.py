@@ -10,12 +10,13 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pgwarden.history import TableName, as_of, as_of_into, revert
+from pgwarden.history import TableName, as_of, as_of_into, native, revert
 from tests.conftest import Database
-from tests.history_helpers import setup_history
+from tests.history_helpers import history_config, setup_history
 
 REFERENCE = """
 CREATE TABLE IF NOT EXISTS ref_log (
@@ -75,24 +76,33 @@ def _norm(items: list[tuple[Any, ...]]) -> Counter[str]:
     return Counter(json.dumps(item, sort_keys=True) for item in items)
 
 
+def _setup(database: Database, engine: str, pg_major: int) -> None:
+    if engine == "compiled" and native.library(pg_major) is None:
+        pytest.skip(f"no compiled capture trigger was built for PostgreSQL {pg_major}")
+    setup_history(database.url, history_config("public.*", trigger=engine))
+
+
+ENGINES = pytest.mark.parametrize("engine", ["compiled", "plpgsql"])
+
+
+@ENGINES
 @settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(program=st.lists(operations, min_size=1, max_size=12), defer=st.booleans())
+@given(program=st.lists(operations, min_size=1, max_size=12))
 # A three-row key shift: undone row by row, 4→1 then 7→4 matched two rows (found by hypothesis).
-@example(program=[("insert", [1, 7, 4], 0), ("rekey", [1, 7, 4], -3)], defer=False)
-@example(program=[("insert", [1, 7, 4], 0), ("rekey", [1, 7, 4], -3)], defer=True)
+@example(program=[("insert", [1, 7, 4], 0), ("rekey", [1, 7, 4], -3)])
 def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
-    database: Database, program: list[tuple[str, list[int], int]], defer: bool
+    database: Database, engine: str, pg_major: int, program: list[tuple[str, list[int], int]]
 ) -> None:
-    """With `defer`, every statement of two rows or more is spooled (pgwarden.defer_rows) and
-    its events written when history is first read: the same checks must hold."""
+    """Both capture engines record what a row-level reference trigger sees; as-of (replay and
+    rewind) rebuilds every state; reverting newest first walks back through them."""
     table = f"p_{uuid.uuid4().hex[:10]}"
+    _setup(database, engine, pg_major)
     with database.connect(autocommit=True) as conn:
         conn.execute(REFERENCE)
-        setup_history(database.url)  # installs history for public.* (idempotent)
         # A deferrable key lets multi-row key changes succeed in any row order.
         conn.execute(
             f"CREATE TABLE {table} (id int, val int, note text, "
@@ -108,8 +118,6 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
             f"CREATE TRIGGER ref_t BEFORE TRUNCATE ON {table} "
             "FOR EACH STATEMENT EXECUTE FUNCTION ref_truncate()"
         )
-        if defer:
-            conn.execute("SET pgwarden.defer_rows = 2")
         states: list[tuple[datetime, list[dict[str, Any]]]] = []
         committed: list[tuple[int, int]] = []  # (transaction id, index of the state before it)
         for step, op in enumerate(program):
@@ -130,7 +138,6 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
         reference = conn.execute(
             "SELECT step, op, old, new FROM ref_log WHERE tbl = %s", (table,)
         ).fetchall()
-        conn.execute("SELECT pgwarden.materialize()")  # read with SQL below, not the API
         recorded = conn.execute(
             "SELECT context, op, old_row, new_row FROM pgwarden.event "
             "WHERE table_name = %s AND op <> 'SNAPSHOT'",
@@ -147,27 +154,97 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
         for n, (moment, live_rows) in enumerate(states):
             rebuilt = as_of(conn, TableName("public", table), moment)
             assert sorted(rebuilt, key=lambda r: r["id"]) == live_rows
-            # The other way to the same rows: the live table with every later change undone.
-            into = TableName("public", f"{table}_r{n}")
-            built = as_of_into(conn, TableName("public", table), moment, into, method="rewind")
-            rewound = conn.execute(f"SELECT to_jsonb(t) FROM {into.table} t ORDER BY id").fetchall()
-            assert (built.method, [r[0] for r in rewound]) == ("rewind", live_rows)
-            conn.execute(f"DROP TABLE {into.table}")
+            for method in ("rewind", "replay"):
+                into = TableName("public", f"{table}_{method[:3]}{n}")
+                built = as_of_into(conn, TableName("public", table), moment, into, method=method)  # type: ignore[arg-type]
+                got = conn.execute(f"SELECT to_jsonb(t) FROM {into.table} t ORDER BY id").fetchall()
+                assert (built.method, [r[0] for r in got]) == (method, live_rows)
+                conn.execute(f"DROP TABLE {into.table}")
 
         # Reverting every transaction, newest first, walks the table back through each state
         # (a transaction that changed nothing has nothing to revert).
         recorded_txs = {
             int(r[0])
             for r in conn.execute(
-                "SELECT DISTINCT tx::text::bigint FROM pgwarden.event WHERE table_name = %s",
-                (table,),
+                "SELECT DISTINCT tx FROM pgwarden.event WHERE table_name = %s", (table,)
             ).fetchall()
         }
         for tx, before in reversed(committed):
             if tx not in recorded_txs:
                 continue
             revert(conn, tx)
-            conn.execute("SELECT pgwarden.materialize()")  # the revert's own, if deferred
             live = conn.execute(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id").fetchall()
             expected = states[before][1] if before >= 0 else []
             assert [r[0] for r in live] == expected
+
+
+keyless_ops = st.one_of(
+    st.tuples(st.just("insert"), st.lists(st.integers(1, 4), min_size=1, max_size=4)),
+    st.tuples(st.just("update"), st.lists(st.integers(1, 4), min_size=1, max_size=1)),
+    st.tuples(st.just("delete"), st.lists(st.integers(1, 4), min_size=1, max_size=1)),
+    st.tuples(st.just("truncate"), st.just([0])),
+)
+
+
+def _keyless_statement(table: str, op: tuple[str, list[int]]) -> str:
+    kind, values = op
+    if kind == "insert":  # duplicates on purpose: the whole row is the only identity
+        return f"INSERT INTO {table} VALUES " + ", ".join(f"({v}, 'x{v}')" for v in values)
+    if kind == "update":
+        return f"UPDATE {table} SET b = b || '+' WHERE a = {values[0]}"
+    if kind == "delete":
+        return f"DELETE FROM {table} WHERE a = {values[0]}"
+    return f"TRUNCATE {table}"
+
+
+@ENGINES
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(program=st.lists(keyless_ops, min_size=1, max_size=10))
+def test_tables_without_a_key_rebuild_and_revert(
+    database: Database, engine: str, pg_major: int, program: list[tuple[str, list[int]]]
+) -> None:
+    """A table without a key (as pgbench creates pgbench_history): as-of rebuilds every state,
+    duplicates included, and reverting newest first walks back through them."""
+    table = f"k_{uuid.uuid4().hex[:10]}"
+    _setup(database, engine, pg_major)
+    with database.connect(autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (a int, b text)")
+        states: list[tuple[datetime, Counter[str]]] = []
+        committed: list[tuple[int, int]] = []
+
+        def live() -> Counter[str]:
+            rows = conn.execute(f"SELECT t::text FROM {table} t").fetchall()
+            return Counter(str(r[0]) for r in rows)
+
+        for op in program:
+            with conn.transaction():
+                conn.execute(_keyless_statement(table, op))
+                tx = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            assert tx is not None
+            committed.append((int(tx[0]), len(states) - 1))
+            moment = conn.execute("SELECT clock_timestamp()").fetchone()
+            assert moment is not None
+            states.append((moment[0], live()))
+        for n, (moment, rows) in enumerate(states):
+            rebuilt = as_of(conn, TableName("public", table), moment)
+            assert Counter(f"({r['a']},{r['b']})" for r in rebuilt) == rows
+            into = TableName("public", f"{table}_r{n}")
+            as_of_into(conn, TableName("public", table), moment, into)
+            got = conn.execute(f"SELECT t::text FROM {into.table} t").fetchall()
+            assert Counter(str(r[0]) for r in got) == rows
+            conn.execute(f"DROP TABLE {into.table}")
+        recorded = {
+            int(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT tx FROM pgwarden.event WHERE table_name = %s", (table,)
+            ).fetchall()
+        }
+        for tx, before in reversed(committed):
+            if tx not in recorded:
+                continue
+            revert(conn, tx)
+            assert live() == (states[before][1] if before >= 0 else Counter())

@@ -284,7 +284,7 @@ def test_rendered_settings_and_bootstrap_run_a_real_postgres(
             conn.execute("INSERT INTO test_table VALUES (1, 'Test Data')")
             conn.execute("UPDATE test_table SET name = 'Changed'")
             conn.execute("DELETE FROM test_table")
-            ops = [r[0] for r in conn.execute("SELECT op FROM pgwarden.event ORDER BY id")]
+            ops = [r[0] for r in conn.execute("SELECT op FROM pgwarden.event ORDER BY stmt_id")]
             assert ops == ["INSERT", "UPDATE", "DELETE"]
         with psycopg.connect(
             f"postgresql://bob:pw@127.0.0.1:{port}/{config.database}", autocommit=True

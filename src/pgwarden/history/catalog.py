@@ -45,12 +45,18 @@ class HistorySchema:
 DEFAULT_SCHEMA = HistorySchema()
 
 
+# `as-of --into` marks the tables it makes with this comment: scratch copies, which patterns
+# in history.tables do not track (naming one exactly does).
+AS_OF_COPY = "pgwarden: as-of copy"
+
+
 @dataclass(frozen=True)
 class LiveTable:
     oid: int
     name: TableName
     has_key: bool  # a primary key or replica identity index; without one, rows are told apart
     # by their whole content
+    as_of_copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,9 @@ def live_tables(conn: Conn, schema: HistorySchema) -> list[LiveTable]:
         """
         SELECT c.oid, n.nspname, c.relname,
                EXISTS (SELECT 1 FROM pg_catalog.pg_index i
-                       WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident))
+                       WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)),
+               pg_catalog.starts_with(COALESCE(pg_catalog.obj_description(c.oid, 'pg_class'), ''),
+                                      %s)
         FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
@@ -110,11 +118,11 @@ def live_tables(conn: Conn, schema: HistorySchema) -> list[LiveTable]:
           AND n.nspname !~ '^pg_(toast|temp_)'
         ORDER BY n.nspname, c.relname
         """,
-        (schema.name,),
+        (AS_OF_COPY, schema.name),
     ).fetchall()
     return [
-        LiveTable(int(oid), TableName(str(nsp), str(rel)), bool(has_key))  # type: ignore[call-overload]
-        for oid, nsp, rel, has_key in rows
+        LiveTable(int(str(oid)), TableName(str(nsp), str(rel)), bool(has_key), bool(copy))
+        for oid, nsp, rel, has_key, copy in rows
     ]
 
 

@@ -280,7 +280,7 @@ def plan_history(conn: Conn, config: Config) -> HistoryPlan:
                 "when it is created",
             )
     for table in live:
-        if any(p.matches(table.name) for p in pats):
+        if any(p.matches(table.name) and not (p.is_glob and table.as_of_copy) for p in pats):
             wanted[table.oid] = table.name
     for oid, name in wanted.items():
         settings = desired_settings(history, name)

@@ -293,18 +293,23 @@ def events(
 
 def _visible(schema: HistorySchema, log: TableLog, at: datetime, alias: str = "h") -> sql.Composed:
     """Events of transactions started at or before `at`, since the table's history last
-    restarted at or before it (tracking began again, or a TRUNCATE)."""
-    return sql.SQL(
-        "{a}.ctx IN (SELECT x.id FROM {tx} x WHERE x.at <= {at}) AND {a}.stmt >= "
+    restarted at or before it: tracking began again (that statement's snapshot rows count), or
+    a TRUNCATE (the table is empty after it: the rows it removed do not count)."""
+    names = {
+        "a": sql.Identifier(alias),
+        "tx": schema.table("tx"),
+        "reset": schema.table("reset"),
+        "at": sql.Literal(at),
+        "log": sql.Literal(log.id),
+    }
+    restart = sql.SQL(
         "(SELECT COALESCE(pg_catalog.max(r.stmt), 0) FROM {reset} r JOIN {tx} x ON x.id = r.ctx "
         "WHERE r.log_id = {log} AND x.at <= {at})"
-    ).format(
-        a=sql.Identifier(alias),
-        tx=schema.table("tx"),
-        reset=schema.table("reset"),
-        at=sql.Literal(at),
-        log=sql.Literal(log.id),
-    )
+    ).format(**names)
+    return sql.SQL(
+        "{a}.ctx IN (SELECT x.id FROM {tx} x WHERE x.at <= {at}) AND {a}.stmt >= {restart} "
+        "AND NOT ({a}.op IN ('T', 'X') AND {a}.stmt = {restart})"
+    ).format(restart=restart, **names)
 
 
 @dataclass(frozen=True)
@@ -508,10 +513,19 @@ def as_of_into(
         # Replaying sorts every event of the table by key: give that sort memory for this
         # transaction only, instead of spilling to disk in 4 MB runs (about twice as fast).
         conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(AS_OF_WORK_MEM)))
-        # LIKE also locks the source against schema changes until we are done.
+        # LIKE also locks the source against schema changes until we are done. A scratch copy:
+        # patterns in history.tables leave it untracked (the comment says so, in_track makes
+        # the DDL event trigger skip it).
         try:
             with conn.transaction():
+                conn.execute("SELECT pg_catalog.set_config('pgwarden.in_track', 'on', true)")
                 conn.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(dest, source))
+                conn.execute(
+                    sql.SQL("COMMENT ON TABLE {} IS {}").format(
+                        dest, sql.Literal(f"{catalog.AS_OF_COPY} of {table} at {at.isoformat()}")
+                    )
+                )
+                conn.execute("SELECT pg_catalog.set_config('pgwarden.in_track', '', true)")
         except psycopg.errors.InvalidSchemaName:
             raise UserError(
                 f"cannot create {target}: schema {target.schema} does not exist",

@@ -37,11 +37,12 @@ def refresh_tracked(schema: HistorySchema) -> sql.Composed:
     """Every tracked table's capture function, triggers and column map brought up to date."""
     return sql.SQL(
         "\nSELECT {refresh}(t.table_oid) FROM {tracked} t ORDER BY t.table_oid;\n"
-        "SELECT {views}();\n"
+        "SELECT {part}(l.id) FROM {tables} l;\n"
     ).format(
         refresh=schema.func("refresh"),
         tracked=schema.table("tracked"),
-        views=schema.func("refresh_views"),
+        part=schema.func("set_view_part"),
+        tables=schema.table("logged_table"),
     )
 
 

@@ -210,10 +210,12 @@ def verify(
                   AND EXISTS (SELECT 1 FROM {rule} r
                               WHERE n.nspname ~ r.schema_regex AND c.relname ~ r.table_regex)
                   AND NOT EXISTS (SELECT 1 FROM {tracked} t WHERE t.table_oid = c.oid)
+                  AND NOT pg_catalog.starts_with(
+                      COALESCE(pg_catalog.obj_description(c.oid, 'pg_class'), ''), %s)
                 ORDER BY 1, 2
                 """
             ).format(rule=schema.table("rule"), tracked=schema.table("tracked")),
-            (schema.name,),
+            (schema.name, catalog.AS_OF_COPY),
         ).fetchall()
         for nsp, rel in rules:
             report.problems.append(

@@ -19,3 +19,5 @@ ALTER FUNCTION {schema}.forbid_change() OWNER TO {owner};
 -- caller's rights, so only roles that may read history (the auditor) get anything from it.
 GRANT EXECUTE ON FUNCTION {schema}.image_sql(int, "char", text, int2[]) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.event_sql(int, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.view_part(int) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.events(int) TO PUBLIC;

@@ -72,42 +72,68 @@ AS $$
 $$;
 
 -- {schema}.event: every event of every table, as JSON, with who and when; for reading history
--- with plain SQL (pgwarden's own readers query the history tables directly). Events in order:
--- ORDER BY stmt_id, pos. Remade whenever a history table or its columns change.
-CREATE OR REPLACE FUNCTION {schema}.refresh_views() RETURNS void
-LANGUAGE plpgsql
+-- with plain SQL (pgwarden's own readers query the history tables directly). Each table's part
+-- of it is kept in logged_table.view_sql.
+CREATE OR REPLACE FUNCTION {schema}.view_part(log int) RETURNS text
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $body$
 DECLARE
     t record;
     e record;
-    parts text[] := '{{}}';
 BEGIN
-    FOR t IN SELECT * FROM {schema}.logged_table l ORDER BY l.id LOOP
-        SELECT * INTO e FROM {schema}.event_sql(t.id, 'h');
-        parts := parts || pg_catalog.format(
-            'SELECT %s::int AS log_id, %s::oid AS table_oid, %L::text AS schema_name, '
-            '%L::text AS table_name, h.stmt AS stmt_id, h.ctid AS pos, h.ctx, '
-            'CASE h.op WHEN ''I'' THEN ''INSERT'' WHEN ''U'' THEN ''UPDATE'' WHEN ''D'' THEN ''DELETE'' '
-            'WHEN ''S'' THEN ''SNAPSHOT'' ELSE ''TRUNCATE'' END AS op, '
-            '%s AS row_key, %s AS old_row, %s AS new_row, x.tx, x.at AS tx_at, x.db_user, '
-            'x.role_name, x.application, x.client_addr, x.app_user, x.context, '
-            's.text AS statement '
-            'FROM {schema}.%I h JOIN {schema}.tx x ON x.id = h.ctx '
-            'LEFT JOIN {schema}.statement s ON s.stmt = h.stmt',
-            t.id, COALESCE(t.table_oid::text, 'NULL'), t.schema_name, t.table_name,
-            e.row_key, e.old_row, e.new_row, t.shadow);
-    END LOOP;
-    IF pg_catalog.cardinality(parts) = 0 THEN
-        parts := ARRAY['SELECT NULL::int AS log_id, NULL::oid AS table_oid, NULL::text AS schema_name, '
-            'NULL::text AS table_name, NULL::bigint AS stmt_id, NULL::tid AS pos, NULL::bigint AS ctx, NULL::text AS op, '
-            'NULL::json AS row_key, NULL::json AS old_row, NULL::json AS new_row, NULL::bigint AS tx, '
-            'NULL::timestamptz AS tx_at, NULL::text AS db_user, NULL::text AS role_name, '
-            'NULL::text AS application, NULL::inet AS client_addr, NULL::text AS app_user, '
-            'NULL::text AS context, NULL::text AS statement WHERE false'];
+    SELECT * INTO t FROM {schema}.logged_table l WHERE l.id = log;
+    SELECT * INTO e FROM {schema}.event_sql(log, 'h');
+    RETURN pg_catalog.format(
+        'SELECT %s::int AS log_id, %s::oid AS table_oid, %L::text AS schema_name, '
+        '%L::text AS table_name, h.stmt AS stmt_id, h.ctid AS pos, h.ctx, '
+        'CASE h.op WHEN ''I'' THEN ''INSERT'' WHEN ''U'' THEN ''UPDATE'' WHEN ''D'' THEN ''DELETE'' '
+        'WHEN ''S'' THEN ''SNAPSHOT'' ELSE ''TRUNCATE'' END AS op, '
+        '%s AS row_key, %s AS old_row, %s AS new_row, x.tx, x.at AS tx_at, x.db_user, '
+        'x.role_name, x.application, x.client_addr, x.app_user, x.context, '
+        's.text AS statement '
+        'FROM {schema}.%I h JOIN {schema}.tx x ON x.id = h.ctx '
+        'LEFT JOIN {schema}.statement s ON s.stmt = h.stmt',
+        t.id, COALESCE(t.table_oid::text, 'NULL'), t.schema_name, t.table_name,
+        e.row_key, e.old_row, e.new_row, t.shadow);
+END
+$body$;
+
+-- Keep the table's part of the view (done whenever its columns or name change).
+CREATE OR REPLACE FUNCTION {schema}.set_view_part(log int) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE {schema}.logged_table l SET view_sql = {schema}.view_part(log) WHERE l.id = log
+$$;
+
+-- Every event of every table (or of one: `log`), as the `event` view shows them. Put
+-- together at each call from the tables' parts, which are remade when found missing: a table
+-- tracked or changed costs no DDL on a view. Runs with the caller's rights: only roles that
+-- may read history (the auditor) see anything.
+CREATE OR REPLACE FUNCTION {schema}.events(log int DEFAULT NULL)
+RETURNS TABLE (log_id int, table_oid oid, schema_name text, table_name text, stmt_id bigint,
+               pos tid, ctx bigint, op text, row_key json, old_row json, new_row json,
+               tx bigint, tx_at timestamptz, db_user text, role_name text, application text,
+               client_addr inet, app_user text, context text, statement text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    parts text;
+BEGIN
+    IF EXISTS (SELECT 1 FROM {schema}.logged_table l
+               WHERE l.view_sql IS NULL AND (events.log IS NULL OR l.id = events.log)) THEN
+        -- A reader may not write: build the missing parts without keeping them.
+        SELECT pg_catalog.string_agg(COALESCE(l.view_sql, {schema}.view_part(l.id)),
+                                     ' UNION ALL ' ORDER BY l.id)
+        INTO parts FROM {schema}.logged_table l WHERE events.log IS NULL OR l.id = events.log;
+    ELSE
+        SELECT pg_catalog.string_agg(l.view_sql, ' UNION ALL ' ORDER BY l.id)
+        INTO parts FROM {schema}.logged_table l WHERE events.log IS NULL OR l.id = events.log;
     END IF;
-    EXECUTE 'CREATE OR REPLACE VIEW {schema}.event AS '
-            || pg_catalog.array_to_string(parts, ' UNION ALL ');
-    EXECUTE 'ALTER VIEW {schema}.event OWNER TO {owner}';
+    IF parts IS NOT NULL THEN
+        RETURN QUERY EXECUTE parts;
+    END IF;
 END
 $body$;

@@ -71,7 +71,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN {schema}.create_history_table(relid, nsp, rel);
     END IF;
-    UPDATE {schema}.logged_table l SET schema_name = nsp, table_name = rel
+    UPDATE {schema}.logged_table l SET schema_name = nsp, table_name = rel, view_sql = NULL
     WHERE l.id = log AND (l.schema_name, l.table_name) IS DISTINCT FROM (nsp, rel);
     RETURN log;
 END
@@ -153,6 +153,9 @@ BEGIN
     IF boundary > 0 THEN
         INSERT INTO {schema}.shape_change (log_id, stmt) VALUES (log, boundary);
     END IF;
+    IF changed THEN
+        UPDATE {schema}.logged_table l SET view_sql = NULL WHERE l.id = log;
+    END IF;
     RETURN changed;
 END
 $body$;
@@ -194,7 +197,8 @@ BEGIN
             (SELECT pg_catalog.string_agg(pg_catalog.format('(COALESCE(%I, %I))', news[i], olds[i]), ', ')
              FROM pg_catalog.generate_series(1, pg_catalog.cardinality(olds)) AS i));
     END IF;
-    UPDATE {schema}.logged_table l SET key_attnums = want, key_slots = slots WHERE l.id = log;
+    UPDATE {schema}.logged_table l SET key_attnums = want, key_slots = slots, view_sql = NULL
+    WHERE l.id = log;
     IF t.key_slots IS NOT NULL OR want IS DISTINCT FROM t.key_attnums THEN
         INSERT INTO {schema}.shape_change (log_id, stmt)
         VALUES (log, pg_catalog.nextval('{schema}.statement_seq'));
@@ -389,7 +393,7 @@ BEGIN
         UPDATE {schema}.tracked t SET since = pg_catalog.transaction_timestamp()
         WHERE t.table_oid = relid;
     END IF;
-    PERFORM {schema}.refresh_views();
+    PERFORM {schema}.set_view_part(log);
     PERFORM pg_catalog.set_config('pgwarden.in_track', '', true);
     RETURN snapshot;
 END
@@ -454,7 +458,7 @@ BEGIN
     -- guard deal with those.
     IF changed OR {schema}.trigger_state(relid) = 'stale' THEN
         PERFORM {schema}.install_capture(log);
-        PERFORM {schema}.refresh_views();
+        PERFORM {schema}.set_view_part(log);
         changed := true;
     END IF;
     PERFORM pg_catalog.set_config('pgwarden.in_track', '', true);
@@ -477,13 +481,14 @@ BEGIN
     END IF;
     PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
     UPDATE {schema}.logged_table l
-    SET table_oid = NULL, dropped_stmt = pg_catalog.nextval('{schema}.statement_seq')
+    SET table_oid = NULL, dropped_stmt = pg_catalog.nextval('{schema}.statement_seq'),
+        view_sql = NULL
     WHERE l.id = log;
     UPDATE {schema}.logged_column c
     SET until = (SELECT l.dropped_stmt FROM {schema}.logged_table l WHERE l.id = log)
     WHERE c.log_id = log AND c.until IS NULL;
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS {schema}.%I()', 'capture_' || log);
-    PERFORM {schema}.refresh_views();
+    PERFORM {schema}.set_view_part(log);
     PERFORM pg_catalog.set_config('pgwarden.in_track', '', true);
 END
 $body$;

@@ -40,7 +40,8 @@ CREATE TABLE {schema}.logged_table (
     shadow text NOT NULL,            -- its history table in this schema: rows_<id>
     key_attnums int2[],              -- key columns (NULL: the whole row is its identity)
     key_slots text[],                -- history columns the key indexes are on (old…, new…)
-    dropped_stmt bigint
+    dropped_stmt bigint,
+    view_sql text                    -- its part of the `event` view (read.sql)
 );
 
 -- Its columns by attribute number and generation (see track.sql). attnum < 0: a column known
@@ -292,3 +293,8 @@ BEGIN
 END
 $migrate$;
 DROP TABLE {schema}.event;
+
+-- Plain SQL over the new history, in place of the old table: SELECT … FROM {schema}.event
+-- ORDER BY stmt_id, pos (read.sql, events()).
+CREATE VIEW {schema}.event AS SELECT * FROM {schema}.events();
+ALTER VIEW {schema}.event OWNER TO {owner};
