@@ -103,6 +103,48 @@ BEGIN
 END
 $migrate$;
 
+-- 0.1 knew columns by name only. A column renamed since keeps its history: its earlier name
+-- in older events is rewritten to the name it has now, from 0.1's DDL log (the rename's
+-- statement text gives the old name; its object identity the new one).
+DO $migrate$
+DECLARE
+    r record;
+    m text[];
+BEGIN
+    ALTER TABLE {schema}.event DISABLE TRIGGER USER;  -- 0.1's append-only guard, this once
+    FOR r IN
+        SELECT d.at, d.statement, d.object_identity,
+               (pg_catalog.parse_ident(d.object_identity))[3] AS new_name,
+               c.oid AS relid
+        FROM {schema}.ddl_log d
+        JOIN pg_catalog.pg_namespace n
+          ON n.nspname = (pg_catalog.parse_ident(d.object_identity))[1]
+        JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid
+          AND c.relname = (pg_catalog.parse_ident(d.object_identity))[2]
+        WHERE d.object_type = 'table column' AND d.command_tag = 'ALTER TABLE'
+          AND d.statement ~* 'rename'
+        ORDER BY d.id
+    LOOP
+        FOR m IN SELECT pg_catalog.regexp_matches(r.statement,
+                 'rename\s+(?:column\s+)?("(?:[^"]|"")+"|[^\s;]+)\s+to\s+("(?:[^"]|"")+"|[^\s;]+)', 'gi')
+        LOOP
+            m := ARRAY[(pg_catalog.parse_ident(m[1]))[1], (pg_catalog.parse_ident(m[2]))[1]];
+            CONTINUE WHEN m[2] <> r.new_name;
+            UPDATE {schema}.event e
+            SET old_row = CASE WHEN e.old_row ? m[1] THEN (e.old_row OPERATOR(pg_catalog.-) m[1])
+                               || pg_catalog.jsonb_build_object(m[2], e.old_row -> m[1])
+                               ELSE e.old_row END,
+                new_row = CASE WHEN e.new_row ? m[1] THEN (e.new_row OPERATOR(pg_catalog.-) m[1])
+                               || pg_catalog.jsonb_build_object(m[2], e.new_row -> m[1])
+                               ELSE e.new_row END
+            WHERE e.table_oid = r.relid AND e.stmt_at < r.at
+              AND (e.old_row ? m[1] OR e.new_row ? m[1]);
+        END LOOP;
+    END LOOP;
+    ALTER TABLE {schema}.event ENABLE TRIGGER USER;
+END
+$migrate$;
+
 -- Who and when, once per transaction and context.
 INSERT INTO {schema}.tx (id, tx, at, db_user, role_name, application, client_addr, app_user,
                          context)
@@ -152,6 +194,13 @@ BEGIN
             log := {schema}.register(live);
             PERFORM {schema}.sync_columns(log,
                 (SELECT t.exclude_columns FROM {schema}.tracked t WHERE t.table_oid = live), 0);
+            -- A column is in the events from the first one that recorded it: one added later,
+            -- or excluded, or known to 0.1 only by an earlier name, is absent before (not NULL).
+            UPDATE {schema}.logged_column c
+            SET since = COALESCE((SELECT pg_catalog.min(e.stmt_id) FROM {schema}.event e
+                                  WHERE e.table_oid = src.table_oid
+                                    AND (e.old_row ? c.name OR e.new_row ? c.name)), boundary)
+            WHERE c.log_id = log AND c.until IS NULL;
         ELSE
             log := {schema}.create_history_table(NULL, src.schema_name, src.table_name);
             UPDATE {schema}.logged_table l SET dropped_stmt = boundary WHERE l.id = log;
@@ -161,8 +210,8 @@ BEGIN
         -- A live column whose recorded values do not all convert to its type now keeps them in
         -- a jsonb generation of its own, until this migration; native from then on.
         FOR k IN
-            SELECT c.attnum, c.name, c.type, c.gen FROM {schema}.logged_column c
-            WHERE c.log_id = log AND c.until IS NULL
+            SELECT c.attnum, c.name, c.type, c.gen, c.since FROM {schema}.logged_column c
+            WHERE c.log_id = log AND c.until IS NULL AND c.since < boundary
         LOOP
             BEGIN
                 EXECUTE pg_catalog.format(
@@ -183,25 +232,27 @@ BEGIN
             INSERT INTO {schema}.logged_column (log_id, attnum, gen, name, type, old_col, new_col,
                                                 since, until)
             VALUES (log, legacy, 1, k.name, 'jsonb', pg_catalog.format('ox%s_1', -legacy),
-                    pg_catalog.format('nx%s_1', -legacy), 0, boundary);
+                    pg_catalog.format('nx%s_1', -legacy), k.since, boundary);
         END LOOP;
         -- Keys no column of the table has now (dropped or renamed since, or all of them for a
-        -- table since dropped): jsonb columns of their own.
+        -- table since dropped): jsonb columns of their own, in the events from the first that
+        -- recorded them to the last.
         FOR k IN
-            SELECT DISTINCT j.key FROM {schema}.event e,
+            SELECT j.key, pg_catalog.min(e.stmt_id) AS first, pg_catalog.max(e.stmt_id) AS last
+            FROM {schema}.event e,
                 LATERAL pg_catalog.jsonb_object_keys(COALESCE(e.old_row, '{{}}')
                                                      || COALESCE(e.new_row, '{{}}')) AS j(key)
             WHERE e.table_oid = src.table_oid
               AND NOT EXISTS (SELECT 1 FROM {schema}.logged_column c
                               WHERE c.log_id = log AND c.name = j.key)
-            ORDER BY 1
+            GROUP BY 1 ORDER BY 1
         LOOP
             legacy := -1 - COALESCE((SELECT pg_catalog.count(*)::int2 FROM {schema}.logged_column c
                                      WHERE c.log_id = log AND c.attnum < 0), 0);
             INSERT INTO {schema}.logged_column (log_id, attnum, gen, name, type, old_col, new_col,
                                                 since, until)
             VALUES (log, legacy, 1, k.key, 'jsonb', pg_catalog.format('ox%s_1', -legacy),
-                    pg_catalog.format('nx%s_1', -legacy), 0, boundary);
+                    pg_catalog.format('nx%s_1', -legacy), k.first, k.last + 1);
         END LOOP;
         FOR k IN
             SELECT c.old_col, c.new_col FROM {schema}.logged_column c
@@ -225,7 +276,7 @@ BEGIN
                    ELSE pg_catalog.format(', e.old_row -> %1$L, e.new_row -> %1$L', c.name) END, '')
         INTO cols, vals
         FROM {schema}.logged_column c
-        WHERE c.log_id = log AND c.since = 0;
+        WHERE c.log_id = log AND c.since < boundary;
         EXECUTE pg_catalog.format(
             'INSERT INTO {schema}.%I (ctx, stmt, op%s) '
             'SELECT x.id, e.stmt_id, CASE e.op WHEN ''INSERT'' THEN ''I'' WHEN ''UPDATE'' THEN ''U'' '
