@@ -98,7 +98,8 @@ def test_history_of_release_01_is_upgraded_in_place(database: Database) -> None:
         old_count = conn.execute("SELECT count(*) FROM pgwarden.event").fetchone()
         acct_now = conn.execute("SELECT * FROM acct ORDER BY id").fetchall()
         moment = conn.execute("SELECT clock_timestamp()").fetchone()
-    assert old_count is not None and moment is not None
+    assert old_count is not None
+    assert moment is not None
 
     setup_history(database.url, history_config("public.*"))  # the upgrade: `pgwarden apply`
 
@@ -148,7 +149,3 @@ def test_history_of_release_01_is_upgraded_in_place(database: Database) -> None:
         ).fetchone()
         assert leftovers == (0,)
 
-
-def _as_datetime(value: Any) -> datetime:
-    assert isinstance(value, datetime)
-    return value
