@@ -32,19 +32,6 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- The floor of any JSON capture (W2): to_jsonb() of each changed row into a plain, unindexed
--- table; no key, no metadata, no index.
-CREATE TABLE IF NOT EXISTS proto.image (image jsonb);
-CREATE OR REPLACE FUNCTION proto.capture_images() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO proto.image SELECT to_jsonb(r) FROM new_rows r;
-    ELSE
-        INSERT INTO proto.image SELECT to_jsonb(r) FROM old_rows r;
-    END IF;
-    RETURN NULL;
-END $$;
-
 -- The leanest JSON design that can still find a row by its key: per row the statement id, the
 -- key, its hash and the JSONB images, written in hash order under an append-only
 -- (stmt_id, key_hash) index; metadata once per statement. TG_ARGV[0]: the key column.
@@ -82,26 +69,6 @@ BEGIN
                               unnest(ARRAY(SELECT to_jsonb(r) FROM new_rows r))) AS p(o, n)
               WHERE p.o IS DISTINCT FROM p.n) x
         ORDER BY h;
-    END IF;
-    RETURN NULL;
-END $$;
-
--- Native copies: a history table per tracked table with the table's own columns (made by the
--- benchmark with LIKE), one row per image (an UPDATE writes its old and its new row, paired by
--- `ord`), an append-only (stmt_id, key) index, metadata once per statement, JSON only when read.
--- TG_ARGV[0]: the history table.
-CREATE OR REPLACE FUNCTION proto.capture_native() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    sid bigint := nextval('proto.stmt_seq');
-BEGIN
-    PERFORM proto.note_statement(sid, TG_RELID, TG_OP);
-    IF TG_OP <> 'INSERT' THEN
-        EXECUTE format('INSERT INTO %s SELECT $1, %L, row_number() OVER (), r.* FROM old_rows r',
-                       TG_ARGV[0], 'o') USING sid;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        EXECUTE format('INSERT INTO %s SELECT $1, %L, row_number() OVER (), r.* FROM new_rows r',
-                       TG_ARGV[0], 'n') USING sid;
     END IF;
     RETURN NULL;
 END $$;

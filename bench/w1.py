@@ -15,17 +15,16 @@ from pgwarden.config import Config
 from pgwarden.history import install
 
 VARIANTS = ("untracked", "seed-fail-open", "seed-fail-closed", "pgwarden-fail-closed",
-            "pgwarden-fail-open", "pgwarden-deferred-fail-closed", "pgwarden-deferred-fail-open",
-            "proto-nothing", "proto-json", "proto-native")  # fmt: skip
-# pgwarden-deferred-*: pgwarden.defer_rows = DEFER_ROWS (docs/history.md); the events are
-# written by materialize() after the three statements, timed apart.
-DEFER_ROWS = 1000
+            "pgwarden-fail-open", "pgwarden-plpgsql-fail-closed", "pgwarden-plpgsql-fail-open",
+            "proto-nothing", "proto-json")  # fmt: skip
+# pgwarden-*: the default configuration (the compiled capture trigger); pgwarden-plpgsql-*: the
+# PL/pgSQL fallback (history.trigger: plpgsql), which Kubernetes images get. Both write the
+# same history; nothing is deferred, so the statement's time is all the work.
 # Prototype capture designs (bench/prototypes.sql), not the product: measured in the same run so
 # that the floor of each design compares with pgwarden. proto-nothing builds the transition
 # tables and writes nothing; proto-json is the leanest JSONB design that can still find a row by
-# its key; proto-native copies rows into a history table of the table's own type.
-PROTOTYPES = {"proto-nothing": "capture_nothing", "proto-json": "capture_json",
-              "proto-native": "capture_native"}  # fmt: skip
+# its key (pgwarden 0.1 stored JSON, and cost about as much).
+PROTOTYPES = {"proto-nothing": "capture_nothing", "proto-json": "capture_json"}
 STATEMENTS = ("INSERT", "UPDATE", "DELETE")
 SEED_SQL = (Path(__file__).parent / "seed.sql").read_text()
 
@@ -38,7 +37,6 @@ class W1Result:
     reps: int
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     xids: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-    materialize_seconds: list[float] = field(default_factory=list)
 
     def median(self, variant: str, statement: str) -> float:
         return statistics.median(self.seconds[variant][statement])
@@ -59,11 +57,6 @@ class W1Result:
             "xids_per_statement": {
                 v: {s: min(self.xids[v][s]) for s in STATEMENTS} for v in self.xids
             },
-            # Writing pgwarden-deferred-*'s events later (all three statements), and the same
-            # over the untracked INSERT, as R is.
-            "materialize_seconds": statistics.median(self.materialize_seconds),
-            "materialize_R": statistics.median(self.materialize_seconds)
-            / self.median("untracked", "INSERT"),
             "raw_xids": self.xids,
             "raw_seconds": self.seconds,
         }
@@ -86,20 +79,12 @@ def _setup(conn: Conn, variant: str, table: str) -> None:
             ).format(ident, sql.Identifier(function))
         )
     elif variant.startswith("pgwarden"):
-        mode = variant.removeprefix("pgwarden-").removeprefix("deferred-")
+        engine = "plpgsql" if variant.startswith("pgwarden-plpgsql") else "compiled"
+        install(conn, Config.model_validate({"history": {"trigger": engine}}))
+        mode = variant.removeprefix("pgwarden-").removeprefix("plpgsql-")
         conn.execute("SELECT pgwarden.track(%s::regclass, %s)", (table, mode))
     elif variant in PROTOTYPES:
-        rows = sql.Identifier("proto", f"{table}_rows")
-        argument = "id"  # the key column, for proto-json
-        if variant == "proto-native":
-            conn.execute(
-                sql.SQL(
-                    'CREATE TABLE {rows} (stmt_id bigint NOT NULL, side "char" NOT NULL, '
-                    "ord bigint NOT NULL, LIKE {table}); CREATE INDEX ON {rows} (stmt_id, id)"
-                ).format(rows=rows, table=ident)
-            )
-            argument = rows.as_string(conn)
-        prototypes.add_triggers(conn, ident, PROTOTYPES[variant], STATEMENTS, argument)
+        prototypes.add_triggers(conn, ident, PROTOTYPES[variant], STATEMENTS, "id")
 
 
 def _next_xid(conn: Conn) -> int:
@@ -144,27 +129,11 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                     ).format(ident),
                     "DELETE": sql.SQL("DELETE FROM {}").format(ident),
                 }
-                deferred = variant.startswith("pgwarden-deferred")
-                if deferred:
-                    conn.execute(
-                        sql.SQL("SET pgwarden.defer_rows = {}").format(sql.Literal(DEFER_ROWS))
-                    )
                 for name, statement in statements.items():
                     seconds, xids = _timed(conn, statement)
                     result.seconds[variant][name].append(seconds)
                     result.xids[variant][name].append(xids)
-                if deferred:
-                    conn.execute("RESET pgwarden.defer_rows")
-                    conn.execute("CHECKPOINT")
-                    started = time.perf_counter()
-                    conn.execute("SELECT pgwarden.materialize()")
-                    result.materialize_seconds.append(time.perf_counter() - started)
                 conn.execute(sql.SQL("DROP TABLE {}").format(ident))
-                conn.execute(
-                    sql.SQL("DROP TABLE IF EXISTS {}").format(
-                        sql.Identifier("proto", f"{table}_rows")
-                    )
-                )
                 log(
                     f"  W1 rep {rep + 1}/{reps} {variant:22s} "  # type: ignore[operator]
                     + " ".join(f"{s} {result.seconds[variant][s][-1]:.3f}s" for s in STATEMENTS)

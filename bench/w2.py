@@ -12,16 +12,16 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from bench import prototypes
 from pgwarden.config import Config
 from pgwarden.history import install
+from pgwarden.history.catalog import DEFAULT_SCHEMA
+from pgwarden.history.layout import table_logs
 
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
-# proto-images (bench/prototypes.sql, not the product): triggers that write only to_jsonb() of
-# each changed row into a plain unindexed table, the floor of any capture that writes history in
-# the application's transaction.
-VARIANTS = ("untracked", "tracked", "proto-images")
-EVENTS = ("INSERT", "UPDATE")  # what tpcb-like runs on the tracked tables
+# seed: the seed's row trigger (bench/seed.sql, fail-closed form) on the four tables; tracked:
+# pgwarden's default (the compiled capture trigger); tracked-plpgsql: its PL/pgSQL fallback.
+VARIANTS = ("untracked", "seed", "tracked", "tracked-plpgsql")
+SEED_SQL = (Path(__file__).parent / "seed.sql").read_text()
 
 
 @dataclass
@@ -34,19 +34,17 @@ class W2Result:
     )
     completeness: list[dict[str, int]] = field(default_factory=list)
 
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.tps["tracked"]) / statistics.median(self.tps["untracked"])
+    def ratio(self, variant: str) -> float:
+        return statistics.median(self.tps[variant]) / statistics.median(self.tps["untracked"])
 
-    @property
-    def floor_ratio(self) -> float:
-        return statistics.median(self.tps["proto-images"]) / statistics.median(
-            self.tps["untracked"]
-        )
+    def per_run_ratios(self, variant: str) -> list[float]:
+        """Each repetition's variant over the same repetition's untracked run."""
+        return [v / u for v, u in zip(self.tps[variant], self.tps["untracked"], strict=True)]
 
     @property
     def complete(self) -> bool:
-        return all(c["missing"] == 0 and c["extra"] == 0 for c in self.completeness)
+        return all(c["missing"] == 0 and c["extra"] == 0 and c["anonymous"] == 0
+                   for c in self.completeness)  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -54,8 +52,10 @@ class W2Result:
             "seconds": self.seconds,
             "clients": self.clients,
             "tps": self.tps,
-            "tracked_over_untracked": self.ratio,
-            "proto_images_over_untracked": self.floor_ratio,
+            "tracked_over_untracked": self.ratio("tracked"),
+            "seed_over_untracked": self.ratio("seed"),
+            "plpgsql_over_untracked": self.ratio("tracked-plpgsql"),
+            "per_run": {v: self.per_run_ratios(v) for v in VARIANTS if v != "untracked"},
             "completeness": self.completeness,
         }
 
@@ -79,71 +79,112 @@ def _pgbench(bindir: Path, url: str, *args: str) -> str:
     return result.stdout + result.stderr
 
 
-def _prepare(conn: psycopg.Connection[tuple[object, ...]], variant: str, table: str) -> None:
-    """Make `table` tracked as `variant` says, and nothing else."""
-    conn.execute(
-        "SELECT pgwarden.untrack(%s::regclass) FROM pgwarden.tracked WHERE table_oid = %s::regclass",
-        (table, table),
-    )
-    ident = sql.Identifier(table)
-    for event in EVENTS:
+Conn = psycopg.Connection[tuple[object, ...]]
+
+
+CAPTURE = ("pgwarden_capture_insert", "pgwarden_capture_update", "pgwarden_capture_delete",
+           "pgwarden_capture_truncate")  # fmt: skip
+
+
+def _prepare(conn: Conn, variant: str) -> None:
+    """Make the four tables captured as `variant` says, and nothing else. The tables are
+    tracked once (one snapshot); pgwarden's triggers are switched off for the other variants
+    rather than untracked, which would take a new 1M-row snapshot every time."""
+    for table in TABLES:
         conn.execute(
-            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(prototypes.trigger_name(event), ident)
+            sql.SQL("DROP TRIGGER IF EXISTS user_changes_trigger ON {}").format(
+                sql.Identifier(table)
+            )
         )
-    if variant == "tracked":
-        conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
-    elif variant == "proto-images":
-        prototypes.add_triggers(conn, ident, "capture_images", EVENTS)
+    if variant.startswith("tracked"):
+        engine = "plpgsql" if variant == "tracked-plpgsql" else "compiled"
+        install(conn, Config.model_validate({"history": {"trigger": engine}}))
+    for table in TABLES:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} {}").format(
+                sql.Identifier(table),
+                sql.SQL(", ").join(
+                    sql.SQL("ENABLE ALWAYS TRIGGER {}" if variant.startswith("tracked")
+                            else "DISABLE TRIGGER {}").format(sql.Identifier(t))
+                    for t in CAPTURE
+                ),
+            )
+        )  # fmt: skip
+    if variant == "seed":
+        for table in TABLES:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER user_changes_trigger AFTER INSERT OR UPDATE OR DELETE ON {} "
+                    "FOR EACH ROW EXECUTE FUNCTION log_user_changes_closed()"
+                ).format(sql.Identifier(table))
+            )
+
+
+def _counts(conn: Conn, after: int) -> dict[str, int]:
+    """Events written after statement `after`, per operation, and those without who-and-when."""
+    counts = {"UPDATE": 0, "INSERT": 0, "anonymous": 0}
+    for log in table_logs(conn, DEFAULT_SCHEMA):
+        if log.name.table not in TABLES:
+            continue
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE h.op = 'U'), count(*) FILTER (WHERE h.op = 'I'), "
+                "count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM pgwarden.tx x "
+                "WHERE x.id = h.ctx AND x.at IS NOT NULL AND x.db_user IS NOT NULL)) "
+                "FROM {} h WHERE h.stmt > %s"
+            ).format(log.table(DEFAULT_SCHEMA)),
+            (after,),
+        ).fetchone()
+        assert row is not None
+        counts["UPDATE"] += int(str(row[0]))
+        counts["INSERT"] += int(str(row[1]))
+        counts["anonymous"] += int(str(row[2]))
+    return counts
 
 
 def run_w2(
     url: str, bindir: Path, scale: int, seconds: int, reps: int, log: object = print
 ) -> W2Result:
     result = W2Result(scale=scale, seconds=seconds, clients=4)
+    # pgbench_history as pgbench makes it: no key (pgwarden tracks its rows by their content).
     _pgbench(bindir, url, "-i", "-q", "-s", str(scale))
     with psycopg.connect(url, autocommit=True) as conn:
-        # pgbench_history has no key; pgwarden tracks only tables whose rows have one. Both
-        # variants get the column, so they run the same workload.
-        conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
         install(conn, Config())
-        conn.execute(prototypes.SQL)
+        conn.execute(SEED_SQL)
+        for table in TABLES:
+            conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
         conn.execute("VACUUM ANALYZE")
     for rep in range(reps):
         order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
         for variant in order:
             with psycopg.connect(url, autocommit=True) as conn:
-                for table in TABLES:
-                    _prepare(conn, variant, table)
+                _prepare(conn, variant)
                 # The previous run's dead tuples and new history are vacuumed now, not by
                 # autovacuum in the middle of the next run.
                 conn.execute("VACUUM")
                 conn.execute("CHECKPOINT")
-                start = conn.execute("SELECT coalesce(max(id), 0) FROM pgwarden.event").fetchone()
-                hist = conn.execute("SELECT coalesce(max(id), 0) FROM pgbench_history").fetchone()
+                start = conn.execute("SELECT last_value FROM pgwarden.statement_seq").fetchone()
+                began = conn.execute("SELECT clock_timestamp()").fetchone()
             out = _pgbench(bindir, url, "-n", "-c", "4", "-j", "2", "-T", str(seconds))
             tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
             txns = int(re.search(r"actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
             result.tps[variant].append(tps)
-            if variant == "tracked":
+            if variant.startswith("tracked"):
                 with psycopg.connect(url) as conn:
-                    assert start is not None and hist is not None
-                    counts = conn.execute(
-                        "SELECT count(*) FILTER (WHERE op = 'UPDATE'), "
-                        "count(*) FILTER (WHERE op = 'INSERT') FROM pgwarden.event WHERE id > %s "
-                        "AND op IN ('UPDATE', 'INSERT')",
-                        (start[0],),
-                    ).fetchone()
+                    assert start is not None and began is not None
+                    counts = _counts(conn, int(str(start[0])))
                     zero = conn.execute(
-                        "SELECT count(*) FROM pgbench_history WHERE id > %s AND delta = 0",
-                        (hist[0],),
+                        "SELECT count(*) FROM pgbench_history WHERE mtime >= %s AND delta = 0",
+                        (began[0],),
                     ).fetchone()
-                assert counts is not None and zero is not None
+                assert zero is not None
                 # An UPDATE that changes nothing (delta 0) is rightly not recorded.
                 expected = 3 * (txns - int(str(zero[0]))) + txns
-                got = int(str(counts[0])) + int(str(counts[1]))
+                got = counts["UPDATE"] + counts["INSERT"]
                 result.completeness.append(
-                    {"transactions": txns, "events": got, "expected": expected,
-                     "missing": max(expected - got, 0), "extra": max(got - expected, 0)}
+                    {"variant": variant, "transactions": txns, "events": got,  # type: ignore[dict-item]
+                     "expected": expected, "missing": max(expected - got, 0),
+                     "extra": max(got - expected, 0), "anonymous": counts["anonymous"]}
                 )  # fmt: skip
-            log(f"  W2 rep {rep + 1}/{reps} {variant:12s} tps {tps:.0f} ({txns} txns)")  # type: ignore[operator]
+            log(f"  W2 rep {rep + 1}/{reps} {variant:16s} tps {tps:.0f} ({txns} txns)")  # type: ignore[operator]
     return result

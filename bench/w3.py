@@ -52,30 +52,37 @@ class W3Result:
 
 
 def _fill(conn: psycopg.Connection[tuple[object, ...]], upto: int, keys_per_table: int) -> None:
-    """Grow history to `upto` synthetic UPDATE events spread over the 100 tables."""
-    row = conn.execute(
-        "SELECT coalesce(max(stmt_id), 0) FROM pgwarden.event WHERE tx = '1'"
-    ).fetchone()
+    """Grow history to `upto` synthetic UPDATE events spread over the 100 tables, written into
+    their history tables as capture writes them (one who-and-when row for all)."""
+    row = conn.execute("SELECT coalesce(max(n), 0) FROM w3_filled").fetchone()
     have = int(str(row[0])) if row else 0
+    if have == 0:
+        conn.execute(
+            "INSERT INTO pgwarden.tx (id, tx, at, db_user, role_name) "
+            "SELECT nextval('pgwarden.statement_seq'), 1, now() - interval '1 day', 'bench', 'bench'"
+        )
+    ctx = conn.execute("SELECT max(id) FROM pgwarden.tx WHERE tx = 1").fetchone()
+    assert ctx is not None
+    base = conn.execute(
+        "SELECT setval('pgwarden.statement_seq', nextval('pgwarden.statement_seq') + %s)",
+        (upto - have,),
+    ).fetchone()
+    assert base is not None
     step = 500_000
     for start in range(have + 1, upto + 1, step):
         end = min(start + step - 1, upto)
-        conn.execute(
-            """
-            INSERT INTO pgwarden.event (stmt_id, tx, tx_at, stmt_at, table_oid, schema_name,
-                table_name, op, row_key, key_hash, old_row, new_row, db_user, role_name)
-            SELECT g, '1', now() - interval '1 day', now() - interval '1 day', m.oid, 'public',
-                   m.name, 'UPDATE', k.key, hashtextextended(k.key::text, 0),
-                   jsonb_build_object('id', k.id, 'v', g - 1), jsonb_build_object('id', k.id, 'v', g),
-                   'bench', 'bench'
-            FROM generate_series(%s::bigint, %s::bigint) g
-            JOIN w3_tables m ON m.n = g %% %s
-            CROSS JOIN LATERAL (SELECT ((g / %s) %% %s)::int AS id) i
-            CROSS JOIN LATERAL (SELECT i.id, jsonb_build_object('id', i.id) AS key) k
-            """,
-            (start, end, TABLES, TABLES, keys_per_table),
-        )
-    conn.execute("ANALYZE pgwarden.event")
+        for n, shadow in conn.execute("SELECT n, shadow FROM w3_tables ORDER BY n").fetchall():
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (ctx, stmt, op, o1_1, o2_1, n1_1, n2_1) "
+                    "SELECT %s, %s + g, 'U', (g / %s) %% %s, g - 1, (g / %s) %% %s, g "
+                    "FROM generate_series(%s::bigint, %s::bigint) g WHERE g %% %s = %s"
+                ).format(sql.Identifier("pgwarden", str(shadow))),
+                (ctx[0], int(str(base[0])) - upto, TABLES, keys_per_table, TABLES,
+                 keys_per_table, start, end, TABLES, n),
+            )  # fmt: skip
+    conn.execute("INSERT INTO w3_filled VALUES (%s)", (upto,))
+    conn.execute("ANALYZE")
 
 
 def _p99_lookup(url: str, samples: int, keys_per_table: int) -> float:
@@ -101,13 +108,19 @@ def run_w3(
     keys = max(large // TABLES // 10, 10)  # about ten events per row at the large size
     with psycopg.connect(url, autocommit=True) as conn:
         install(conn, Config())
-        conn.execute("CREATE TABLE w3_tables (n int PRIMARY KEY, oid oid, name text)")
+        conn.execute("CREATE TABLE w3_tables (n int PRIMARY KEY, shadow text)")
+        conn.execute("CREATE TABLE w3_filled (n bigint)")
         for n in range(TABLES):
             name = f"t{n:03d}"
             conn.execute(
                 sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(sql.Identifier(name))
             )
-            conn.execute("INSERT INTO w3_tables VALUES (%s, %s::regclass, %s)", (n, name, name))
+            conn.execute("SELECT pgwarden.track(%s::regclass)", (name,))
+            conn.execute(
+                "INSERT INTO w3_tables SELECT %s, shadow FROM pgwarden.logged_table "
+                "WHERE table_oid = %s::regclass",
+                (n, name),
+            )
         for size in (small, large):
             started = time.perf_counter()
             _fill(conn, size, keys)
@@ -124,8 +137,7 @@ def run_w3(
             (as_of_rows,),
         )
         conn.execute("SELECT pgwarden.track('big'::regclass)")  # one SNAPSHOT event per row
-        conn.execute("VACUUM ANALYZE big")
-        conn.execute("ANALYZE pgwarden.event")
+        conn.execute("VACUUM ANALYZE")
         at = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
         # The usual restore: the table as it was before the latest changes, 1 % of its rows
         # (updates, a few key moves, deletes and inserts) made after `at`.
@@ -138,8 +150,14 @@ def run_w3(
             (as_of_rows + 1, as_of_rows + n // 10),
         )
         conn.execute("VACUUM ANALYZE big")
+        big = conn.execute(
+            "SELECT shadow FROM pgwarden.logged_table WHERE table_oid = 'big'::regclass"
+        ).fetchone()
+        assert big is not None
         changed = conn.execute(
-            "SELECT count(*) FROM pgwarden.event WHERE table_oid = 'big'::regclass AND tx_at > %s",
+            sql.SQL(
+                "SELECT count(*) FROM {} h JOIN pgwarden.tx x ON x.id = h.ctx WHERE x.at > %s"
+            ).format(sql.Identifier("pgwarden", str(big[0]))),
             (at,),
         ).fetchone()
         result.changed_since = int(str(changed[0])) if changed else 0
