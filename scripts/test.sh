@@ -8,12 +8,14 @@ cd "$(dirname "$0")/.."
 PG15_BIN=/usr/lib/postgresql/15/bin
 PYTHON=${PYTHON:-python3}
 
-if [ ! -x "$PG15_BIN/postgres" ]; then
+# Debian's PostgreSQL 15 for the second leg, with its server headers: setup.py builds the
+# compiled capture trigger for every major it finds headers for.
+if [ ! -x "$PG15_BIN/postgres" ] || [ ! -f /usr/include/postgresql/15/server/postgres.h ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing postgresql-15 (Debian) for the PostgreSQL 15 leg"
+    echo "== installing postgresql-15 and its server headers (Debian) for the PostgreSQL 15 leg"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
+    apt-get install -y -qq --no-install-recommends postgresql-15 postgresql-server-dev-15 >/dev/null
   fi
 fi
 
@@ -23,6 +25,16 @@ fi
 echo "== installing pgwarden and its dev tools into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v -i -E "^\s*$|warning|location .* is ignored" || true
+
+# The compiled trigger's build is optional for users (no compiler: PL/pgSQL capture); here a
+# build that failed quietly would leave the tests on one engine, so it must be there.
+for major in 18 $([ -f /usr/include/postgresql/15/server/postgres.h ] && echo 15); do
+  if [ ! -f "src/pgwarden/native/capture_pg$major.so" ] || \
+     [ "src/pgwarden/native/pgwarden_capture.c" -nt "src/pgwarden/native/capture_pg$major.so" ]; then
+    echo "the compiled capture trigger for PostgreSQL $major was not built (see: pip install -v -e .)" >&2
+    exit 1
+  fi
+done
 
 echo "== ruff check";  .venv/bin/ruff check src tests bench
 echo "== ruff format"; .venv/bin/ruff format --check src tests bench

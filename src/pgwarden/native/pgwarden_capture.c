@@ -28,6 +28,7 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
@@ -106,6 +107,10 @@ typedef struct ContextCache
 static ContextCache ctx_cache;
 static bool callbacks_registered = false;
 
+/* Rows of one statement are written this many at a time (table_multi_insert, as COPY does:
+ * one WAL record per page instead of one per row). */
+#define BATCH_ROWS 1000
+
 /* A relation opened for inserting: the executor pieces index maintenance needs. */
 typedef struct Target
 {
@@ -113,6 +118,10 @@ typedef struct Target
 	EState	   *estate;
 	ResultRelInfo *rri;
 	TupleTableSlot *slot;
+	/* batching, for statements of more than one row */
+	TupleTableSlot **batch;
+	int			nbatch;
+	BulkInsertState bistate;
 } Target;
 
 static void
@@ -285,23 +294,71 @@ open_target(Target *t, Oid relid)
 	InitResultRelInfo(t->rri, t->rel, 1, NULL, 0);
 	ExecOpenIndices(t->rri, false);
 	t->slot = ExecInitExtraTupleSlot(t->estate, RelationGetDescr(t->rel), &TTSOpsHeapTuple);
+	t->batch = NULL;
+	t->nbatch = 0;
+	t->bistate = NULL;
+}
+
+static void
+start_batch(Target *t)
+{
+	int			i;
+
+	t->batch = palloc(sizeof(TupleTableSlot *) * BATCH_ROWS);
+	for (i = 0; i < BATCH_ROWS; i++)
+		t->batch[i] = ExecInitExtraTupleSlot(t->estate, RelationGetDescr(t->rel), &TTSOpsHeapTuple);
+	t->bistate = GetBulkInsertState();
+}
+
+/* Write the batched rows: heap first, many per page, then each row's index entries. */
+static void
+flush_batch(Target *t)
+{
+	int			i;
+
+	if (t->nbatch == 0)
+		return;
+	table_multi_insert(t->rel, t->batch, t->nbatch, GetCurrentCommandId(true), 0, t->bistate);
+	for (i = 0; i < t->nbatch; i++)
+	{
+		if (t->rri->ri_NumIndices > 0)
+#if PG_VERSION_NUM >= 160000
+			ExecInsertIndexTuples(t->rri, t->batch[i], t->estate, false, false, NULL, NIL, false);
+#else
+			ExecInsertIndexTuples(t->rri, t->batch[i], t->estate, false, false, NULL, NIL);
+#endif
+		ExecClearTuple(t->batch[i]);
+		ResetPerTupleExprContext(t->estate);
+	}
+	t->nbatch = 0;
 }
 
 static void
 close_target(Target *t)
 {
+	flush_batch(t);
+	if (t->bistate != NULL)
+		FreeBulkInsertState(t->bistate);
 	ExecCloseIndices(t->rri);
 	ExecResetTupleTable(t->estate->es_tupleTable, false);
 	FreeExecutorState(t->estate);
 	table_close(t->rel, NoLock);	/* the lock is kept until the transaction ends */
 }
 
-/* One row into the target: heap, then every index (expression and partial ones included). */
+/* One row into the target: heap, then every index (expression and partial ones included);
+ * into the batch instead when there is one. */
 static void
 insert_row(Target *t, Datum *values, bool *nulls)
 {
 	HeapTuple	tuple = heap_form_tuple(RelationGetDescr(t->rel), values, nulls);
 
+	if (t->batch != NULL)
+	{
+		ExecStoreHeapTuple(tuple, t->batch[t->nbatch++], true);
+		if (t->nbatch == BATCH_ROWS)
+			flush_batch(t);
+		return;
+	}
 	ExecStoreHeapTuple(tuple, t->slot, true);
 	table_tuple_insert(t->rel, t->slot, GetCurrentCommandId(true), 0, NULL);
 	if (t->rri->ri_NumIndices > 0)
@@ -543,6 +600,8 @@ capture(TriggerData *trigdata, const CaptureArgs *args)
 
 	values = palloc(sizeof(Datum) * hdesc->natts);
 	nulls = palloc(sizeof(bool) * hdesc->natts);
+	if (tuplestore_tuple_count(olds != NULL ? olds : news) > 1)
+		start_batch(&t);
 	if (olds != NULL)
 	{
 		os = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);

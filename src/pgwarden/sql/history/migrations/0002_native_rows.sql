@@ -21,7 +21,9 @@ CREATE TABLE {schema}.tx (
     app_user text,
     context text
 );
-CREATE INDEX tx_brin ON {schema}.tx USING brin (tx, at);
+CREATE INDEX tx_brin ON {schema}.tx USING brin (tx, at) WITH (autosummarize = on);
+-- Unsummarized, so that inserts do not rewrite the first range's summary (track.sql says why).
+SELECT pg_catalog.brin_desummarize_range('{schema}.tx_brin'::regclass, 0);
 
 -- Statement text (history.record_statement only).
 CREATE TABLE {schema}.statement (
