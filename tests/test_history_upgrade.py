@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -148,4 +146,3 @@ def test_history_of_release_01_is_upgraded_in_place(database: Database) -> None:
             "'spool\\_%' OR c.relname IN ('deferred', 'table_event', 'event_default'))"
         ).fetchone()
         assert leftovers == (0,)
-

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import click
+import psycopg
 from rich.console import Console
 from rich.text import Text
 
@@ -43,6 +44,27 @@ def _write_crash_log(exc: BaseException) -> Path:
     return Path("(no writable log location)")
 
 
+# Database errors that are the user's doing (rights, names, values), not pgwarden's: said as
+# one message with what to do, exit 2, wherever in a command they come from.
+_USER_DB_ERRORS: tuple[tuple[type[psycopg.Error], str], ...] = (
+    (psycopg.errors.InsufficientPrivilege,
+     "the database role in use lacks a right this needs: connect as a role that has it "
+     "(reading history needs the auditor role's rights)"),
+    (psycopg.errors.InvalidSchemaName, "check the schema name"),
+    (psycopg.errors.UndefinedTable, "check the table name (schema.table)"),
+    (psycopg.errors.UndefinedColumn, "check the column name"),
+    (psycopg.errors.DataException, "check the value given"),
+    (psycopg.errors.ReadOnlySqlTransaction, "connect to the primary, not a read-only standby"),
+)  # fmt: skip
+
+
+def _user_db_error(exc: psycopg.Error) -> str | None:
+    for kind, hint in _USER_DB_ERRORS:
+        if isinstance(exc, kind):
+            return hint
+    return None
+
+
 def run_guarded(command: click.Command, argv: list[str] | None) -> int:
     try:
         result = command.main(args=argv, prog_name="pgwarden", standalone_mode=False)
@@ -62,13 +84,34 @@ def run_guarded(command: click.Command, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`pgwarden history | head`): a normal end, as for `git log`.
+        # Point stdout at nothing so that the interpreter's final flush does not fail too.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # not a real file descriptor (captured output)
+        return 0
+    except psycopg.Error as exc:
+        hint = _user_db_error(exc)
+        if hint is None:
+            return _unexpected(exc)
+        message = (exc.diag.message_primary or str(exc)).strip()
+        err_console.print(Text("error: ", style="bold red") + Text(message))
+        err_console.print(f"  hint: {hint}", markup=False)
+        return 2
     except Exception as exc:
-        where = _write_crash_log(exc)
-        err_console.print(
-            f"unexpected error: {type(exc).__name__}: {exc}\n"
-            f"  the full traceback is in {where}; please include it in a bug report",
-            markup=False,
-        )
-        return 1
+        return _unexpected(exc)
     # click returns the code of ctx.exit(N) instead of raising when standalone_mode is off.
     return result if isinstance(result, int) else 0
+
+
+def _unexpected(exc: BaseException) -> int:
+    where = _write_crash_log(exc)
+    err_console.print(
+        f"unexpected error: {type(exc).__name__}: {exc}\n"
+        f"  the full traceback is in {where}; please include it in a bug report",
+        markup=False,
+    )
+    return 1

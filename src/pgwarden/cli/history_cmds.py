@@ -35,6 +35,8 @@ from pgwarden.history.layout import dump_json
 from pgwarden.history.names import TableName
 from pgwarden.history.read import OPS, AsOfMethod, columns_of
 
+TABLE_PAGE = 50  # events the table format shows by default
+
 
 def _keys(pairs: tuple[str, ...]) -> dict[str, str] | None:
     if not pairs:
@@ -126,8 +128,22 @@ def _render_csv(rows: Iterable[Event]) -> int:
 @click.option("--actor", help="Application user, login role or role that made the change.")
 @click.option("--op", type=click.Choice(OPS, case_sensitive=False), help="Only this operation.")
 @click.option("--tx", type=int, help="Only this transaction.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most N events (newest first).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help=f"At most N events, the newest (table format: {TABLE_PAGE} unless --all).",
+)
+@click.option(
+    "--all", "show_all", is_flag=True, help="Every matching event, in the table format too."
+)
+@click.option(
+    "--format",
+    "-o",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    help="table (a page, for reading), json or csv (streamed, every event).",
+)
 @pass_app
 def history_cmd(
     app: AppContext,
@@ -139,9 +155,13 @@ def history_cmd(
     op: str | None,
     tx: int | None,
     limit: int | None,
+    show_all: bool,
     fmt: str,
 ) -> None:
     """Show recorded changes: who changed what, when, before → after.
+
+    The table format shows the newest events (a page, oldest of them first), as `git log`
+    would in a pager; json and csv stream every matching event in constant memory.
 
     \b
     Example:
@@ -149,6 +169,9 @@ def history_cmd(
       pgwarden history --since 2h --actor alice --format json
       pgwarden history --tx 7791 --format csv > tx.csv
     """
+    page = limit is None and not show_all and fmt == "table"
+    if page:
+        limit = TABLE_PAGE + 1  # one more than shown: whether there is more
     flt = EventFilter(
         table=parse_table(table) if table else None,
         key=_keys(key_pairs),
@@ -161,12 +184,21 @@ def history_cmd(
     )
     with connect(app.target()) as conn, conn.transaction():
         rows: Iterable[Event] = events(conn, flt, schema=_schema(app), newest_first=bool(limit))
+        more = False
         if limit:
-            rows = sorted(rows, key=lambda e: e.stmt_id)  # at most `limit`, shown oldest first
+            newest = list(rows)  # at most `limit`
+            more = page and len(newest) > TABLE_PAGE
+            rows = sorted(newest[:TABLE_PAGE] if page else newest, key=lambda e: e.stmt_id)
         renderer = {"table": _render_table, "json": _render_json, "csv": _render_csv}[fmt]
         count = renderer(rows)
     if fmt == "table":
-        err_console.print(f"{count} event(s)")
+        if more:
+            err_console.print(
+                f"the newest {count} event(s) shown; --limit N shows more, --all every one, "
+                "--format json or csv streams them all"
+            )
+        else:
+            err_console.print(f"{count} event(s)")
 
 
 @click.command("as-of")

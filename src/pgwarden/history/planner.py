@@ -117,9 +117,10 @@ def untrack_operation(schema: HistorySchema, name: TableName, why: str) -> Opera
 
 def _rule_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) -> list[Operation]:
     desired = {
+        # Exact names too: a table dropped and made again under its name is tracked again
+        # at its CREATE TABLE, not at the next apply (its changes meanwhile would be lost).
         p.text: (p.schema_regex(), p.table_regex(), str(history.mode.value), "rows")
         for p in patterns(history)
-        if p.is_glob
     }
     current: dict[str, tuple[str, str, str, str]] = {}
     if catalog.is_installed(conn, schema):

@@ -98,7 +98,8 @@ typedef struct ContextCache
 	SubTransactionId subid;		/* the subtransaction that wrote it (moves up as they commit) */
 	Oid			txrel;
 	int64		id;
-	char	   *role;
+	Oid			session_user;
+	char	   *role;			/* the "role" setting as read: "none" or a role's name */
 	char	   *application;
 	char	   *actor;
 	char	   *context;
@@ -192,6 +193,51 @@ parse_number(const char **p, char stop, const char *whole)
 	if (**p != '\0')
 		(*p)++;
 	return value;
+}
+
+/*
+ * Parsed arguments of the triggers seen in this backend, found again by the argument strings
+ * themselves (a changed trigger has other strings, so nothing can go stale).
+ */
+#define ARGS_CACHE 64
+typedef struct CachedArgs
+{
+	Oid			tgoid;
+	char	   *text[6];
+	CaptureArgs args;
+} CachedArgs;
+static CachedArgs args_cache[ARGS_CACHE];
+
+static void parse_args(Trigger *trigger, CaptureArgs *args);
+
+static void
+cached_args(Trigger *trigger, CaptureArgs *args)
+{
+	CachedArgs *slot = &args_cache[trigger->tgoid % ARGS_CACHE];
+	int			i;
+	bool		hit = slot->tgoid == trigger->tgoid && trigger->tgnargs == 6;
+
+	for (i = 0; hit && i < 6; i++)
+		hit = strcmp(slot->text[i], trigger->tgargs[i]) == 0;
+	if (hit)
+	{
+		*args = slot->args;
+		return;
+	}
+	parse_args(trigger, args);	/* in the caller's memory: raises on bad arguments */
+	if (slot->tgoid != InvalidOid)
+	{
+		for (i = 0; i < 6; i++)
+			pfree(slot->text[i]);
+		pfree(slot->args.maps);
+		slot->tgoid = InvalidOid;
+	}
+	for (i = 0; i < 6; i++)
+		slot->text[i] = MemoryContextStrdup(TopMemoryContext, trigger->tgargs[i]);
+	slot->args = *args;
+	slot->args.maps = MemoryContextAlloc(TopMemoryContext, sizeof(SlotMap) * Max(args->nmaps, 1));
+	memcpy(slot->args.maps, args->maps, sizeof(SlotMap) * args->nmaps);
+	slot->tgoid = trigger->tgoid;
 }
 
 static void
@@ -409,12 +455,10 @@ text_or_null(const char *value, bool *isnull)
 }
 
 /* The role whose privileges apply outside any SECURITY DEFINER function: SET ROLE if used,
- * else the login role (pgwarden.acting_role() in SQL). */
+ * else the login role (pgwarden.acting_role() in SQL). `role` is the "role" setting. */
 static char *
-acting_role(void)
+acting_role(const char *role)
 {
-	const char *role = GetConfigOption("role", false, false);
-
 	if (role == NULL || strcmp(role, "none") == 0)
 		return GetUserNameFromId(GetSessionUserId(), false);
 	return pstrdup(role);
@@ -425,7 +469,8 @@ static int64
 context_id(const CaptureArgs *args, int64 stmt)
 {
 	FullTransactionId fxid = GetTopFullTransactionId();
-	char	   *role = acting_role();
+	const char *role = GetConfigOption("role", false, false);
+	Oid			session_user = GetSessionUserId();
 	char	   *application = setting("application_name");
 	char	   *actor = setting("pgwarden.actor");
 	char	   *context = setting("pgwarden.context");
@@ -436,6 +481,7 @@ context_id(const CaptureArgs *args, int64 stmt)
 	if (ctx_cache.valid &&
 		FullTransactionIdEquals(ctx_cache.fxid, fxid) &&
 		ctx_cache.txrel == args->txrel &&
+		ctx_cache.session_user == session_user &&
 		same_text(ctx_cache.role, role) &&
 		same_text(ctx_cache.application, application) &&
 		same_text(ctx_cache.actor, actor) &&
@@ -446,8 +492,8 @@ context_id(const CaptureArgs *args, int64 stmt)
 	values[0] = Int64GetDatum(stmt);
 	values[1] = Int64GetDatum((int64) U64FromFullTransactionId(fxid));
 	values[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	values[3] = CStringGetTextDatum(GetUserNameFromId(GetSessionUserId(), false));
-	values[4] = CStringGetTextDatum(role);
+	values[3] = CStringGetTextDatum(GetUserNameFromId(session_user, false));
+	values[4] = CStringGetTextDatum(acting_role(role));
 	values[5] = text_or_null(application, &nulls[5]);
 	{
 		LOCAL_FCINFO(fcinfo, 0);
@@ -478,6 +524,7 @@ context_id(const CaptureArgs *args, int64 stmt)
 	ctx_cache.actor = keep(actor);
 	ctx_cache.context = keep(context);
 	ctx_cache.fxid = fxid;
+	ctx_cache.session_user = session_user;
 	ctx_cache.subid = GetCurrentSubTransactionId();
 	ctx_cache.txrel = args->txrel;
 	ctx_cache.id = stmt;
@@ -718,7 +765,7 @@ pgwarden_capture(PG_FUNCTION_ARGS)
 		RegisterSubXactCallback(subxact_callback, NULL);
 		callbacks_registered = true;
 	}
-	parse_args(trigdata->tg_trigger, &args);
+	cached_args(trigdata->tg_trigger, &args);
 
 	if (!args.fail_open)
 	{

@@ -1,9 +1,11 @@
 -- pgwarden DDL guard (access.ddl_guard: true): event triggers, so installing it needs a superuser.
--- Placeholders: {schema}, {owner}, {schema_name} as in history.sql.
+-- Placeholders: {schema}, {owner}, {schema_name} as in history/base.sql.
 --
--- Rejects, from roles that are neither the manager role (or acting as it) nor superusers:
+-- Rejects, from every role, managers and superusers included, unless pgwarden itself does it
+-- (untrack, apply):
+--   * anything that leaves a tracked table's capture triggers disabled, renamed or missing;
+-- and from roles that are neither the manager role (or acting as it) nor superusers:
 --   * DDL on objects in the managed schemas (a table created there later included),
---   * anything that leaves a tracked table's capture triggers disabled or missing,
 --   * any DDL or DROP on pgwarden's own history objects.
 -- It runs at ddl_command_end / sql_drop: raising there rolls the whole command back.
 
@@ -30,7 +32,29 @@ DECLARE
     cmd record;
     acting text := {schema}.acting_role();
     manager text := (SELECT m.value FROM {schema}.meta m WHERE m.key = 'manager_role');
+    ours boolean := COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') = 'on';
+    relid oid;
 BEGIN
+    -- Stopping capture is a different power from changing a table's structure: the manager
+    -- role may do the one, nobody may do the other but pgwarden itself (untrack, or the
+    -- config applied), whoever they are.
+    IF NOT ours THEN
+        FOR cmd IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands()
+                   WHERE object_type IN ('table', 'trigger') LOOP
+            relid := CASE WHEN cmd.object_type = 'trigger'
+                          THEN (SELECT g.tgrelid FROM pg_catalog.pg_trigger g WHERE g.oid = cmd.objid)
+                          ELSE cmd.objid END;
+            IF EXISTS (SELECT 1 FROM {schema}.tracked t
+                       WHERE t.table_oid = relid
+                         AND {schema}.trigger_state(t.table_oid) IN ('missing', 'disabled')) THEN
+                RAISE EXCEPTION 'pgwarden: % on % would switch off its change history',
+                    cmd.command_tag, cmd.object_identity
+                    USING ERRCODE = 'insufficient_privilege',
+                          HINT = 'to stop recording a table, `pgwarden untrack` it (or take it out '
+                                 'of history.tables and `pgwarden apply`)';
+            END IF;
+        END LOOP;
+    END IF;
     IF {schema}.guard_allows(acting) THEN
         RETURN;
     END IF;
@@ -50,15 +74,6 @@ BEGIN
                 USING ERRCODE = 'insufficient_privilege',
                       HINT = pg_catalog.format('members of %s run SET ROLE %s first', manager, manager);
         END IF;
-        IF cmd.object_type IN ('table', 'trigger')
-           AND EXISTS (SELECT 1 FROM {schema}.tracked t
-                       WHERE t.table_oid = cmd.objid
-                         AND {schema}.trigger_state(t.table_oid) IN ('missing', 'disabled')) THEN
-            RAISE EXCEPTION 'pgwarden: % on % would switch off its change history',
-                cmd.command_tag, cmd.object_identity
-                USING ERRCODE = 'insufficient_privilege',
-                      HINT = pg_catalog.format('only the %s role may do that', manager);
-        END IF;
     END LOOP;
 END
 $body$;
@@ -72,6 +87,19 @@ DECLARE
     acting text := {schema}.acting_role();
     manager text := (SELECT m.value FROM {schema}.meta m WHERE m.key = 'manager_role');
 BEGIN
+    -- A capture trigger dropped by itself (not with its table) stops history: nobody but
+    -- pgwarden may (see guard_ddl_end).
+    IF COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') <> 'on' THEN
+        FOR obj IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects()
+                   WHERE object_type = 'trigger' AND original LOOP
+            IF obj.object_identity LIKE 'pgwarden\_capture\_%' THEN
+                RAISE EXCEPTION 'pgwarden: dropping % would switch off change history',
+                    obj.object_identity USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'to stop recording a table, `pgwarden untrack` it (or take it out '
+                           'of history.tables and `pgwarden apply`)';
+            END IF;
+        END LOOP;
+    END IF;
     IF {schema}.guard_allows(acting) THEN
         RETURN;
     END IF;
@@ -85,10 +113,6 @@ BEGIN
         THEN
             RAISE EXCEPTION 'pgwarden: dropping % needs the % role (acting as %)',
                 obj.object_identity, manager, acting USING ERRCODE = 'insufficient_privilege';
-        END IF;
-        IF obj.object_type = 'trigger' AND obj.object_identity LIKE 'pgwarden\_capture\_%' THEN
-            RAISE EXCEPTION 'pgwarden: dropping % would switch off change history',
-                obj.object_identity USING ERRCODE = 'insufficient_privilege';
         END IF;
     END LOOP;
 END
