@@ -7,7 +7,9 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -115,3 +117,26 @@ def _unexpected(exc: BaseException) -> int:
         markup=False,
     )
     return 1
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def format_option(
+    *choices: str, default: str = "table", legacy_json: bool = False
+) -> Callable[[F], F]:
+    """The one output flag of every command that prints data: `--format/-o CHOICE`; with
+    `legacy_json`, the older `--json` spelling is kept as a hidden alias of `--format json`."""
+
+    def decorate(function: F) -> F:
+        function = click.option(
+            "--format", "-o", "fmt", type=click.Choice(list(choices)), default=default,
+            show_default=True, help="Output format.",
+        )(function)  # fmt: skip
+        if legacy_json:
+            function = click.option(
+                "--json", "as_json", is_flag=True, hidden=True, help="Same as --format json."
+            )(function)
+        return function
+
+    return decorate

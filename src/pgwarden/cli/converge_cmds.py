@@ -7,7 +7,7 @@ import json
 import click
 from rich.syntax import Syntax
 
-from pgwarden.cli.app import err_console, out
+from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.connect import connect
 from pgwarden.converge import Conn, apply_config, build_plan
@@ -55,7 +55,7 @@ def _print_plan(plan: Plan, conn: Conn, fmt: str) -> None:
 
 
 @click.command("plan")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json", default="text")
 @pass_app
 def plan_cmd(app: AppContext, fmt: str) -> None:
     """Show what `apply` would change, with the exact SQL.
@@ -89,9 +89,12 @@ def apply_cmd(app: AppContext) -> None:
 
 
 @click.command("check")
+@format_option("text", "json", default="text")
 @click.pass_context
-def check_cmd(ctx: click.Context) -> None:
+def check_cmd(ctx: click.Context, fmt: str) -> None:
     """Exit 1 when the database has drifted from pgwarden.yaml (for CI pipelines).
+
+    With --format json it prints the plan as `plan --format json` does, and exits the same way.
 
     \b
     Example:
@@ -101,6 +104,9 @@ def check_cmd(ctx: click.Context) -> None:
     assert app is not None
     with connect(app.target()) as conn:
         plan = build_plan(conn, app.loaded.config)
+        if fmt == "json":
+            _print_plan(plan, conn, fmt)
+            ctx.exit(1 if plan else 0)
     if plan:
         err_console.print(f"drift: {len(plan)} change(s) needed; `pgwarden plan` shows them")
         ctx.exit(1)

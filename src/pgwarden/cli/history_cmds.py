@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from pgwarden.cli.app import err_console, out
+from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.cli.timeparse import TIME
 from pgwarden.connect import connect
@@ -57,6 +57,11 @@ def _schema(app: AppContext) -> HistorySchema:
 def _short(value: Any) -> str:
     text = dump_json(value) if not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _cell(value: Any) -> str:
+    """A value for csv: text as it is, anything else as exact JSON."""
+    return value if isinstance(value, str) else dump_json(value)
 
 
 def _change_text(event: Event) -> str:
@@ -136,14 +141,7 @@ def _render_csv(rows: Iterable[Event]) -> int:
 @click.option(
     "--all", "show_all", is_flag=True, help="Every matching event, in the table format too."
 )
-@click.option(
-    "--format",
-    "-o",
-    "fmt",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    help="table (a page, for reading), json or csv (streamed, every event).",
-)
+@format_option("table", "json", "csv")
 @pass_app
 def history_cmd(
     app: AppContext,
@@ -216,7 +214,7 @@ def history_cmd(
     help="With --into: replay history up to TIME, or rewind the live table past the changes "
     "made since (fast when few rows changed; needs complete history since TIME). auto picks.",
 )
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@format_option("table", "json", "csv")
 @pass_app
 def as_of_cmd(
     app: AppContext,
@@ -260,6 +258,14 @@ def as_of_cmd(
         rows = as_of(conn, name, time, key=_keys(key_pairs), schema=_schema(app))
     if fmt == "json":
         click.echo("[" + ",\n ".join(dump_json(r) for r in rows) + "]")
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        cols = columns_of(rows)
+        writer.writerow(cols)
+        for row in rows:
+            # A column absent from a row's image (not in the table then) is empty, as null is.
+            writer.writerow(["" if row.get(c) is None else _cell(row.get(c)) for c in cols])
         return
     view = Table(header_style="bold")
     cols = columns_of(rows)
@@ -374,9 +380,9 @@ def untrack_cmd(app: AppContext, tables: tuple[str, ...]) -> None:
 
 @click.command("verify")
 @click.option("--quick", is_flag=True, help="Skip comparing live rows with history.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@format_option("table", "json", legacy_json=True)
 @click.pass_context
-def verify_cmd(ctx: click.Context, quick: bool, as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, quick: bool, fmt: str, as_json: bool) -> None:
     """Check history is intact; exit 1 on any problem.
 
     Reports tracked tables whose triggers are missing or disabled, rows changed while tracking
@@ -391,7 +397,7 @@ def verify_cmd(ctx: click.Context, quick: bool, as_json: bool) -> None:
     assert app is not None
     with connect(app.target()) as conn:
         report = verify(conn, schema=_schema(app), deep=not quick)
-    if as_json:
+    if as_json or fmt == "json":
         click.echo(json.dumps({
             "ok": report.ok, "tracked": report.tracked, "events": report.events,
             "problems": [p.__dict__ for p in report.problems],

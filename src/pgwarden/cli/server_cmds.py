@@ -12,7 +12,7 @@ import click
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.table import Table
 
-from pgwarden.cli.app import err_console, out
+from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.errors import ServerError, UserError
 from pgwarden.local import bring_up
@@ -94,20 +94,25 @@ def down_cmd(app: AppContext, purge: bool, yes: bool) -> None:
 
 
 @click.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_app
-def status_cmd(app: AppContext, as_json: bool) -> None:
+@format_option("table", "json", legacy_json=True)
+@click.pass_context
+def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     """Show whether the local server runs, on which binaries and port, and how it last started.
+
+    Exits 0 when it runs, 3 when it does not (as `pg_ctl status`).
 
     \b
     Example:
       pgwarden status
-      pgwarden status --json | jq .state
+      pgwarden status -o json | jq .state
     """
+    app = ctx.find_object(AppContext)
+    assert app is not None
     status = app.server().status()
-    if as_json:
+    code = 0 if status.state is ServerState.RUNNING else 3
+    if as_json or fmt == "json":
         click.echo(json.dumps(status.to_json(), indent=2))
-        return
+        ctx.exit(code)
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
@@ -124,6 +129,7 @@ def status_cmd(app: AppContext, as_json: bool) -> None:
         last = status.last_start
         table.add_row("last start", f"{last.get('at')} ({last.get('outcome')})")
     out.print(table)
+    ctx.exit(code)
 
 
 def _running_server(app: AppContext):  # type: ignore[no-untyped-def]
