@@ -538,6 +538,7 @@ def as_of_into(
             ) from None
         columns = live_columns(conn, log.oid)
         missing = [c.name for c in columns if log.current_slot(c.attnum) is None]
+        later = _added_after(conn, schema, log, at, [c for c in columns if c.name not in missing])
         chosen, note = _choose_method(conn, schema, log, at, method)
         if chosen == "rewind":
             query = _rewind_query(conn, schema, log, at, source, dest, columns)
@@ -558,11 +559,40 @@ def as_of_into(
             ) from None
         notes = [note] if note else []
         if missing:
+            notes.append(f"not in history, so NULL in every row: {', '.join(missing)} (excluded)")
+        if later:
             notes.append(
-                f"not in history, so NULL in every row: {', '.join(missing)} "
-                "(added after tracking started, or excluded)"
+                f"added to the table after that time, so NULL in every row: {', '.join(later)}"
             )
         return AsOfInto(rows=cur.rowcount, method=chosen, note="; ".join(notes) or None)
+
+
+def _added_after(
+    conn: Conn, schema: HistorySchema, log: TableLog, at: datetime, columns: Sequence[Column]
+) -> list[str]:
+    """The columns that did not exist yet at `at`: their first generation began after it (a
+    column there when tracking started began with it; if that is after `at`, so are all)."""
+    first = {c.attnum: min(s.since for s in log.generations(c.attnum)) for c in columns}
+    if not first:
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT s.stmt FROM {} s WHERE s.log_id = %s AND s.stmt = ANY (%s) AND s.at > %s"
+        ).format(schema.table("shape_change")),
+        (log.id, [v for v in first.values() if v > 0], at),
+    ).fetchall()
+    after = {int(str(r[0])) for r in rows}
+    started = conn.execute(
+        sql.SQL("SELECT min(r.stmt) FROM {} r WHERE r.log_id = %s").format(schema.table("reset")),
+        (log.id,),
+    ).fetchone()
+    first_reset = int(str(started[0])) if started and started[0] is not None else None
+    # Columns added after tracking began, not all of the table's columns at its start.
+    return [
+        c.name
+        for c in columns
+        if first[c.attnum] in after and (first_reset is None or first[c.attnum] > first_reset)
+    ]
 
 
 def _column_value(log: TableLog, column: Column) -> Any:

@@ -246,17 +246,13 @@ def _conflicts(
             ),
             (int(str(last)),),
         ).fetchall()
+        # In the order they happened (each transaction once, at its first change of the row).
         changes = sorted(
-            (LaterChange(int(str(t)), _OPS.get(str(op), str(op)), str(at)), int(str(s)))
-            for t, op, at, s in later
-        )
-        conflicts.append(
-            Conflict(
-                str(log.name),
-                key,
-                tuple(c for c, _ in sorted(changes, key=lambda pair: pair[1])),
-            )
-        )
+            ((LaterChange(int(str(t)), _OPS.get(str(op), str(op)), str(at)), int(str(s)))
+             for t, op, at, s in later),
+            key=lambda pair: pair[1],
+        )  # fmt: skip
+        conflicts.append(Conflict(str(log.name), key, tuple(c for c, _ in changes)))
     return conflicts
 
 
