@@ -331,3 +331,64 @@ def test_authoritative_mode_revokes_exactly_what_the_config_drops(database: Data
         ).fetchone()
     assert privileges == {keep: "SELECT", outsider: "SELECT"}
     assert exists == (0,)
+
+
+def test_no_one_but_pgwarden_switches_history_off(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager role changes structure; stopping capture is not part of that power."""
+    alice, bob = _name("alice"), _name("bob")
+    monkeypatch.setenv("GUARD_PW", "guard-pw-2")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE pay (id int PRIMARY KEY, amount numeric)")
+    config = Config.model_validate(
+        {
+            "history": {"tables": ["public.pay"]},
+            "access": {
+                "ddl_guard": True,
+                "managers": [alice],
+                "roles": {
+                    alice: {"login": True, "password_env": "GUARD_PW"},
+                    bob: {"login": True, "password_env": "GUARD_PW",
+                          "tables": {"public.pay": ["SELECT", "INSERT", "UPDATE", "DELETE"]}},
+                },
+            },
+        }
+    )  # fmt: skip
+    with database.connect() as conn:
+        apply_config(conn, config)
+    attempts = (
+        "ALTER TABLE pay DISABLE TRIGGER USER",
+        "ALTER TABLE pay DISABLE TRIGGER pgwarden_capture_update",
+        "ALTER TRIGGER pgwarden_capture_insert ON pay RENAME TO not_capture",
+        "DROP TRIGGER pgwarden_capture_delete ON pay",
+    )
+    for who, role in ((alice, "manager"), (bob, None)):
+        with psycopg.connect(_url_as(database, who, "guard-pw-2"), autocommit=True) as conn:
+            if role:
+                conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            for attempt in attempts:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(attempt)
+                if role:  # the manager owns the table: the guard is what refuses
+                    assert "switch off" in str(info.value), attempt
+                    assert "untrack" in (info.value.diag.message_hint or "")
+            conn.execute("INSERT INTO pay VALUES (%s, 1)", (10 if role else 20,))
+    with psycopg.connect(_url_as(database, alice, "guard-pw-2"), autocommit=True) as conn:
+        # Structure is the manager's: a column, even dropping and making the table again,
+        # which is tracked again at once under its name.
+        conn.execute("SET ROLE manager")
+        conn.execute("ALTER TABLE pay ADD COLUMN note text")
+        conn.execute("DROP TABLE pay")
+        conn.execute("CREATE TABLE pay (id int PRIMARY KEY, amount numeric)")
+        conn.execute("INSERT INTO pay VALUES (30, 3)")
+    with database.connect() as conn:
+        assert conn.execute("SELECT pgwarden.trigger_state('pay'::regclass)").fetchone() == ("ok",)
+        ops = conn.execute(
+            "SELECT op, row_key->>'id' FROM pgwarden.event WHERE table_name = 'pay' "
+            "ORDER BY stmt_id"
+        ).fetchall()
+        assert ops == [("INSERT", "10"), ("INSERT", "20"), ("INSERT", "30")]
+        # pgwarden's own path works: untrack as the administrator.
+        conn.execute("SELECT pgwarden.untrack('pay'::regclass)")
+        conn.commit()

@@ -252,7 +252,7 @@ def test_cli_as_of_revert_verify_track(
     with cli_db.connect(autocommit=True) as conn:
         # Keyless copies that the public.* pattern would ask `verify` about.
         conn.execute("DROP TABLE then_table, t3")
-    dry = run("revert", str(tx), "--dry-run")
+    dry = run("revert", str(tx), "--dry-run", "--sql")
     assert dry.code == 0
     assert "UPDATE" in dry.out
     assert run("revert", str(tx)).code == 0

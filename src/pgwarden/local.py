@@ -11,7 +11,7 @@ from psycopg import sql
 from pgwarden.config import Config
 from pgwarden.connect import Target, connect
 from pgwarden.converge import apply_config
-from pgwarden.errors import ServerError
+from pgwarden.errors import ApplyFailed, ServerError, UserError
 from pgwarden.plan import Plan
 from pgwarden.server import LocalServer, StartOutcome
 
@@ -52,7 +52,16 @@ def bring_up(server: LocalServer) -> UpResult:
     created = ensure_database(server)
     url = server.url()
     with connect(Target(url, "the local server")) as conn:
-        applied = apply_config(conn, server.config)
+        try:
+            applied = apply_config(conn, server.config)
+        except (UserError, ApplyFailed) as exc:
+            # Said plainly: the server runs, the config is what failed.
+            raise UserError(
+                f"the server is up on port {server.port}, but pgwarden.yaml was not applied "
+                f"(nothing of it was): {exc.message}",
+                hint=(exc.hint + "; then " if exc.hint else "")
+                + "`pgwarden apply` (or `pgwarden up` again) applies it",
+            ) from exc
     if not server.is_running():  # pragma: no cover - defensive
         raise ServerError("the server stopped while pgwarden was applying the config")
     return UpResult(outcome=outcome, url=url, database_created=created, applied=applied)

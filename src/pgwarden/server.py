@@ -265,6 +265,8 @@ class LocalServer:
             return StartOutcome.ALREADY_RUNNING
         self.state.prepare(self.runas)
         fresh = self._check_data_dir()
+        # The port first: a busy port must not leave a half-made cluster behind.
+        self._settle_port(fresh)
         if fresh:
             self._initdb()
             outcome = StartOutcome.INITIALIZED
@@ -361,6 +363,26 @@ class LocalServer:
         result = self.runas.run([self._tool("pg_ctl"), *args, "-D", self.state.data_dir])
         if result.returncode != 0:
             raise ServerError(f"pg_ctl {args[0]} failed: {result.stderr.strip()}")
+
+    def _settle_port(self, fresh: bool) -> None:
+        """Refuse a busy port before creating anything; on the very first `up` with no port
+        asked for anywhere (the default 5432 taken by another PostgreSQL, say), take a free
+        one instead and keep it, so that README's first command works on any machine."""
+        try:
+            self._check_port_free()
+        except PortInUse:
+            asked = (
+                self._port is not None
+                or "port" in self.config.server.model_fields_set
+                or self.state.read().get("port") is not None
+            )
+            if asked or not fresh:
+                raise
+            self._port = free_port()
+            self.chosen_port = True
+            self._check_port_free()
+
+    chosen_port = False  # set when _settle_port picked a free port
 
     def _check_port_free(self) -> None:
         for address in self.config.server.listen_addresses:

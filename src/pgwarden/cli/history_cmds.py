@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -279,29 +280,33 @@ def as_of_cmd(
 
 @click.command("revert")
 @click.argument("tx", type=int)
-@click.option("--dry-run", is_flag=True, help="Show the compensating statements, run nothing.")
+@click.option("--dry-run", is_flag=True, help="Say what it would do, change nothing.")
+@click.option("--sql", "show_sql", is_flag=True, help="Also print the compensating SQL.")
 @pass_app
-def revert_cmd(app: AppContext, tx: int, dry_run: bool) -> None:
+def revert_cmd(app: AppContext, tx: int, dry_run: bool, show_sql: bool) -> None:
     """Undo transaction TX with compensating statements (recorded in history too).
 
-    Refuses, listing the conflicts, when a row it changed was changed again later.
+    One statement per statement of TX (and table and operation), however many rows. Refuses,
+    naming the rows and every later transaction, when a row it changed was changed again
+    later, and when TX was already reverted.
 
     \b
     Example:
       pgwarden history --since 1h          # find the transaction
-      pgwarden revert 7791 --dry-run
+      pgwarden revert 7791 --dry-run --sql
       pgwarden revert 7791
     """
     with connect(app.target()) as conn:
         plan = revert(conn, tx, dry_run=dry_run, schema=_schema(app))
-        shown = [(summary, stmt.as_string(conn)) for summary, stmt in plan.statements]
+        shown = [(s.summary, s.statement.as_string(conn)) for s in plan.steps]
     for warning in plan.warnings:
         err_console.print(f"warning: {warning}")
     for summary, statement in shown:
         out.print(f"-- {summary}", markup=False)
-        out.print(statement + ";", markup=False)
-    verb = "would run" if dry_run else "reverted with"
-    err_console.print(f"transaction {tx}: {verb} {len(shown)} statement(s)")
+        if show_sql:
+            out.print(statement + ";", markup=False)
+    verb = "would change" if dry_run else "reverted:"
+    err_console.print(f"transaction {tx}: {verb} {plan.rows} row(s) with {len(shown)} statement(s)")
 
 
 @click.command("retention")
@@ -353,10 +358,15 @@ def track_cmd(
       pgwarden track sales.orders --mode fail-open
     """
     names = [parse_table(t) for t in tables]
-    with connect(app.target()) as conn:
+    started = time.monotonic()
+    # A large table's snapshot takes a while: say so on a terminal while it runs.
+    with connect(app.target()) as conn, err_console.status(f"tracking {len(names)} table(s)…"):
         track(conn, app.loaded.config, names, mode=mode, exclude_columns=exclude)
     for name in names:
         out.print(f"tracking {name}")
+    err_console.print(
+        f"done in {time.monotonic() - started:.1f}s (existing rows: a SNAPSHOT event each)"
+    )
 
 
 @click.command("untrack")

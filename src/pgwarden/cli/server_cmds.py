@@ -54,6 +54,11 @@ def up_cmd(app: AppContext, pg_bin: Path | None, port: int | None) -> None:
         f"{_OUTCOME_TEXT[result.outcome]}: {server.binaries.describe()} "
         f"on port {server.port} ({elapsed:.1f}s)"
     )
+    if server.chosen_port:
+        err_console.print(
+            f"port {server.config.server.port} was taken, so this new cluster uses port "
+            f"{server.port} (kept for it; --port or server.port in pgwarden.yaml choose one)"
+        )
     if result.database_created:
         err_console.print(f"created database {server.config.database!r}")
     if result.applied:

@@ -246,6 +246,11 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
     objects: list[Manifest] = [*storage_objects(k8s)]
     if not k8s.existing_secret:
         assert password is not None
+        warnings.append(
+            f"the output holds the Secret {secret_name} with a generated superuser password: "
+            "keep it out of version control, or create the Secret yourself and set "
+            "kubernetes.existing_secret to its name"
+        )
         objects.append(
             {
                 "apiVersion": "v1",
