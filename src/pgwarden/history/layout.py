@@ -134,6 +134,19 @@ def value_sql(log: TableLog, side: str, attnum: int, alias: str, type_name: str)
     return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts))
 
 
+def key_type(log: TableLog, attnum: int) -> str:
+    """The type a key column's values are compared in: its current generation's."""
+    return (log.current_slot(attnum) or log.generations(attnum)[0]).type
+
+
+def taken_sql(log: TableLog, attnum: int, alias: str, type_name: str) -> sql.Composable:
+    """A key column's value after the change: the new row's, or the old one's for a delete
+    (what the key index holds, in every generation)."""
+    return sql.SQL("COALESCE({}, {})").format(
+        value_sql(log, "n", attnum, alias, type_name), value_sql(log, "o", attnum, alias, type_name)
+    )
+
+
 def key_sql(log: TableLog, alias: str) -> list[sql.Composable]:
     """The indexed key expressions: the key after the change (new, or old for a delete), as
     the key index is built (track.sql, refresh_keys)."""

@@ -29,8 +29,10 @@ from pgwarden.history.layout import (
     TableLog,
     event_sql,
     key_sql,
+    key_type,
     load_json,
     table_logs,
+    taken_sql,
     value_sql,
 )
 from pgwarden.history.names import TableName
@@ -384,18 +386,13 @@ def replay_sql(
             newside=sql.Literal(list(NEW_SIDE)),
             oldside=sql.Literal(list(OLD_SIDE)),
         )
-    keys = [
-        (attnum, (log.current_slot(attnum) or log.generations(attnum)[0]).type)
-        for attnum in log.key_attnums or ()
-    ]
+    keys = [(attnum, key_type(log, attnum)) for attnum in log.key_attnums or ()]
     k_names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
 
     def key_values(side: str) -> sql.Composable:
         if side == "taken":
             return sql.SQL(", ").join(
-                sql.SQL("COALESCE({}, {}) AS {}").format(
-                    value_sql(log, "n", a, "h", t), value_sql(log, "o", a, "h", t), k
-                )
+                sql.SQL("{} AS {}").format(taken_sql(log, a, "h", t), k)
                 for (a, t), k in zip(keys, k_names, strict=True)
             )
         return sql.SQL(", ").join(

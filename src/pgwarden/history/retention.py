@@ -18,7 +18,7 @@ from psycopg import sql
 
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
-from pgwarden.history.layout import TableLog, table_logs, value_sql
+from pgwarden.history.layout import TableLog, key_type, table_logs, taken_sql
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,8 @@ def _old_rows(schema: HistorySchema, log: TableLog, cutoff: datetime) -> sql.Com
             log=sql.Literal(log.id),
             cutoff=sql.Literal(cutoff),
         )
-    keys = [
-        value_sql(log, "n", a, "h", (log.current_slot(a) or log.generations(a)[0]).type)
-        for a in log.key_attnums or ()
-    ]
-    olds = [
-        value_sql(log, "o", a, "h", (log.current_slot(a) or log.generations(a)[0]).type)
-        for a in log.key_attnums or ()
-    ]
     taken = sql.SQL(", ").join(
-        sql.SQL("COALESCE({}, {})").format(n, o) for n, o in zip(keys, olds, strict=True)
+        taken_sql(log, a, "h", key_type(log, a)) for a in log.key_attnums or ()
     )
     # The last event per key before the cutoff, unless it left no row there (delete,
     # truncate); an UPDATE that moved a row away also leaves no row at its old key.

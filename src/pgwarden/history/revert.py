@@ -17,7 +17,14 @@ from psycopg import sql
 from pgwarden.errors import UserError
 from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
-from pgwarden.history.layout import TableLog, dump_json, load_json, table_logs, value_sql
+from pgwarden.history.layout import (
+    TableLog,
+    dump_json,
+    load_json,
+    table_logs,
+    taken_sql,
+    value_sql,
+)
 from pgwarden.history.read import Column, live_columns, require_installed
 
 REVERT_CONTEXT = "revert of tx {}"
@@ -129,6 +136,14 @@ def _captured(conn: Conn, log: TableLog) -> tuple[list[Column], list[Column]]:
     return writable, keys
 
 
+def _sets(columns: list[Column], source: str) -> sql.Composable:
+    """`col = source.cN, …`: the captured columns set from a subquery's c0, c1, …"""
+    return sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(c.name), sql.Identifier(source, f"c{i}"))
+        for i, c in enumerate(columns)
+    )
+
+
 def _row_text(columns: list[Column], expr: Any) -> sql.Composable:
     return sql.SQL("ROW({})::text").format(
         sql.SQL(", ").join(expr(c) for c in columns) if columns else sql.SQL("NULL")
@@ -174,11 +189,7 @@ def _conflicts(
         )
 
     taken = sql.SQL(", ").join(
-        sql.SQL("COALESCE({}, {}) AS {}").format(
-            value_sql(log, "n", c.attnum, "h", c.type),
-            value_sql(log, "o", c.attnum, "h", c.type),
-            k,
-        )
+        sql.SQL("{} AS {}").format(taken_sql(log, c.attnum, "h", c.type), k)
         for c, k in zip(keys, k_names, strict=True)
     )
     new_image = _row_text(columns, lambda c: value_sql(log, "n", c.attnum, "h", c.type))
@@ -231,13 +242,7 @@ def _conflicts(
                 shadow=shadow,
                 tx=schema.table("tx"),
                 mine=mine,
-                taken_key=sql.SQL(", ").join(
-                    sql.SQL("COALESCE({}, {})").format(
-                        value_sql(log, "n", c.attnum, "h", c.type),
-                        value_sql(log, "o", c.attnum, "h", c.type),
-                    )
-                    for c in keys
-                ),
+                taken_key=sql.SQL(", ").join(taken_sql(log, c.attnum, "h", c.type) for c in keys),
                 old_key=old_key,
                 values=sql.SQL(", ").join(
                     sql.SQL("{}::{}").format(sql.Literal(_plain(key[c.name])), sql.SQL(c.type))
@@ -332,12 +337,7 @@ def _compensation(conn: Conn, schema: HistorySchema, s: _Statement) -> Step | No
             f"restore {label} (updated)",
             s.rows,
             sql.SQL("UPDATE ONLY {t} SET {sets} FROM {paired} p WHERE {t}.ctid = p.ctid").format(
-                t=table,
-                sets=sql.SQL(", ").join(
-                    sql.SQL("{} = p.{}").format(sql.Identifier(c.name), sql.Identifier(f"c{i}"))
-                    for i, c in enumerate(columns)
-                ),
-                paired=paired,
+                t=table, sets=_sets(columns, "p"), paired=paired
             ),
         )
     k_names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
@@ -364,10 +364,7 @@ def _compensation(conn: Conn, schema: HistorySchema, s: _Statement) -> Step | No
         s.rows,
         sql.SQL("UPDATE {t} SET {sets} FROM {src} m WHERE {same}").format(
             t=table,
-            sets=sql.SQL(", ").join(
-                sql.SQL("{} = m.{}").format(sql.Identifier(c.name), sql.Identifier(f"c{i}"))
-                for i, c in enumerate(columns)
-            ),
+            sets=_sets(columns, "m"),
             src=source(sql.SQL("{}, {}").format(new_keys, vals("o"))),
             same=same,
         ),
