@@ -8,7 +8,7 @@ import click
 
 from pgwarden import __version__
 from pgwarden.cli.access_cmds import access_group
-from pgwarden.cli.app import run_guarded
+from pgwarden.cli.app import GuardedGroup, run_guarded
 from pgwarden.cli.config_cmds import config_group, init_cmd
 from pgwarden.cli.context import AppContext
 from pgwarden.cli.converge_cmds import apply_cmd, check_cmd, plan_cmd
@@ -18,6 +18,7 @@ from pgwarden.cli.server_cmds import down_cmd, logs_cmd, psql_cmd, status_cmd, u
 
 
 @click.group(
+    cls=GuardedGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Example: pgwarden init && pgwarden up && pgwarden psql",
 )

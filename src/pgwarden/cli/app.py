@@ -67,6 +67,21 @@ def _user_db_error(exc: psycopg.Error) -> str | None:
     return None
 
 
+class _ReaderGone(Exception):
+    """stdout's reader went away. Not an OSError, so that click does not turn it into exit 1
+    (its main() exits 1 on EPIPE even when standalone_mode is off)."""
+
+
+class GuardedGroup(click.Group):
+    """The root command group: a closed pipe leaves the command as `_ReaderGone`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise _ReaderGone() from exc
+
+
 def run_guarded(command: click.Command, argv: list[str] | None) -> int:
     try:
         result = command.main(args=argv, prog_name="pgwarden", standalone_mode=False)
@@ -86,7 +101,7 @@ def run_guarded(command: click.Command, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except BrokenPipeError:
+    except (BrokenPipeError, _ReaderGone):
         # The reader went away (`pgwarden history | head`): a normal end, as for `git log`.
         # Point stdout at nothing so that the interpreter's final flush does not fail too.
         try:

@@ -34,7 +34,7 @@ from pgwarden.history import (
 )
 from pgwarden.history.layout import dump_json
 from pgwarden.history.names import TableName
-from pgwarden.history.read import OPS, AsOfMethod, columns_of
+from pgwarden.history.read import OPS, AsOfMethod, columns_of, completeness_note
 
 TABLE_PAGE = 50  # events the table format shows by default
 
@@ -190,6 +190,9 @@ def history_cmd(
             rows = sorted(newest[:TABLE_PAGE] if page else newest, key=lambda e: e.stmt_id)
         renderer = {"table": _render_table, "json": _render_json, "csv": _render_csv}[fmt]
         count = renderer(rows)
+        note = completeness_note(conn, _schema(app), flt.table) if flt.table else None
+    if note:
+        err_console.print(note)
     if fmt == "table":
         if more:
             err_console.print(
@@ -237,6 +240,11 @@ def as_of_cmd(
     """
     name = parse_table(table)
     with connect(app.target()) as conn:
+        # In a transaction of its own: as_of_into picks its method from the caller's isolation.
+        with conn.transaction():
+            note = completeness_note(conn, _schema(app), name)
+        if note:
+            err_console.print(note)
         if into:
             target = parse_table(into)
             if key_pairs:

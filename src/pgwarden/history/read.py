@@ -132,6 +132,25 @@ def logs_of(conn: Conn, schema: HistorySchema, table: TableName) -> list[TableLo
     return logs
 
 
+def completeness_note(conn: Conn, schema: HistorySchema, table: TableName) -> str | None:
+    """Why the history of a live table may stop short of now, or None when capture is on.
+
+    A table that was untracked keeps its history, and reading it is right; but its latest
+    changes are not there, and a reader must be told rather than shown a stale answer."""
+    oid = catalog.table_oid(conn, table)
+    if oid is None:
+        return None
+    tracked = next((t for t in catalog.tracked_tables(conn, schema) if t.oid == oid), None)
+    if tracked is None:
+        return (
+            f"{table} is not tracked now: changes made since it was untracked are not in its "
+            f"history (`pgwarden track {table}` resumes it)"
+        )
+    if not tracked.triggers_ok:
+        return f"capture of {table} is not working: `pgwarden verify` says why"
+    return None
+
+
 def _context_filter(schema: HistorySchema, flt: EventFilter) -> sql.Composable | None:
     """Conditions on who and when (the tx table), or None."""
     clauses: list[sql.Composable] = []
