@@ -419,14 +419,44 @@ class S3BackupConfig(_Section):
 
 
 class BackupConfig(_Section):
-    """Backups and WAL archiving. Destinations are sub-sections, so that local base backups and
-    WAL archiving to a directory can sit beside `s3` later."""
+    """Backups and WAL archiving: `location` for the local server, `s3` for CloudNativePG."""
 
+    location: str | None = Field(
+        None,
+        description="Where the local server's base backups and archived WAL go: a directory "
+        "(relative to pgwarden.yaml; a mounted EFS or NFS share is a good home). Setting it "
+        "turns WAL archiving on (a restart).",
+    )
+    keep: int | None = Field(
+        None, ge=1, description="`backup prune` keeps this many newest full backups."
+    )
+    keep_days: int | None = Field(
+        None, ge=1, description="`backup prune` keeps every backup younger than this many days."
+    )
+    archive_timeout: int = Field(
+        60,
+        ge=0,
+        description="Seconds after which a partly filled WAL segment is archived anyway: the "
+        "most recent changes a restore can lose when the server is lost (0: only when full).",
+    )
     s3: S3BackupConfig | None = None
     retention: str = Field("30d", description="Keep backups and WAL this long: 30d, 8w, 6m.")
     schedule: str = Field(
         "0 0 2 * * *", description="When to take base backups (6-field cron, seconds first)."
     )
+
+    @field_validator("location")
+    @classmethod
+    def _location(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(("s3://", "gs://", "http://", "https://")):
+            raise ValueError(
+                "object stores are not yet a backup.location for the local server: use a "
+                "directory (a mounted EFS or NFS share), or backup.s3 with the cloudnative-pg "
+                "flavor"
+            )
+        if value is not None and not value.strip():
+            raise ValueError("backup.location is empty")
+        return value
 
     @field_validator("retention")
     @classmethod

@@ -22,6 +22,7 @@ class UpResult:
     url: str
     database_created: bool
     applied: Plan
+    restart_needed: list[str]  # settings changed in the config that wait for a restart
 
 
 def default_state_dir(config_path: Path | None) -> Path:
@@ -52,6 +53,13 @@ def bring_up(server: LocalServer) -> UpResult:
     created = ensure_database(server)
     url = server.url()
     with connect(Target(url, "the local server")) as conn:
+        pending = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name"
+            ).fetchall()
+        ]
+        conn.commit()
         try:
             applied = apply_config(conn, server.config)
         except (UserError, ApplyFailed) as exc:
@@ -64,7 +72,13 @@ def bring_up(server: LocalServer) -> UpResult:
             ) from exc
     if not server.is_running():  # pragma: no cover - defensive
         raise ServerError("the server stopped while pgwarden was applying the config")
-    return UpResult(outcome=outcome, url=url, database_created=created, applied=applied)
+    return UpResult(
+        outcome=outcome,
+        url=url,
+        database_created=created,
+        applied=applied,
+        restart_needed=pending,
+    )
 
 
 def local_server(
@@ -80,4 +94,14 @@ def local_server(
         state_dir.absolute() if state_dir else default_state_dir(config_path),
         pg_bin=pg_bin,
         port=port,
+        backup_root=backup_root(config, config_path),
     )
+
+
+def backup_root(config: Config, config_path: Path | None) -> Path | None:
+    """backup.location as an absolute path; relative paths are relative to pgwarden.yaml."""
+    location = config.backup.location
+    if location is None:
+        return None
+    base = config_path.parent if config_path is not None else Path.cwd()
+    return (base / Path(location).expanduser()).absolute()

@@ -50,7 +50,7 @@ class RunAs:
             [str(a) for a in args],
             capture_output=True,
             text=True,
-            env=dict(env) if env is not None else _clean_env(),
+            env=dict(env) if env is not None else clean_env(),
             timeout=timeout,
             check=check,
             cwd="/",
@@ -58,10 +58,38 @@ class RunAs:
             **kwargs,
         )
 
+    def popen(
+        self, args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        """A long-running tool whose stderr is read as it goes (pg_basebackup's progress)."""
+        kwargs: dict[str, object] = {}
+        if self.switch:
+            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
+        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+            [str(a) for a in args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(env) if env is not None else clean_env(),
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            **kwargs,
+        )
+
+    def chown_tree(self, root: Path) -> None:
+        """`chown -R` to this user, symlinks not followed."""
+        if not self.switch:
+            return
+        os.chown(root, self.uid, self.gid, follow_symlinks=False)
+        for base, dirs, files in os.walk(root):
+            for name in dirs + files:
+                os.chown(os.path.join(base, name), self.uid, self.gid, follow_symlinks=False)
+
     def can_access(self, path: Path, mode: str = "-x") -> bool:
         """Whether this user can reach `path` (checked by the kernel, not by guessing bits)."""
         if not self.switch:
-            return os.access(path, os.X_OK if mode == "-x" else os.R_OK)
+            bits = {"-x": os.X_OK, "-w": os.W_OK | os.X_OK}.get(mode, os.R_OK)
+            return os.access(path, bits)
         try:
             return self.run(["test", mode, str(path)], timeout=30).returncode == 0
         except (OSError, subprocess.SubprocessError):
@@ -72,7 +100,7 @@ class RunAs:
             os.chown(path, self.uid, self.gid)
 
 
-def _clean_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
     # PostgreSQL's tools must not inherit libpq variables aimed at some other server.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.setdefault("LC_ALL", "C.UTF-8")

@@ -25,6 +25,9 @@ class Placement:
     allowed_cidrs: Sequence[str] = ("127.0.0.1/32", "::1/128")
     ident_users: Sequence[str] = field(default_factory=tuple)  # OS users mapped to the admin
     admin_user: str = "postgres"
+    archive_dir: str | None = None  # WAL archiving into this directory (basic_archive)
+    archive_timeout: int = 60
+    summarize_wal: bool = False  # PostgreSQL 17+: what incremental backups need
 
 
 # Settings pgwarden always wants: durability on, SCRAM only, logs that help after an incident.
@@ -66,6 +69,15 @@ def settings_for(server: ServerConfig, placement: Placement) -> dict[str, Settin
     settings["unix_socket_directories"] = ",".join(placement.socket_dirs)
     if placement.socket_dirs:
         settings["unix_socket_permissions"] = "0700"
+    if placement.archive_dir is not None:
+        # basic_archive (contrib, in the wheel and in Debian's package) never overwrites a
+        # different file of the same name, counts an identical one as done, and fsyncs.
+        settings["archive_mode"] = "on"
+        settings["archive_library"] = "basic_archive"
+        settings["basic_archive.archive_directory"] = placement.archive_dir
+        settings["archive_timeout"] = placement.archive_timeout
+        if placement.summarize_wal:
+            settings["summarize_wal"] = True
     settings.update(server.settings)  # the user's word wins over our defaults
     return settings
 

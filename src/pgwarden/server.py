@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pgwarden import pgconf
+from pgwarden.backup.repo import Cluster, Repository
 from pgwarden.binaries import Binaries, find_binaries
 from pgwarden.config import Config
 from pgwarden.errors import BinariesNotFound, DataDirRefused, PortInUse, ServerError
@@ -125,9 +126,11 @@ class LocalServer:
         *,
         pg_bin: Path | None = None,
         port: int | None = None,
+        backup_root: Path | None = None,
     ) -> None:
         self.config = config
         self.state = StateDir(state_dir.absolute())
+        self.backup_root = backup_root  # backup.location, resolved: WAL is archived there
         self._pg_bin = pg_bin
         self._port = port
         self._binaries: Binaries | None = None
@@ -152,7 +155,7 @@ class LocalServer:
             )
         return self._binaries
 
-    def _tool(self, name: str) -> Path:
+    def tool(self, name: str) -> Path:
         return reachable_bindir(self.binaries.bindir, self.runas) / name
 
     @property
@@ -208,7 +211,7 @@ class LocalServer:
 
     def _cluster_state(self) -> str | None:
         """'shut down', 'in production', … as pg_controldata reports it."""
-        result = self.runas.run([self._tool("pg_controldata"), "-D", self.state.data_dir])
+        result = self.runas.run([self.tool("pg_controldata"), "-D", self.state.data_dir])
         for line in result.stdout.splitlines():
             if line.startswith("Database cluster state:"):
                 return line.split(":", 1)[1].strip()
@@ -260,10 +263,13 @@ class LocalServer:
                     f"the server in {self.state.root} already runs on port {running_port}",
                     hint="stop it with `pgwarden down` before starting it on another port",
                 )
+            self._prepare_backup_root()
+            self._claim_backup_root()
             self._write_config()  # so a changed config is at least on disk; reload below
             self._pg_ctl("reload")
             return StartOutcome.ALREADY_RUNNING
         self.state.prepare(self.runas)
+        self._prepare_backup_root()
         fresh = self._check_data_dir()
         # The port first: a busy port must not leave a half-made cluster behind.
         self._settle_port(fresh)
@@ -273,6 +279,7 @@ class LocalServer:
         else:
             crashed = self._cluster_state() not in ("shut down", "shut down in recovery")
             outcome = StartOutcome.RECOVERED if crashed else StartOutcome.STARTED
+        self._claim_backup_root()
         self._wait_for_zombie()
         self._check_port_free()
         self._write_config()
@@ -331,7 +338,7 @@ class LocalServer:
     def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
         return self.runas.run(
             [
-                self._tool("pg_ctl"),
+                self.tool("pg_ctl"),
                 "start",
                 "-D",
                 self.state.data_dir,
@@ -360,7 +367,7 @@ class LocalServer:
             )
 
     def _pg_ctl(self, *args: str | Path) -> None:
-        result = self.runas.run([self._tool("pg_ctl"), *args, "-D", self.state.data_dir])
+        result = self.runas.run([self.tool("pg_ctl"), *args, "-D", self.state.data_dir])
         if result.returncode != 0:
             raise ServerError(f"pg_ctl {args[0]} failed: {result.stderr.strip()}")
 
@@ -405,6 +412,59 @@ class LocalServer:
                         ) from None
                     raise
 
+    @property
+    def archive_dir(self) -> Path | None:
+        return self.backup_root / "wal" if self.backup_root is not None else None
+
+    def _prepare_backup_root(self) -> None:
+        """The backup location's folders, owned by the user PostgreSQL runs as (its archiver
+        writes there); refused up front when that user cannot reach them."""
+        if self.backup_root is None:
+            return
+        root = self.backup_root
+        try:
+            for sub in (root, root / "wal", root / "backups"):
+                sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.runas.chown(sub)
+        except OSError as exc:
+            raise ServerError(
+                f"backup.location {root}: cannot create it ({exc.strerror})",
+                hint="create it yourself, writable by the user pgwarden runs as, or choose "
+                "another directory",
+            ) from None
+        if not self.runas.can_access(root / "wal", "-w"):
+            raise ServerError(
+                f"backup.location {root}: the user PostgreSQL runs as ({self.runas.name}) "
+                "cannot write there",
+                hint=f"give {self.runas.name} write access to it, or choose another directory",
+            )
+
+    def _claim_backup_root(self) -> None:
+        """Record whose archive the location is on first use, and refuse, before the server
+        archives anything there, a location that holds another cluster's WAL."""
+        if self.backup_root is None:
+            return
+        control = self._controldata()
+        Repository(self.backup_root).claim(
+            Cluster(
+                system_identifier=control["Database system identifier"],
+                pg_major=self.binaries.major,
+                wal_segment_size=int(control["Bytes per WAL segment"]),
+                data_checksums=control.get("Data page checksum version", "0") != "0",
+            )
+        )
+
+    def _controldata(self) -> dict[str, str]:
+        result = self.runas.run([self.tool("pg_controldata"), "-D", self.state.data_dir])
+        fields = {}
+        for line in result.stdout.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "Database system identifier" not in fields:
+            raise ServerError(f"pg_controldata could not read {self.state.data_dir}")
+        return fields
+
     # -- the data directory -------------------------------------------------------------
     def _check_data_dir(self) -> bool:
         """True when the data dir is absent/empty (fresh); refuse anything not ours."""
@@ -444,7 +504,7 @@ class LocalServer:
         try:
             result = self.runas.run(
                 [
-                    self._tool("initdb"),
+                    self.tool("initdb"),
                     "-D",
                     data,
                     "-U",
@@ -483,6 +543,9 @@ class LocalServer:
             allowed_cidrs=server.allowed_cidrs,
             ident_users=(self.runas.name, getpass.getuser()),
             admin_user=server.admin_user,
+            archive_dir=str(self.archive_dir) if self.archive_dir is not None else None,
+            archive_timeout=self.config.backup.archive_timeout,
+            summarize_wal=self.binaries.major >= 17,
         )
 
     def _write_config(self) -> None:

@@ -9,6 +9,7 @@ import click
 from pgwarden import __version__
 from pgwarden.cli.access_cmds import access_group
 from pgwarden.cli.app import GuardedGroup, run_guarded
+from pgwarden.cli.backup_cmds import backup_group
 from pgwarden.cli.config_cmds import config_group, init_cmd
 from pgwarden.cli.context import AppContext
 from pgwarden.cli.converge_cmds import apply_cmd, check_cmd, plan_cmd
@@ -63,6 +64,7 @@ for command in (
     check_cmd,
     *HISTORY_COMMANDS,
     access_group,
+    backup_group,
     k8s_group,
 ):
     cli.add_command(command)

@@ -12,8 +12,11 @@ import click
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.table import Table
 
+from pgwarden.backup.observe import archiver
 from pgwarden.cli.app import err_console, format_option, out
+from pgwarden.cli.backup_cmds import archiver_lines
 from pgwarden.cli.context import AppContext, pass_app
+from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
 from pgwarden.local import bring_up
 from pgwarden.server import ServerState, StartOutcome, StopOutcome, mask_url
@@ -63,6 +66,12 @@ def up_cmd(app: AppContext, pg_bin: Path | None, port: int | None) -> None:
         err_console.print(f"created database {server.config.database!r}")
     if result.applied:
         err_console.print(f"applied {len(result.applied)} change(s) from the config")
+    if result.restart_needed:
+        err_console.print(
+            f"restart needed for {', '.join(result.restart_needed)} to take effect (WAL "
+            "archiving among them when backup.location was just set): "
+            "`pgwarden down && pgwarden up`"
+        )
     # The URL (with password) goes to stdout alone so `$(pgwarden up)` is usable as-is.
     click.echo(result.url)
 
@@ -113,10 +122,17 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     """
     app = ctx.find_object(AppContext)
     assert app is not None
-    status = app.server().status()
+    server = app.server()
+    status = server.status()
     code = 0 if status.state is ServerState.RUNNING else 3
+    archiving = None
+    if server.backup_root is not None and status.state is ServerState.RUNNING:
+        with connect(Target(server.url("postgres"), "the local server"), autocommit=True) as conn:
+            archiving = archiver(conn)
     if as_json or fmt == "json":
-        click.echo(json.dumps(status.to_json(), indent=2))
+        data = status.to_json()
+        data["archiver"] = archiving.to_json() if archiving is not None else None
+        click.echo(json.dumps(data, indent=2))
         ctx.exit(code)
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
@@ -134,6 +150,9 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
         last = status.last_start
         table.add_row("last start", f"{last.get('at')} ({last.get('outcome')})")
     out.print(table)
+    if archiving is not None:
+        for line in archiver_lines(archiving):
+            out.print(line)
     ctx.exit(code)
 
 

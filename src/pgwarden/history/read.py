@@ -151,6 +151,24 @@ def completeness_note(conn: Conn, schema: HistorySchema, table: TableName) -> st
     return None
 
 
+def transaction_began(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> datetime:
+    """When transaction `tx` began, from history; a clear error when history never saw it."""
+    require_installed(conn, schema)
+    row = conn.execute(
+        sql.SQL("SELECT min(x.at) FROM {} x WHERE x.tx = {}").format(
+            schema.table("tx"), sql.Literal(tx)
+        )
+    ).fetchone()
+    if row is None or row[0] is None:
+        raise UserError(
+            f"transaction {tx} is not in history",
+            hint="`pgwarden history` lists transactions (the tx column)",
+        )
+    began = row[0]
+    assert isinstance(began, datetime)
+    return began
+
+
 def _context_filter(schema: HistorySchema, flt: EventFilter) -> sql.Composable | None:
     """Conditions on who and when (the tx table), or None."""
     clauses: list[sql.Composable] = []

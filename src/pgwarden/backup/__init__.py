@@ -1,0 +1,1 @@
+"""Backups of the local server: base backups, WAL archiving, restores, retention."""

@@ -1,0 +1,301 @@
+"""`pgwarden backup restore`: a new data directory, recovered to a moment, never the live one.
+
+The plan (which backup, which target, which settings) is a pure function of what the location
+holds and what was asked; it is printed before anything is copied. Running it copies the backup
+(or combines an incremental chain), replays archived WAL up to the target, promotes, and waits
+until recovery has really ended: `pg_is_in_recovery()` false, not merely "accepting read-only
+connections", which a hot standby already is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+import psycopg
+
+from pgwarden import pgconf
+from pgwarden.backup.repo import BackupInfo, Cluster, Contents, Repository, check_same_cluster
+from pgwarden.backup.wal import parse_lsn
+from pgwarden.config import SettingValue
+from pgwarden.errors import ServerError, UserError
+from pgwarden.server import CONF_INCLUDE, INCLUDE_LINE, LocalServer, free_port
+
+TargetKind = Literal["time", "latest", "lsn", "xid"]
+
+
+@dataclass(frozen=True)
+class RecoveryTarget:
+    kind: TargetKind
+    time: datetime | None = None
+    lsn: str | None = None
+    xid: int | None = None  # restore to just before this transaction
+    xid_began: datetime | None = None  # when it began (from history): picks the backup
+
+    def describe(self) -> str:
+        if self.kind == "time":
+            assert self.time is not None
+            return f"the state at {self.time.isoformat()}"
+        if self.kind == "lsn":
+            return f"WAL position {self.lsn}"
+        if self.kind == "xid":
+            return f"just before transaction {self.xid} committed"
+        return "the end of the archived WAL"
+
+    def settings(self) -> dict[str, SettingValue]:
+        if self.kind == "time":
+            assert self.time is not None
+            return {
+                "recovery_target_time": self.time.isoformat(),
+                "recovery_target_inclusive": True,
+            }
+        if self.kind == "lsn":
+            assert self.lsn is not None
+            return {"recovery_target_lsn": self.lsn}
+        if self.kind == "xid":
+            assert self.xid is not None
+            # recovery_target_xid compares 32-bit ids; history keeps the 64-bit one.
+            return {
+                "recovery_target_xid": str(self.xid % (1 << 32)),
+                "recovery_target_inclusive": False,
+            }
+        return {}
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    chain: list[BackupInfo]  # the full backup, then incrementals to combine, oldest first
+    target: RecoveryTarget
+    target_dir: Path
+    wal_dir: Path
+    steps: list[str] = field(default_factory=list)
+
+    @property
+    def backup(self) -> BackupInfo:
+        return self.chain[-1]
+
+
+def plan_restore(
+    contents: Contents, repo: Repository, target: RecoveryTarget, target_dir: Path,
+    *, live_data_dir: Path | None,
+) -> RestorePlan:  # fmt: skip
+    """Which backup, and what will be done; refuses what cannot work, before any copying."""
+    _check_target_dir(target_dir, live_data_dir)
+    if contents.cluster is None or not contents.backups:
+        raise UserError(
+            f"no backups in {repo.root}", hint="take one first: `pgwarden backup create`"
+        )
+    for info in contents.backups:
+        check_same_cluster(contents.cluster, _cluster_of(info), repo.backup_dir(info.label))
+    candidates = contents.backups
+    if target.kind == "time":
+        assert target.time is not None
+        candidates = [b for b in contents.backups if b.stop_time <= target.time]
+        if not candidates:
+            raise UserError(
+                f"{target.time.isoformat()} is before the earliest moment a backup can reach "
+                f"({contents.backups[0].stop_time.isoformat()})",
+                hint="`pgwarden backup list` shows the recoverable window",
+            )
+    elif target.kind == "xid":
+        assert target.xid_began is not None
+        candidates = [b for b in contents.backups if b.stop_time < target.xid_began]
+        if not candidates:
+            raise UserError(
+                f"transaction {target.xid} began before the earliest backup had finished, so "
+                "no backup holds the state before it",
+                hint="`pgwarden backup list` shows the recoverable window",
+            )
+    elif target.kind == "lsn":
+        assert target.lsn is not None
+        wanted = parse_lsn(target.lsn)
+        candidates = [b for b in contents.backups if parse_lsn(b.stop_lsn) <= wanted]
+        if not candidates:
+            raise UserError(
+                f"WAL position {target.lsn} is before the end of the earliest backup "
+                f"({contents.backups[0].stop_lsn})"
+            )
+    chosen = candidates[-1]
+    chain = contents.chain(chosen.label)
+    steps = []
+    if len(chain) == 1:
+        steps.append(f"copy base backup {chosen.label} into {target_dir}")
+    else:
+        labels = " + ".join(b.label for b in chain)
+        steps.append(f"combine backups {labels} into {target_dir} (pg_combinebackup)")
+    steps += [
+        f"replay archived WAL from {repo.wal_dir} up to {target.describe()}",
+        "promote, and wait until recovery has ended",
+    ]
+    return RestorePlan(chain=chain, target=target, target_dir=target_dir,
+                       wal_dir=repo.wal_dir, steps=steps)  # fmt: skip
+
+
+def _cluster_of(info: BackupInfo) -> Cluster:
+    return Cluster(info.system_identifier, info.pg_major, 0, info.data_checksums)
+
+
+def _check_target_dir(target_dir: Path, live_data_dir: Path | None) -> None:
+    if target_dir.exists() and (not target_dir.is_dir() or any(target_dir.iterdir())):
+        raise UserError(
+            f"{target_dir} exists and is not empty; a restore never writes over anything",
+            hint="name a new directory with --target-dir",
+        )
+    if live_data_dir is not None:
+        live = live_data_dir.resolve()
+        new = target_dir.resolve()
+        if new == live or live in new.parents or new in live.parents:
+            raise UserError(
+                f"{target_dir} is (or holds, or is inside) the data directory of the managed "
+                "server; a restore goes to a new directory",
+                hint="name a directory outside the state directory with --target-dir",
+            )
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    target_dir: Path
+    port: int
+    url: str | None  # when left running (--start)
+    stopped_at: str | None  # what PostgreSQL said about where recovery stopped
+    log_file: Path
+
+
+def run_restore(server: LocalServer, plan: RestorePlan, *, start: bool) -> RestoreResult:
+    target_dir = plan.target_dir.absolute()
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    if target_dir.exists():
+        target_dir.rmdir()  # empty (checked by the plan): recreated below by the copy
+    runas = server.runas
+    if len(plan.chain) == 1:
+        backup_data = Path(plan.wal_dir.parent / "backups" / plan.backup.label / "data")
+        shutil.copytree(backup_data, target_dir, symlinks=True)
+        runas.chown_tree(target_dir)
+    else:
+        # pg_combinebackup fills an empty directory, as the user PostgreSQL runs as.
+        target_dir.mkdir(mode=0o700)
+        runas.chown(target_dir)
+        inputs = [plan.wal_dir.parent / "backups" / b.label / "data" for b in plan.chain]
+        result = runas.run(
+            [server.tool("pg_combinebackup"), *inputs, "-o", target_dir], timeout=None
+        )
+        if result.returncode != 0:
+            raise ServerError(f"pg_combinebackup failed: {result.stderr.strip()}")
+    os.chmod(target_dir, 0o700)
+    port = free_port()
+    _write_recovery_config(server, plan, target_dir, port)
+    log_file = target_dir / "pgwarden-restore.log"
+    started = runas.run(
+        [server.tool("pg_ctl"), "start", "-D", target_dir, "-l", log_file, "-w", "-t", "600"],
+        timeout=700,
+    )
+    password = server.state.password() or ""
+    url = _url(server, port, password)
+    try:
+        _wait_promoted(started.returncode, url, log_file, plan, target_dir)
+    except BaseException:
+        runas.run([server.tool("pg_ctl"), "stop", "-D", target_dir, "-m", "fast"], timeout=120)
+        raise
+    stopped_at = _where_it_stopped(log_file)
+    if not start:
+        runas.run([server.tool("pg_ctl"), "stop", "-D", target_dir, "-m", "fast", "-w"],
+                  timeout=300)  # fmt: skip
+    return RestoreResult(
+        target_dir=target_dir, port=port, url=url if start else None,
+        stopped_at=stopped_at, log_file=log_file,
+    )  # fmt: skip
+
+
+def _write_recovery_config(
+    server: LocalServer, plan: RestorePlan, target_dir: Path, port: int
+) -> None:
+    # The restored copy listens on its own port, TCP only, and does not archive: its new
+    # timeline must not mix into the archive the managed server keeps writing.
+    placement = pgconf.Placement(
+        listen_addresses=["127.0.0.1"],
+        port=port,
+        allowed_cidrs=server.config.server.allowed_cidrs,
+        admin_user=server.config.server.admin_user,
+    )
+    conf = pgconf.render_postgresql_conf(server.config.server, placement)
+    wal = str(plan.wal_dir).replace("%", "%%")
+    recovery: dict[str, SettingValue] = {
+        "archive_mode": "off",
+        "restore_command": f"cp {shlex.quote(wal + '/')}%f %p",
+        "recovery_target_action": "promote",
+        "recovery_target_timeline": "latest",
+        **plan.target.settings(),
+    }
+    conf += "# recovery, written by `pgwarden backup restore`\n"
+    conf += "".join(f"{k} = {pgconf.quote_setting(v)}\n" for k, v in recovery.items())
+    include = target_dir / CONF_INCLUDE
+    include.write_text(conf)
+    main = target_dir / "postgresql.conf"
+    if INCLUDE_LINE not in main.read_text():
+        with main.open("a") as handle:
+            handle.write("\n" + INCLUDE_LINE)
+    (target_dir / "recovery.signal").write_text("")
+    for path in (include, main, target_dir / "recovery.signal"):
+        server.runas.chown(path)
+
+
+def _url(server: LocalServer, port: int, password: str) -> str:
+    user = quote(server.config.server.admin_user, safe="")
+    return f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:{port}/postgres"
+
+
+def _wait_promoted(
+    pg_ctl_code: int, url: str, log_file: Path, plan: RestorePlan, target_dir: Path
+) -> None:
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+                row = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()
+                if row is not None and not row[0]:
+                    return
+        except psycopg.OperationalError:
+            if not (target_dir / "postmaster.pid").exists():
+                break  # it stopped: recovery failed, the log says why
+        time.sleep(0.3)
+    tail = _log_tail(log_file, 12)
+    if "recovery ended before configured recovery target was reached" in tail:
+        raise UserError(
+            f"the archived WAL ends before {plan.target.describe()}: nothing later was archived",
+            hint=f"choose an earlier target (`pgwarden backup list` shows the window); the "
+            f"half-recovered copy is left in {plan.target_dir} for inspection",
+        )
+    raise ServerError(
+        f"the restored server did not finish recovery (pg_ctl exit {pg_ctl_code}). "
+        f"Last lines of {log_file}:\n{tail}",
+        hint=f"the copy is left in {plan.target_dir} for inspection",
+    )
+
+
+def _log_tail(log_file: Path, lines: int) -> str:
+    try:
+        return "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
+
+
+_STOP_RE = re.compile(
+    r"(recovery stopping [^\n]*|last completed transaction was at log time [^\n]*)"
+)
+
+
+def _where_it_stopped(log_file: Path) -> str | None:
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return None
+    found = _STOP_RE.findall(text)
+    return "; ".join(dict.fromkeys(found)) if found else None

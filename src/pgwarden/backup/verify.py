@@ -1,0 +1,68 @@
+"""`pgwarden backup verify`: every backup against its manifest, and the WAL chain for gaps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pgwarden.backup.repo import Contents, Repository
+from pgwarden.backup.wal import first_gap, parse_lsn, segment_of
+from pgwarden.server import LocalServer
+
+
+@dataclass(frozen=True)
+class BackupCheck:
+    label: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    backups: list[BackupCheck]
+    missing_segment: str | None  # the first segment missing after the oldest backup
+    unreadable: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return (
+            all(b.ok for b in self.backups)
+            and self.missing_segment is None
+            and not self.unreadable
+            and bool(self.backups)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "backups": [b.__dict__ for b in self.backups],
+            "missing_segment": self.missing_segment,
+            "unreadable": self.unreadable,
+        }
+
+
+def wal_gap(contents: Contents) -> str | None:
+    """The name of the first WAL segment missing between the oldest backup and the newest
+    archived segment, or None."""
+    if not contents.backups or contents.cluster is None:
+        return None
+    size = contents.cluster.wal_segment_size
+    oldest = contents.backups[0]
+    start = segment_of(parse_lsn(oldest.start_lsn), oldest.timeline, size)
+    gap = first_gap(contents.segments, start, contents.timelines)
+    return gap.name(size) if gap is not None else None
+
+
+def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
+    contents = repo.observe()
+    checks = []
+    for info in contents.backups:
+        data = repo.backup_dir(info.label) / "data"
+        result = server.runas.run([server.tool("pg_verifybackup"), "-q", data], timeout=None)
+        text = (result.stderr or result.stdout).strip()
+        checks.append(
+            BackupCheck(info.label, result.returncode == 0, text or "manifest and WAL verified")
+        )
+    return VerifyReport(
+        backups=checks, missing_segment=wal_gap(contents), unreadable=contents.unreadable
+    )

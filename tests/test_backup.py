@@ -1,0 +1,327 @@
+"""Backups on a real server: WAL archiving, base backups, restores to a time, to just before a
+transaction and to the end of the archive, verification, retention, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgwarden.config import parse_config_file
+from pgwarden.local import local_server
+from pgwarden.server import LocalServer, free_port
+from tests.conftest import Run
+
+YAML = """\
+database: app
+server:
+  port: {port}
+history:
+  tables: ['public.*']
+backup:
+  location: {location}
+  keep: 1
+  archive_timeout: 1
+"""
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A directory the user PostgreSQL runs as can enter (as root that is not the caller):
+    the backup location and restore targets live here."""
+    path = Path(tempfile.mkdtemp(prefix="pgwarden-backup-test-"))
+    os.chmod(path, 0o711)  # noqa: S103 - entering, not listing
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def site(tmp_path: Path, reachable: Path, run: Run) -> Iterator[tuple[LocalServer, Path]]:
+    """A managed server with backup.location set, up; stopped and purged afterwards, with any
+    restored copy left running by a test."""
+    config = tmp_path / "pgwarden.yaml"
+    config.write_text(YAML.format(port=free_port(), location=reachable / "backups"))
+    server = local_server(parse_config_file(config), config, None)
+    up = run("up")
+    assert up.code == 0, up.err
+    yield server, reachable
+    for data in reachable.glob("restored-*"):
+        if (data / "postmaster.pid").exists():
+            server.runas.run([server.tool("pg_ctl"), "stop", "-D", data, "-m", "immediate"])
+    server.purge()
+
+
+def _sql(server: LocalServer, query: str, database: str = "app") -> list[tuple[object, ...]]:
+    with psycopg.connect(server.url(database), autocommit=True) as conn:
+        cur = conn.execute(query)
+        return cur.fetchall() if cur.description else []
+
+
+def _archived_up_to_now(server: LocalServer) -> None:
+    """Switch to a new segment and wait until the archiver has the one just finished."""
+    # A commit first: with no WAL since the last switch, pg_switch_wal() does nothing.
+    _sql(server, "SELECT pg_catalog.txid_current()", "postgres")
+    row = _sql(server, "SELECT pg_walfile_name(pg_switch_wal())", "postgres")
+    wanted = str(row[0][0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        last = _sql(server, "SELECT last_archived_wal FROM pg_stat_archiver", "postgres")[0][0]
+        if last is not None and str(last) >= wanted:
+            return
+        time.sleep(0.2)
+    log = [line for line in server.log_tail(3000).splitlines() if "connection " not in line]
+    raise AssertionError(
+        f"{wanted} was not archived within 60 s; the server log:\n" + "\n".join(log[-30:])
+    )
+
+
+def _restored(url: str, query: str) -> list[tuple[object, ...]]:
+    url = url.rsplit("/", 1)[0] + "/app"  # restore prints the URL of its `postgres` database
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query).fetchall()
+
+
+def _stop(server: LocalServer, data: Path) -> None:
+    server.runas.run([server.tool("pg_ctl"), "stop", "-D", data, "-m", "fast", "-w"])
+
+
+def test_restore_to_a_time_before_a_transaction_and_to_the_end(
+    site: tuple[LocalServer, Path], run: Run
+) -> None:
+    server, root = site
+    _sql(server, "CREATE TABLE acct (id int PRIMARY KEY, bal numeric)")
+    _sql(
+        server, "INSERT INTO acct SELECT g, g * 1.000000000000000001 FROM generate_series(1, 100) g"
+    )
+    created = run("backup", "create")
+    assert created.code == 0, created.err
+    label = created.out.strip()
+    assert (root / "backups" / "backups" / label / "data" / "backup_manifest").is_file()
+
+    _sql(server, "UPDATE acct SET bal = bal + 0.5 WHERE id <= 10")
+    time.sleep(1.1)
+    good_time = _sql(server, "SELECT now()")[0][0]
+    time.sleep(1.1)
+    _sql(server, "DELETE FROM acct WHERE id > 50")  # the mistake
+    events = json.loads(run("history", "acct", "--op", "delete", "-o", "json").out)
+    bad_tx = events[0]["tx"]
+    _archived_up_to_now(server)
+
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert [b["label"] for b in listed["backups"]] == [label]
+    assert listed["archiver"]["active"] is True
+    assert listed["archiver"]["failing"] is False
+    assert listed["window"]["earliest"] <= listed["window"]["latest"]
+    assert listed["missing_segment"] is None
+
+    expected_good = "SELECT count(*), sum(bal)::text FROM acct"
+    before = _restored(server.url(), expected_good)  # 50 rows now
+
+    at_time = run("backup", "restore", "--to-time", good_time.isoformat(),
+                  "--target-dir", str(root / "restored-time"), "--start")  # fmt: skip
+    assert at_time.code == 0, at_time.err
+    assert "restore plan" in at_time.err
+    rows = _restored(at_time.out.strip(), expected_good)
+    assert rows[0][0] == 100
+    assert rows[0][1] == "5055.000000000000005050"  # exact: 5050·(1+1e-18) + 10·0.5
+    _stop(server, root / "restored-time")
+
+    before_tx = run("backup", "restore", "--before-tx", str(bad_tx),
+                    "--target-dir", str(root / "restored-tx"), "--start")  # fmt: skip
+    assert before_tx.code == 0, before_tx.err
+    assert "recovery stopping before commit" in before_tx.err
+    assert _restored(before_tx.out.strip(), expected_good) == rows
+    _stop(server, root / "restored-tx")
+
+    latest = run("backup", "restore", "--to-latest", "--target-dir", str(root / "restored-latest"))
+    assert latest.code == 0, latest.err
+    assert "stopped" in latest.err
+    assert not (root / "restored-latest" / "postmaster.pid").exists()
+    started = server.runas.run(
+        [
+            server.tool("pg_ctl"),
+            "start",
+            "-D",
+            root / "restored-latest",
+            "-w",
+            "-l",
+            root / "restored-latest" / "pgwarden-restore.log",
+        ]
+    )
+    assert started.returncode == 0, started.stderr
+    port = _port_of(root / "restored-latest")
+    url = server.url().rsplit(":", 1)[0] + f":{port}/app"
+    assert _restored(url, expected_good) == before
+    assert _restored(url, "SELECT pg_is_in_recovery()") == [(False,)]
+
+    # The live server was never touched.
+    assert _restored(server.url(), expected_good) == before
+
+
+def _port_of(data: Path) -> int:
+    for line in (data / "pgwarden.conf").read_text().splitlines():
+        if line.startswith("port = "):
+            return int(line.split("=")[1])
+    raise AssertionError("no port in pgwarden.conf")
+
+
+def test_restore_refuses_what_would_overwrite_or_cannot_work(
+    site: tuple[LocalServer, Path], run: Run
+) -> None:
+    server, root = site
+    nothing = run("backup", "restore", "--to-latest", "--target-dir", str(root / "restored-x"))
+    assert nothing.code == 2
+    assert "no backups" in nothing.err
+    assert run("backup", "create").code == 0
+    busy = root / "restored-busy"
+    busy.mkdir()
+    (busy / "precious.txt").write_text("mine")
+    refused = run("backup", "restore", "--to-latest", "--target-dir", str(busy))
+    assert refused.code == 2
+    assert "not empty" in refused.err
+    assert (busy / "precious.txt").read_text() == "mine"
+    inside = run("backup", "restore", "--to-latest",
+                 "--target-dir", str(server.state.data_dir / "sub"))  # fmt: skip
+    assert inside.code == 2
+    assert "data directory of the managed server" in inside.err
+    early = run("backup", "restore", "--to-time", "2000-01-01T00:00:00+00:00",
+                "--target-dir", str(root / "restored-early"))  # fmt: skip
+    assert early.code == 2
+    assert "before the earliest" in early.err
+    both = run("backup", "restore", "--to-latest", "--to-lsn", "0/1",
+               "--target-dir", str(root / "restored-y"))  # fmt: skip
+    assert both.code == 2
+    unknown_tx = run("backup", "restore", "--before-tx", "999999999",
+                     "--target-dir", str(root / "restored-z"))  # fmt: skip
+    assert unknown_tx.code == 2
+    assert "not in history" in unknown_tx.err
+
+
+def test_verify_names_the_first_missing_segment_and_prune_keeps_what_is_needed(
+    site: tuple[LocalServer, Path], run: Run
+) -> None:
+    server, root = site
+    wal = root / "backups" / "wal"
+    assert run("backup", "create").code == 0
+    _sql(server, "CREATE TABLE t (id int)")
+    for _ in range(3):
+        _sql(server, "INSERT INTO t SELECT generate_series(1, 1000)")
+        _archived_up_to_now(server)
+    ok = run("backup", "verify")
+    assert ok.code == 0, ok.out
+    assert "WAL chain: complete" in ok.out
+    segments = sorted(p.name for p in wal.iterdir() if len(p.name) == 24)
+    victim = segments[len(segments) // 2]
+    shutil.move(wal / victim, root / victim)
+    broken = run("backup", "verify", "-o", "json")
+    assert broken.code == 1
+    assert json.loads(broken.out)["missing_segment"] == victim
+    shutil.move(root / victim, wal / victim)
+    assert run("backup", "verify").code == 0
+
+    second = run("backup", "create").out.strip()
+    first = json.loads(run("backup", "list", "-o", "json").out)["backups"][0]["label"]
+    dry = run("backup", "prune", "--dry-run")
+    assert dry.code == 0
+    assert f"would remove backup {first}" in dry.out
+    assert (root / "backups" / "backups" / first).is_dir()  # a dry run removes nothing
+    pruned = run("backup", "prune")
+    assert pruned.code == 0
+    assert not (root / "backups" / "backups" / first).exists()
+    assert (root / "backups" / "backups" / second).is_dir()
+    assert not (wal / segments[0]).exists()  # before the kept backup: no longer needed
+    assert run("backup", "verify").code == 0  # what is left is complete
+
+
+def test_archiving_never_overwrites_and_its_failure_shows(
+    site: tuple[LocalServer, Path], run: Run
+) -> None:
+    server, root = site
+    wal = root / "backups" / "wal"
+    current = str(_sql(server, "SELECT pg_walfile_name(pg_current_wal_lsn())", "postgres")[0][0])
+    foreign = wal / current
+    foreign.write_bytes(b"not this cluster's WAL")
+    server.runas.chown(foreign)
+    _sql(server, "SELECT pg_switch_wal()", "postgres")
+    deadline = time.monotonic() + 30
+    status = run("status", "-o", "json")
+    while time.monotonic() < deadline:
+        status = run("status", "-o", "json")
+        if json.loads(status.out)["archiver"]["failing"]:
+            break
+        time.sleep(0.3)
+    archiver = json.loads(status.out)["archiver"]
+    assert archiver["failing"] is True
+    assert archiver["last_failed_wal"] == current
+    assert foreign.read_bytes() == b"not this cluster's WAL"  # never overwritten
+    assert "archiving FAILS" in run("status").out
+    foreign.unlink()  # the operator removes the stray file: archiving resumes
+    _archived_up_to_now(server)
+    assert json.loads(run("status", "-o", "json").out)["archiver"]["failing"] is False
+
+
+def test_another_cluster_cannot_share_a_location(
+    site: tuple[LocalServer, Path], run: Run, tmp_path: Path
+) -> None:
+    _, root = site
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    config = other_dir / "pgwarden.yaml"
+    config.write_text(YAML.format(port=free_port(), location=root / "backups"))
+    other = local_server(parse_config_file(config), config, None)
+    try:
+        refused = run("--config", str(config), "up")
+        assert refused.code == 2
+        assert "archive of another cluster" in refused.err
+    finally:
+        other.purge()
+
+
+def test_incremental_backups(site: tuple[LocalServer, Path], run: Run, pg_major: int) -> None:
+    server, root = site
+    if pg_major < 17:
+        refused = run("backup", "create", "--incremental")
+        assert refused.code == 2
+        assert "PostgreSQL 17" in refused.err
+        return
+    assert run("backup", "create", "--incremental").code == 2  # nothing to build on yet
+    assert run("backup", "create").code == 0
+    _sql(server, "CREATE TABLE inc (id int PRIMARY KEY, v text)")
+    _sql(server, "INSERT INTO inc SELECT g, 'v' || g FROM generate_series(1, 500) g")
+    child = run("backup", "create", "--incremental")
+    assert child.code == 0, child.err
+    backups = json.loads(run("backup", "list", "-o", "json").out)["backups"]
+    assert [b["kind"] for b in backups] == ["full", "incremental"]
+    assert backups[1]["parent"] == backups[0]["label"]
+    _sql(server, "UPDATE inc SET v = 'after' WHERE id <= 5")
+    _archived_up_to_now(server)
+    restored = run("backup", "restore", "--to-latest",
+                   "--target-dir", str(root / "restored-inc"), "--start")  # fmt: skip
+    assert restored.code == 0, restored.err
+    assert "pg_combinebackup" in restored.err
+    url = restored.out.strip()
+    assert _restored(url, "SELECT count(*), count(*) FILTER (WHERE v = 'after') FROM inc") == [
+        (500, 5)
+    ]
+    _stop(server, root / "restored-inc")
+    # prune never orphans an incremental from its full backup
+    plan = run("backup", "prune", "--dry-run")
+    assert "would remove backup" not in plan.out
+    assert "keeping 2 backup(s)" in plan.out
+
+
+def test_an_object_store_location_is_refused_clearly() -> None:
+    from pgwarden.config import parse_config_text
+    from pgwarden.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config_text("backup:\n  location: s3://bucket/prefix\n", source="pgwarden.yaml")
+    assert "backup.location" in info.value.message
+    assert "not yet" in info.value.message
