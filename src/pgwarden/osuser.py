@@ -43,9 +43,6 @@ class RunAs:
         timeout: float | None = 120,
         check: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
-        if self.switch:
-            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
         return subprocess.run(  # type: ignore[call-overload, no-any-return]
             [str(a) for a in args],
             capture_output=True,
@@ -55,16 +52,19 @@ class RunAs:
             check=check,
             cwd="/",
             stdin=subprocess.DEVNULL,
-            **kwargs,
+            **self._identity(),
         )
+
+    def _identity(self) -> dict[str, object]:
+        """subprocess arguments that switch to this user, when we must."""
+        if not self.switch:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
     def popen(
         self, args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[str]:
         """A long-running tool whose stderr is read as it goes (pg_basebackup's progress)."""
-        kwargs: dict[str, object] = {}
-        if self.switch:
-            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
             [str(a) for a in args],
             stdout=subprocess.DEVNULL,
@@ -73,7 +73,7 @@ class RunAs:
             env=dict(env) if env is not None else clean_env(),
             cwd="/",
             stdin=subprocess.DEVNULL,
-            **kwargs,
+            **self._identity(),
         )
 
     def chown_tree(self, root: Path) -> None:

@@ -35,6 +35,12 @@ def backup_group() -> None:
 
     Configured by `backup.location` in pgwarden.yaml (a directory); `pgwarden up` turns
     WAL archiving on there.
+
+    \b
+    Example:
+      pgwarden backup create
+      pgwarden backup list
+      pgwarden backup restore --before-tx 7791 --target-dir ./restored --start
     """
 
 
