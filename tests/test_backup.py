@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -325,3 +326,78 @@ def test_an_object_store_location_is_refused_clearly() -> None:
         parse_config_text("backup:\n  location: s3://bucket/prefix\n", source="pgwarden.yaml")
     assert "backup.location" in info.value.message
     assert "not yet" in info.value.message
+
+
+def test_replace_puts_the_restored_data_in_place_and_keeps_the_old(
+    site: tuple[LocalServer, Path], run: Run
+) -> None:
+    server, root = site
+    _sql(server, "CREATE TABLE orders (id int PRIMARY KEY, total numeric)")
+    _sql(server, "INSERT INTO orders SELECT g, g FROM generate_series(1, 20) g")
+    assert run("backup", "create").code == 0
+    _sql(server, "DELETE FROM orders WHERE id <= 15")  # the mistake
+    bad_tx = json.loads(run("history", "orders", "--op", "delete", "-o", "json").out)[0]["tx"]
+    _archived_up_to_now(server)
+
+    unconfirmed = run("backup", "restore", "--before-tx", str(bad_tx), "--replace")
+    assert unconfirmed.code == 2
+    assert "--yes" in unconfirmed.err
+    assert _sql(server, "SELECT count(*) FROM orders") == [(5,)]  # nothing was done
+
+    replaced = run("backup", "restore", "--before-tx", str(bad_tx), "--replace", "--yes")
+    assert replaced.code == 0, replaced.err
+    assert "kept in" in replaced.err
+    assert _sql(server, "SELECT count(*) FROM orders") == [(20,)]
+    asides = list(server.state.cluster.glob("data.before-restore-*"))
+    assert len(asides) == 1
+    assert (asides[0] / "PG_VERSION").is_file()  # the old data, kept
+    # The server goes on: archiving on the new timeline, history recording.
+    _sql(server, "UPDATE orders SET total = total + 1 WHERE id = 1")
+    _archived_up_to_now(server)
+    assert any(p.name.endswith(".history") for p in (root / "backups" / "wal").iterdir())
+    status = json.loads(run("status", "-o", "json").out)
+    assert status["state"] == "running"
+    assert status["archiver"]["failing"] is False
+    events = json.loads(run("history", "orders", "--op", "update", "-o", "json").out)
+    assert len(events) == 1
+
+
+def test_a_crash_while_archiving_loses_no_committed_change(
+    site: tuple[LocalServer, Path], run: Run
+) -> None:
+    """kill -9 of the server mid-load: crash recovery keeps every committed row, archiving
+    resumes without a gap, and a restore to the end of the archive has them all."""
+    server, root = site
+    _sql(server, "CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    assert run("backup", "create").code == 0
+    committed: list[int] = []
+    pid = server.status().pid
+    assert pid is not None
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        for i in range(1, 100_000):
+            try:
+                conn.execute("INSERT INTO ledger VALUES (%s, repeat('x', 2000))", (i,))
+            except psycopg.OperationalError:
+                break
+            committed.append(i)
+            if i == 400:
+                os.kill(pid, signal.SIGKILL)
+    assert 400 <= len(committed) < 100_000
+    assert run("status").code == 3
+    up = run("up")
+    assert up.code == 0, up.err
+    live = _sql(server, "SELECT array_agg(id ORDER BY id) FROM ledger")[0][0]
+    assert live == committed
+    _archived_up_to_now(server)
+    verified = run("backup", "verify")
+    assert verified.code == 0, verified.out
+    restored = run("backup", "restore", "--to-latest",
+                   "--target-dir", str(root / "restored-crash"), "--start")  # fmt: skip
+    assert restored.code == 0, restored.err
+    assert _restored(restored.out.strip(), "SELECT array_agg(id ORDER BY id) FROM ledger") == [
+        (committed,)
+    ]
+    # History recorded each committed row too, crash or not.
+    with psycopg.connect(server.url()) as conn:
+        count = conn.execute("SELECT count(*) FROM pgwarden.event WHERE table_name = 'ledger'")
+        assert count.fetchone() == (len(committed),)

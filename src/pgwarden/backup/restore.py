@@ -15,7 +15,7 @@ import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
@@ -299,3 +299,36 @@ def _where_it_stopped(log_file: Path) -> str | None:
         return None
     found = _STOP_RE.findall(text)
     return "; ".join(dict.fromkeys(found)) if found else None
+
+
+def staging_dir(server: LocalServer) -> Path:
+    """Where `--replace` restores first: beside the live data directory, on the same file
+    system, so that the swap is two renames."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return server.state.cluster / f"data.restored-{stamp}"
+
+
+def replace_live(server: LocalServer, restored: Path, archive_wal: Path) -> Path:
+    """Put a restored (stopped, promoted) data directory in place of the managed server's and
+    start it. The old data directory is kept aside, never deleted; returns where it went."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    live = server.state.data_dir
+    aside = live.with_name(f"data.before-restore-{stamp}")
+    server.down()
+    os.rename(live, aside)
+    try:
+        os.rename(restored, live)
+    except OSError:
+        os.rename(aside, live)  # put the old one back: nothing is lost either way
+        raise
+    # The promotion wrote the new timeline's .history file while the copy did not archive; a
+    # later restore that follows timelines needs it in the archive.
+    for history in sorted((live / "pg_wal").glob("*.history")):
+        kept = archive_wal / history.name
+        if not kept.exists():
+            shutil.copyfile(history, kept)
+            server.runas.chown(kept)
+    for leftover in ("pgwarden-restore.log",):
+        (live / leftover).unlink(missing_ok=True)
+    server.up()  # rewrites its settings: its own port and sockets, archiving on again
+    return aside

@@ -17,7 +17,13 @@ from pgwarden.backup.create import create_backup, repository, require_running
 from pgwarden.backup.observe import Archiver, archiver
 from pgwarden.backup.prune import apply_prune, plan_prune
 from pgwarden.backup.repo import Contents
-from pgwarden.backup.restore import RecoveryTarget, plan_restore, run_restore
+from pgwarden.backup.restore import (
+    RecoveryTarget,
+    plan_restore,
+    replace_live,
+    run_restore,
+    staging_dir,
+)
 from pgwarden.backup.verify import verify_backups, wal_gap
 from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.context import AppContext, pass_app
@@ -212,10 +218,16 @@ def archiver_lines(state: Archiver | None) -> list[str]:
 @click.option(
     "--target-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
     help="New data directory to restore into (absent or empty).",
 )
 @click.option("--start", is_flag=True, help="Leave it running on a free port; print its URL.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Instead of a new directory: put the restored data in place of the managed server's "
+    "(stops it; the old data directory is kept aside, never deleted). Needs --yes.",
+)
+@click.option("--yes", "-y", is_flag=True, help="Confirm --replace.")
 @pass_app
 def restore_cmd(
     app: AppContext,
@@ -223,26 +235,41 @@ def restore_cmd(
     to_latest: bool,
     to_lsn: str | None,
     before_tx: int | None,
-    target_dir: Path,
+    target_dir: Path | None,
     start: bool,
+    replace: bool,
+    yes: bool,
 ) -> None:
     """Restore a backup into a new data directory, recovered to a moment.
 
-    Never over the running server: the managed cluster and its data stay as they are. The plan
-    is printed first; recovery replays archived WAL to the target, promotes, and ends.
+    Into a new directory, the managed cluster left as it is; or, with --replace --yes, in place
+    of the managed server, its old data directory kept aside. The plan is printed first;
+    recovery replays archived WAL to the target, promotes, and ends.
 
     \b
     Example:
       pgwarden backup restore --to-time '2026-12-02 10:15' --target-dir /srv/pg-restored
       pgwarden backup restore --before-tx 7791 --target-dir ./restored --start
+      pgwarden backup restore --to-time 10m --replace --yes
     """
     chosen = [x for x in (to_time, to_lsn, before_tx) if x is not None] + ([1] if to_latest else [])
     if len(chosen) != 1:
         raise UserError(
             "say where to restore to: one of --to-time, --to-latest, --to-lsn, --before-tx"
         )
+    if replace and (target_dir is not None or start):
+        raise UserError(
+            "--replace restores in place of the managed server: drop --target-dir and --start"
+        )
+    if not replace and target_dir is None:
+        raise UserError(
+            "say where to restore: --target-dir DIR (a new directory), or --replace --yes "
+            "(in place of the managed server, keeping its old data aside)"
+        )
     server = app.server()
     repo = repository(server)
+    if replace and not server.state.exists():
+        raise UserError(f"no managed server in {server.state.root} to replace")
     if to_time is not None:
         target = RecoveryTarget("time", time=to_time.astimezone(UTC))
     elif to_lsn is not None:
@@ -256,12 +283,33 @@ def restore_cmd(
     else:
         target = RecoveryTarget("latest")
     live = server.state.data_dir if server.state.exists() else None
-    plan = plan_restore(repo.observe(), repo, target, target_dir.absolute(), live_data_dir=live)
+    into = staging_dir(server) if replace else target_dir
+    assert into is not None
+    plan = plan_restore(repo.observe(), repo, target, into.absolute(), live_data_dir=live)
     err_console.print(f"restore plan (backup {plan.backup.label}):")
     for step in plan.steps:
         err_console.print(f"  - {step}")
+    if replace:
+        err_console.print(
+            f"  - stop the managed server, move {server.state.data_dir} aside (kept), put the "
+            "restored data in its place, start it"
+        )
+        if not yes:
+            raise UserError(
+                "--replace stops the server and swaps its data directory: nothing was done",
+                hint="add --yes to go ahead (the current data is kept aside, not deleted)",
+            )
     err_console.print("restoring…")
     result = run_restore(server, plan, start=start)
+    if replace:
+        aside = replace_live(server, result.target_dir, repo.wal_dir)
+        if result.stopped_at:
+            err_console.print(f"recovery: {result.stopped_at}")
+        err_console.print(
+            f"the managed server now runs the restored data on port {server.port}; its "
+            f"previous data directory is kept in {aside}"
+        )
+        return
     if result.stopped_at:
         err_console.print(f"recovery: {result.stopped_at}")
     if start:
