@@ -77,6 +77,7 @@ class Contents:
     segments: set[Segment]
     timelines: dict[int, int]  # timeline → segment number where it began
     newest_segment_time: datetime | None
+    segment_times: dict[Segment, datetime] = field(default_factory=dict)  # when archived
     unreadable: list[str] = field(default_factory=list)  # backup dirs without usable metadata
 
     def backup(self, label: str) -> BackupInfo:
@@ -145,6 +146,7 @@ class Repository:
         segments: set[Segment] = set()
         timelines: dict[int, int] = {1: 0}
         newest: float | None = None
+        times: dict[Segment, datetime] = {}
         if self.wal_dir.is_dir():
             with os.scandir(self.wal_dir) as entries:
                 for entry in entries:
@@ -152,6 +154,7 @@ class Repository:
                     if segment is not None:
                         segments.add(segment)
                         mtime = entry.stat().st_mtime
+                        times[segment] = datetime.fromtimestamp(mtime, UTC)
                         newest = mtime if newest is None else max(newest, mtime)
                         continue
                     history = HISTORY_RE.match(entry.name)
@@ -175,6 +178,7 @@ class Repository:
             segments=segments,
             timelines=timelines,
             newest_segment_time=datetime.fromtimestamp(newest, UTC) if newest else None,
+            segment_times=times,
             unreadable=unreadable,
         )
 

@@ -24,7 +24,7 @@ import psycopg
 
 from pgwarden import pgconf
 from pgwarden.backup.repo import BackupInfo, Cluster, Contents, Repository, check_same_cluster
-from pgwarden.backup.wal import parse_lsn
+from pgwarden.backup.wal import first_gap, parse_lsn, segment_of
 from pgwarden.config import SettingValue
 from pgwarden.errors import ServerError, UserError
 from pgwarden.server import CONF_INCLUDE, INCLUDE_LINE, LocalServer, free_port
@@ -124,6 +124,7 @@ def plan_restore(
                 f"({contents.backups[0].stop_lsn})"
             )
     chosen = candidates[-1]
+    _check_wal_reaches(contents, chosen, target)
     chain = contents.chain(chosen.label)
     steps = []
     if len(chain) == 1:
@@ -137,6 +138,35 @@ def plan_restore(
     ]
     return RestorePlan(chain=chain, target=target, target_dir=target_dir,
                        wal_dir=repo.wal_dir, steps=steps)  # fmt: skip
+
+
+def _check_wal_reaches(contents: Contents, chosen: BackupInfo, target: RecoveryTarget) -> None:
+    """Refuse, before anything is copied, a target beyond a missing WAL segment: recovery would
+    stop at the gap, and --to-latest would even promote there without a word."""
+    assert contents.cluster is not None
+    size = contents.cluster.wal_segment_size
+    start = segment_of(parse_lsn(chosen.start_lsn), chosen.timeline, size)
+    gap = first_gap(contents.segments, start, contents.timelines)
+    if gap is None:
+        return
+    before = [t for s, t in contents.segment_times.items() if s.number == gap.number - 1]
+    reach = max(before) if before else chosen.stop_time
+    when = target.time if target.kind == "time" else target.xid_began
+    if target.kind == "lsn":
+        assert target.lsn is not None
+        beyond = parse_lsn(target.lsn) >= gap.number * size
+    elif when is not None:
+        beyond = when >= reach
+    else:
+        beyond = True  # latest
+    if beyond:
+        raise UserError(
+            f"WAL segment {gap.name(size)} is missing from the archive: a restore from backup "
+            f"{chosen.label} cannot replay past it (archived WAL before it ends about "
+            f"{reach.isoformat(timespec='seconds')})",
+            hint="put the segment back into the archive, or restore to an earlier time; "
+            "`pgwarden backup verify` checks the chain",
+        )
 
 
 def _cluster_of(info: BackupInfo) -> Cluster:
