@@ -2,6 +2,7 @@
 
 python -m bench            # the full run (W1 100k rows, W2 scale 10, W3 10M events)
 python -m bench --quick    # a small run for CI, so the harness never rots
+python -m bench --workloads w4   # only some workloads (w1, w2, w3, w4)
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,17 +22,39 @@ from bench.w1 import STATEMENTS, VARIANTS, run_w1
 from bench.w2 import VARIANTS as W2_VARIANTS
 from bench.w2 import run_w2
 from bench.w3 import run_w3
+from bench.w4 import run_w4
 
 RESULTS = Path(__file__).parent / "results"
 
 FULL = {"w1_rows": 100_000, "w1_reps": 3, "w2_scale": 10, "w2_seconds": 20, "w2_reps": 5,
-        "w3_small": 10_000, "w3_large": 10_000_000, "w3_as_of_rows": 1_000_000, "w3_samples": 300}  # fmt: skip
+        "w3_small": 10_000, "w3_large": 10_000_000, "w3_as_of_rows": 1_000_000, "w3_samples": 300,
+        "w4_scale": 70, "w4_reps": 3}  # fmt: skip
 QUICK = {"w1_rows": 5_000, "w1_reps": 3, "w2_scale": 1, "w2_seconds": 3, "w2_reps": 1,
-         "w3_small": 2_000, "w3_large": 20_000, "w3_as_of_rows": 5_000, "w3_samples": 50}  # fmt: skip
+         "w3_small": 2_000, "w3_large": 20_000, "w3_as_of_rows": 5_000, "w3_samples": 50,
+         "w4_scale": 1, "w4_reps": 1}  # fmt: skip
 
 
 def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    w1 = data["w1"]
+    rows: list[tuple[str, str, bool]] = []
+    if "w1" in data:
+        rows += _w1_targets(data["w1"])
+    if "w2" in data:
+        rows += _w2_targets(data["w2"])
+    if "w3" in data:
+        rows += _w3_targets(data["w3"])
+    if "w4" in data:
+        w4 = data["w4"]
+        rows.append(("W4 backup throughput ≥ 0.9 × pg_basebackup",
+                     f"{w4['backup_throughput_ratio']:.2f}", w4["backup_throughput_ratio"] >= 0.9))  # fmt: skip
+        rows.append(("W4 restore throughput ≥ 0.9 × copy + replay",
+                     f"{w4['restore_throughput_ratio']:.2f}", w4["restore_throughput_ratio"] >= 0.9))  # fmt: skip
+        inc = w4["incremental_over_full"]
+        if inc is not None:
+            rows.append(("W4 incremental after 1 % changed ≤ 0.2 × full", f"{inc:.2f}", inc <= 0.2))
+    return rows
+
+
+def _w1_targets(w1: dict[str, Any]) -> list[tuple[str, str, bool]]:
     rows: list[tuple[str, str, bool]] = []
     for variant in VARIANTS:
         if not variant.startswith("pgwarden"):
@@ -47,7 +71,11 @@ def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
                          f"{r:.2f} vs seed {seed_min:.2f}–{seed:.2f}", r <= seed_min / 2))  # fmt: skip
             xids = w1["xids_per_statement"][variant][statement]
             rows.append((f"W1 {variant} {statement} xids ≤ 2", str(xids), xids <= 2))
-    w2 = data["w2"]
+    return rows
+
+
+def _w2_targets(w2: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    rows: list[tuple[str, str, bool]] = []
     rows.append(("W2 tracked TPS ≥ 0.85 × untracked",
                  f"{w2['tracked_over_untracked']:.2f} (seed {w2['seed_over_untracked']:.2f}, "
                  f"PL/pgSQL fallback {w2['plpgsql_over_untracked']:.2f})",
@@ -61,7 +89,11 @@ def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
                  f"{ahead} of {len(pairs)}", ahead == len(pairs)))  # fmt: skip
     complete = all(c["missing"] == 0 and c["extra"] == 0 for c in w2["completeness"])
     rows.append(("W2 every change has its event", json.dumps(w2["completeness"]), complete))
-    w3 = data["w3"]
+    return rows
+
+
+def _w3_targets(w3: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    rows: list[tuple[str, str, bool]] = []
     rows.append(("W3 lookup p99 large ≤ 2 × small", f"{w3['lookup_p99_ratio']:.2f}",
                  w3["lookup_p99_ratio"] <= 2))  # fmt: skip
     rows.append(
@@ -75,7 +107,34 @@ def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def _table(data: dict[str, Any]) -> str:
-    w1 = data["w1"]
+    lines: list[str] = []
+    if "w1" in data:
+        lines += _w1_table(data["w1"])
+    if "w2" in data:
+        lines += _w2_table(data["w2"])
+    if "w3" in data:
+        lines += _w3_table(data["w3"])
+    if "w4" in data:
+        lines += _w4_table(data["w4"])
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for name, value, ok in _targets(data):
+        lines.append(f"| {name} | {value} | {'yes' if ok else 'no'} |")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _w4_table(w4: dict[str, Any]) -> list[str]:
+    gib = w4["size_bytes"] / 2**30
+    lines = ["", f"W4: backups of a {gib:.2f} GiB database (pgbench scale {w4['scale']}), median "
+             "seconds; plain = pg_basebackup -X stream to the same disk, and copy + WAL replay",
+             "", "| step | seconds (median) | runs |", "|---|---|---|"]  # fmt: skip
+    for kind, values in w4["seconds"].items():
+        if values:
+            runs = ", ".join(f"{v:.2f}" for v in values)
+            lines.append(f"| {kind} | {statistics.median(values):.2f} | {runs} |")
+    return lines
+
+
+def _w1_table(w1: dict[str, Any]) -> list[str]:
     lines = [
         f"W1: one statement over {w1['rows']:,} rows, median of {w1['reps']} interleaved runs "
         "(proto-* rows: prototype capture designs from bench/prototypes.sql, not the product)",
@@ -94,7 +153,11 @@ def _table(data: dict[str, Any]) -> str:
         )
     lines += ["", "pgwarden-*: the default (compiled capture trigger); pgwarden-plpgsql-*: the "
               "PL/pgSQL fallback. Nothing is deferred: each statement's time is all of its work."]  # fmt: skip
-    w2 = data["w2"]
+    return lines
+
+
+def _w2_table(w2: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lines += ["", f"W2: pgbench tpcb-like, scale {w2['scale']}, 4 clients, {w2['seconds']} s per run", "",
               "| variant | TPS (median) |", "|---|---|"]  # fmt: skip
     lines[-2:] = ["| variant | TPS (median) | × untracked, per run |", "|---|---|---|"]
@@ -102,8 +165,11 @@ def _table(data: dict[str, Any]) -> str:
         tps = sorted(w2["tps"][v])
         per_run = ", ".join(f"{r:.2f}" for r in w2["per_run"].get(v, [])) or "1"
         lines.append(f"| {v} | {tps[len(tps) // 2]:.0f} | {per_run} |")
-    w3 = data["w3"]
-    lines += ["", "W3: reading history", "", "| measure | value |", "|---|---|"]
+    return lines
+
+
+def _w3_table(w3: dict[str, Any]) -> list[str]:
+    lines = ["", "W3: reading history", "", "| measure | value |", "|---|---|"]
     for size, p99 in w3["lookup_p99_ms"].items():
         lines.append(f"| per-row lookup p99, {int(size):,} events | {p99:.2f} ms |")
     lines.append(
@@ -117,10 +183,7 @@ def _table(data: dict[str, Any]) -> str:
     lines.append(
         f"| history --format json, {w3['stream_events']:,} events | peak {w3['stream_peak_mb']:.0f} MB |"
     )
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for name, value, ok in _targets(data):
-        lines.append(f"| {name} | {value} | {'yes' if ok else 'no'} |")
-    return "\n".join(lines)
+    return lines
 
 
 def _chart(data: dict[str, Any], path: Path) -> None:
@@ -163,8 +226,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--pg-bin", type=Path, help="PostgreSQL bin dir (default: embedded)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--workloads", default="w1,w2,w3,w4",
+                        help="which to run, comma-separated (default: all)")  # fmt: skip
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    chosen = {w.strip() for w in args.workloads.split(",") if w.strip()}
+    if not chosen <= {"w1", "w2", "w3", "w4"}:
+        parser.error(f"unknown workloads: {', '.join(sorted(chosen - {'w1', 'w2', 'w3', 'w4'}))}")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -182,25 +250,37 @@ def main() -> None:
             },
         }
         log(f"bench on {server.binaries.describe()} ({'quick' if args.quick else 'full'})")
-        w1 = run_w1(fresh_database(server, "bench_w1"), sizes["w1_rows"], sizes["w1_reps"], log)
-        data["w1"] = w1.to_json()
-        drop_database(server, "bench_w1")
-        w2 = run_w2(fresh_database(server, "bench_w2"), server.binaries.bindir, sizes["w2_scale"],
-                    sizes["w2_seconds"], sizes["w2_reps"], log)  # fmt: skip
-        data["w2"] = w2.to_json()
-        drop_database(server, "bench_w2")
-        w3 = run_w3(fresh_database(server, "bench_w3"), sizes["w3_small"], sizes["w3_large"],
-                    sizes["w3_as_of_rows"], sizes["w3_samples"], log)  # fmt: skip
-        data["w3"] = w3.to_json()
+        complete = True
+        if "w1" in chosen:
+            w1 = run_w1(fresh_database(server, "bench_w1"), sizes["w1_rows"], sizes["w1_reps"],
+                        log)  # fmt: skip
+            data["w1"] = w1.to_json()
+            drop_database(server, "bench_w1")
+        if "w2" in chosen:
+            w2 = run_w2(fresh_database(server, "bench_w2"), server.binaries.bindir,
+                        sizes["w2_scale"], sizes["w2_seconds"], sizes["w2_reps"], log)  # fmt: skip
+            data["w2"] = w2.to_json()
+            complete = w2.complete
+            drop_database(server, "bench_w2")
+        if "w3" in chosen:
+            w3 = run_w3(fresh_database(server, "bench_w3"), sizes["w3_small"], sizes["w3_large"],
+                        sizes["w3_as_of_rows"], sizes["w3_samples"], log)  # fmt: skip
+            data["w3"] = w3.to_json()
+            drop_database(server, "bench_w3")
+    if "w4" in chosen:  # its own server: one with a backup location
+        data["w4"] = run_w4(args.pg_bin, sizes["w4_scale"], sizes["w4_reps"], log).to_json()
 
     data["targets"] = [{"target": n, "measured": v, "met": ok} for n, v, ok in _targets(data)]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = data["date"] + ("-quick" if args.quick else "")
+    if chosen != {"w1", "w2", "w3", "w4"}:
+        stem += "-" + "-".join(sorted(chosen))
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
-    _chart(data, args.out / f"{stem}.png")
+    if "w1" in data and "w2" in data:
+        _chart(data, args.out / f"{stem}.png")
     table = _table(data)
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)
     print(f"\nwritten: {args.out / (stem + '.json')}, .png, .md", file=sys.stderr)
-    if not w2.complete:
+    if not complete:
         sys.exit("W2 completeness failed: some committed changes have no event")
