@@ -12,8 +12,8 @@ import psycopg
 from psycopg import sql
 
 from pgwarden.config import Config
-from pgwarden.local import bring_up
-from pgwarden.server import LocalServer, free_port
+from pgwarden.server.cluster import LocalServer, free_port
+from pgwarden.server.local import bring_up
 
 
 @contextlib.contextmanager

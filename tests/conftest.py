@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgwarden.binaries import find_binaries
 from pgwarden.cli import cli
 from pgwarden.cli.app import run_guarded
 from pgwarden.config import Config
-from pgwarden.local import bring_up
-from pgwarden.server import LocalServer, free_port
+from pgwarden.server.binaries import find_binaries
+from pgwarden.server.cluster import LocalServer, free_port
+from pgwarden.server.local import bring_up
 
 
 @pytest.fixture(scope="session")

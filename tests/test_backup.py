@@ -16,9 +16,9 @@ import psycopg
 import pytest
 
 from pgwarden.config import parse_config_file
-from pgwarden.local import local_server
-from pgwarden.osuser import clean_env
-from pgwarden.server import LocalServer, free_port
+from pgwarden.server.cluster import LocalServer, free_port
+from pgwarden.server.local import local_server
+from pgwarden.server.osuser import clean_env
 from tests.conftest import Run
 
 YAML = """\

@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 
 from pgwarden.config import Config
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
 from tests.conftest import Database, Run
 from tests.history_helpers import setup_history
 

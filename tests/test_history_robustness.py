@@ -14,8 +14,8 @@ from psycopg import sql
 
 from pgwarden.config import Config
 from pgwarden.history import TableName, as_of
-from pgwarden.local import bring_up
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
+from pgwarden.server.local import bring_up
 from tests.conftest import Database, free_port
 from tests.history_helpers import events, history_config, setup_history
 

@@ -16,7 +16,7 @@ from psycopg import sql
 from pgwarden.config import Config, parse_config_text
 from pgwarden.kube.service import render
 from pgwarden.kube.validate import SUPPORTED, validate_objects
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
 from tests.conftest import Run, free_port
 
 GOLDEN = Path(__file__).parent / "golden"

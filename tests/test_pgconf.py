@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pgwarden.config import ServerConfig
-from pgwarden.pgconf import Placement, quote_setting, render_all
+from pgwarden.server.pgconf import Placement, quote_setting, render_all
 
 
 def _render(**server: object) -> dict[str, str]:

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pgwarden.config import Config
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
 from tests.conftest import Result, Run, free_port
 
 

@@ -21,8 +21,8 @@ from pgwarden.backup.repo import BACKUP_FILE, BackupInfo, Cluster, Repository, w
 from pgwarden.backup.wal import parse_lsn
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
-from pgwarden.osuser import clean_env
-from pgwarden.server import LocalServer, client_host
+from pgwarden.server.cluster import LocalServer, client_host
+from pgwarden.server.osuser import clean_env
 
 Progress = Callable[[int, int], None]  # (kB done, kB total)
 _PROGRESS_RE = re.compile(r"(\d+)/(\d+) kB")
@@ -92,9 +92,13 @@ def create_backup(
     data = home / "data"
     args: list[str | Path] = [
         server.tool("pg_basebackup"),
-        "-D", data, "-X", "stream", "-c", "fast", "-P", "-l", f"pgwarden {label}",
+        "-D", data, "-X", "stream", "-c", "fast", "-l", f"pgwarden {label}",
         "-d", _conninfo(server),
     ]  # fmt: skip
+    if progress is not None:
+        # Only for a progress bar: -P has the server estimate the total size first, one more
+        # pass over the data directory.
+        args.append("-P")
     if parent is not None:
         args += ["--incremental", repo.backup_dir(parent.label) / "data" / "backup_manifest"]
     try:

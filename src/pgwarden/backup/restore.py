@@ -22,12 +22,12 @@ from urllib.parse import quote
 
 import psycopg
 
-from pgwarden import pgconf
 from pgwarden.backup.repo import BackupInfo, Cluster, Contents, Repository, check_same_cluster
 from pgwarden.backup.wal import first_gap, parse_lsn, segment_of
 from pgwarden.config import SettingValue
 from pgwarden.errors import ServerError, UserError
-from pgwarden.server import CONF_INCLUDE, INCLUDE_LINE, LocalServer, free_port
+from pgwarden.server import pgconf
+from pgwarden.server.cluster import CONF_INCLUDE, INCLUDE_LINE, LocalServer, free_port
 
 TargetKind = Literal["time", "latest", "lsn", "xid"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pgwarden.backup.repo import Contents, Repository
 from pgwarden.backup.wal import first_gap, parse_lsn, segment_of
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pgwarden.connect import connect
 from pgwarden.errors import UserError
 from pgwarden.history import HistorySchema
 from pgwarden.history.read import transaction_began
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
 
 
 @click.group("backup")

@@ -9,8 +9,8 @@ import click
 
 from pgwarden.config import LoadedConfig, load_config
 from pgwarden.connect import Target, resolve_target
-from pgwarden.local import local_server
-from pgwarden.server import LocalServer
+from pgwarden.server.cluster import LocalServer
+from pgwarden.server.local import local_server
 
 
 @dataclass

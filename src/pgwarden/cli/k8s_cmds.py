@@ -13,7 +13,7 @@ from pgwarden.kube import kubectl
 from pgwarden.kube.output import read_objects, write_dir
 from pgwarden.kube.service import render
 from pgwarden.kube.validate import SUPPORTED, validate_objects
-from pgwarden.local import default_state_dir
+from pgwarden.server.local import default_state_dir
 
 
 def _state_dir(app: AppContext) -> Path:

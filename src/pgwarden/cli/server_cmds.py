@@ -18,8 +18,8 @@ from pgwarden.cli.backup_cmds import archiver_lines
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
-from pgwarden.local import bring_up
-from pgwarden.server import ServerState, StartOutcome, StopOutcome, mask_url
+from pgwarden.server.cluster import ServerState, StartOutcome, StopOutcome, mask_url
+from pgwarden.server.local import bring_up
 
 _OUTCOME_TEXT = {
     StartOutcome.INITIALIZED: "created a new cluster and started it",

@@ -11,7 +11,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgwarden import pgconf
 from pgwarden.config import Config
 from pgwarden.errors import ConfigError
 from pgwarden.kube.render import (
@@ -22,6 +21,7 @@ from pgwarden.kube.render import (
     storage_class_name,
     storage_objects,
 )
+from pgwarden.server import pgconf
 
 CNPG_API = "postgresql.cnpg.io/v1"
 BARMAN_API = "barmancloud.cnpg.io/v1"

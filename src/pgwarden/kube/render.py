@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from pgwarden import pgconf
 from pgwarden.config import Config, KubernetesConfig
 from pgwarden.errors import ConfigError
+from pgwarden.server import pgconf
 
 PG_PORT = 5432
 PGDATA_MOUNT = "/var/lib/postgresql/data"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgwarden.osuser import SYSTEM_ROOT, RunAs
+from pgwarden.server.osuser import SYSTEM_ROOT, RunAs
 
 STATE_FILE = "state.json"
 PASSWORD_FILE = "admin-password"  # noqa: S105 - a file name

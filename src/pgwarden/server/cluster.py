@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pgwarden import pgconf
 from pgwarden.backup.repo import Cluster, Repository
-from pgwarden.binaries import Binaries, find_binaries
 from pgwarden.config import Config
 from pgwarden.errors import BinariesNotFound, DataDirRefused, PortInUse, ServerError
-from pgwarden.osuser import RunAs, reachable_bindir, service_user
-from pgwarden.state import MARKER, StateDir
+from pgwarden.server import pgconf
+from pgwarden.server.binaries import Binaries, find_binaries
+from pgwarden.server.osuser import RunAs, reachable_bindir, service_user
+from pgwarden.server.state import MARKER, StateDir
 
 CONF_INCLUDE = "pgwarden.conf"
 INCLUDE_LINE = f"include = '{CONF_INCLUDE}'  # added by pgwarden\n"

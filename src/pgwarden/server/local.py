@@ -13,7 +13,7 @@ from pgwarden.connect import Target, connect
 from pgwarden.converge import apply_config
 from pgwarden.errors import ApplyFailed, ServerError, UserError
 from pgwarden.plan import Plan
-from pgwarden.server import LocalServer, StartOutcome
+from pgwarden.server.cluster import LocalServer, StartOutcome
 
 
 @dataclass(frozen=True)
