@@ -203,3 +203,17 @@ def test_up_with_a_missing_manager_says_the_server_runs(
     assert "server is up" in result.err
     assert "not applied" in result.err
     assert run("status").code == 0
+
+
+def test_history_table_tells_sql_null_from_the_text_null(
+    database: Database, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    setup_history(database.url)
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO notes VALUES (1, NULL), (2, 'null')")
+    monkeypatch.setenv("PGWARDEN_DSN", database.url)
+    shown = run("history", "notes").out.replace("\n", " ")
+    assert "body=null" in shown  # SQL NULL
+    assert 'body="null"' in shown  # the four letters

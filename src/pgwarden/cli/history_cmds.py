@@ -55,8 +55,10 @@ def _schema(app: AppContext) -> HistorySchema:
     return HistorySchema(app.loaded.config.history.schema_name)
 
 
-def _short(value: Any) -> str:
-    text = dump_json(value) if not isinstance(value, str) else value
+def _short(value: Any, *, quoted: bool = False) -> str:
+    """A value for a table cell. `quoted` keeps text in JSON quotes, so that in a list of
+    changes SQL NULL (null) and the text 'null' ("null") stay apart."""
+    text = dump_json(value) if quoted or not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "…"
 
 
@@ -67,13 +69,14 @@ def _cell(value: Any) -> str:
 
 def _change_text(event: Event) -> str:
     if event.op in ("INSERT", "SNAPSHOT"):
-        return ", ".join(f"{c}={_short(v)}" for c, v in (event.new or {}).items())
+        return ", ".join(f"{c}={_short(v, quoted=True)}" for c, v in (event.new or {}).items())
     if event.op in ("DELETE", "TRUNCATE"):
         if event.old is None:
             return "(all rows; marker only)"
-        return ", ".join(f"{c}={_short(v)}" for c, v in event.old.items())
+        return ", ".join(f"{c}={_short(v, quoted=True)}" for c, v in event.old.items())
     return ", ".join(
-        f"{c}: {_short(b)} → {_short(a)}" for c, (b, a) in event.changed_columns().items()
+        f"{c}: {_short(b, quoted=True)} → {_short(a, quoted=True)}"
+        for c, (b, a) in event.changed_columns().items()
     )
 
 
