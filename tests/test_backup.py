@@ -84,6 +84,16 @@ def _archived_up_to_now(server: LocalServer) -> None:
     )
 
 
+def _archiver_failing(run: Run) -> dict[str, object]:
+    """`status`'s archiver once it reports a failure (or after 30 s, as it then stands)."""
+    deadline = time.monotonic() + 30
+    while True:
+        archiver: dict[str, object] = json.loads(run("status", "-o", "json").out)["archiver"]
+        if archiver["failing"] or time.monotonic() > deadline:
+            return archiver
+        time.sleep(0.3)
+
+
 def _restored(url: str, query: str) -> list[tuple[object, ...]]:
     url = url.rsplit("/", 1)[0] + "/app"  # restore prints the URL of its `postgres` database
     with psycopg.connect(url, autocommit=True) as conn:
@@ -274,14 +284,7 @@ def test_archiving_never_overwrites_and_its_failure_shows(
     foreign.write_bytes(b"not this cluster's WAL")
     server.runas.chown(foreign)
     _sql(server, "SELECT pg_switch_wal()", "postgres")
-    deadline = time.monotonic() + 30
-    status = run("status", "-o", "json")
-    while time.monotonic() < deadline:
-        status = run("status", "-o", "json")
-        if json.loads(status.out)["archiver"]["failing"]:
-            break
-        time.sleep(0.3)
-    archiver = json.loads(status.out)["archiver"]
+    archiver = _archiver_failing(run)
     assert archiver["failing"] is True
     assert archiver["last_failed_wal"] == current
     assert foreign.read_bytes() == b"not this cluster's WAL"  # never overwritten
@@ -444,12 +447,7 @@ def test_an_unwritable_archive_shows_and_resumes_without_a_gap(
         _sql(server, "CREATE TABLE w (id int)")
         _sql(server, "INSERT INTO w SELECT generate_series(1, 1000)")  # writes go on
         _sql(server, "SELECT pg_switch_wal()", "postgres")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if json.loads(run("status", "-o", "json").out)["archiver"]["failing"]:
-                break
-            time.sleep(0.3)
-        assert json.loads(run("status", "-o", "json").out)["archiver"]["failing"] is True
+        assert _archiver_failing(run)["failing"] is True
         assert "archiving FAILS" in run("backup", "list").err
     finally:
         os.chmod(wal, 0o700)

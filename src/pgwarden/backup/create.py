@@ -16,12 +16,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from pgwarden.backup.observe import archiver, cluster_identity
 from pgwarden.backup.repo import BACKUP_FILE, BackupInfo, Cluster, Repository, write_json
 from pgwarden.backup.wal import parse_lsn
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
-from pgwarden.server.cluster import LocalServer, client_host
+from pgwarden.server.cluster import LocalServer
 from pgwarden.server.osuser import clean_env
 
 Progress = Callable[[int, int], None]  # (kB done, kB total)
@@ -129,9 +131,10 @@ def _new_label(repo: Repository) -> str:
 
 
 def _conninfo(server: LocalServer) -> str:
-    host = client_host(server.config.server.listen_addresses[0])
-    user = server.config.server.admin_user.replace("\\", "\\\\").replace("'", "\\'")
-    return f"host={host} port={server.port} user='{user}' dbname=postgres"
+    """The server's admin URL without its password (that goes in PGPASSWORD)."""
+    params = conninfo_to_dict(server.url("postgres"))
+    params.pop("password", None)
+    return make_conninfo("", **params)
 
 
 def _run_with_progress(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pgwarden.backup.repo import BackupInfo, Contents, Repository
-from pgwarden.backup.wal import parse_lsn, segment_of
+from pgwarden.backup.wal import parse_lsn
 from pgwarden.errors import UserError
 
 
@@ -55,7 +55,7 @@ def plan_prune(
     if keep_backups and contents.cluster is not None:
         size = contents.cluster.wal_segment_size
         oldest = min(keep_backups, key=lambda b: parse_lsn(b.start_lsn))
-        first_needed = segment_of(parse_lsn(oldest.start_lsn), oldest.timeline, size).number
+        first_needed = oldest.start_segment(size).number
         remove_segments = sorted(s.name(size) for s in contents.segments if s.number < first_needed)
     return PrunePlan(remove_backups, keep_backups, remove_segments)
 

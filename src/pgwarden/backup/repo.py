@@ -20,7 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pgwarden.backup.wal import HISTORY_RE, Segment, parse_lsn, parse_segment, segment_of
+from pgwarden.backup.wal import (
+    HISTORY_RE,
+    Segment,
+    first_gap,
+    parse_lsn,
+    parse_segment,
+    segment_of,
+)
 from pgwarden.errors import UserError
 
 REPO_FILE = "pgwarden-backups.json"
@@ -53,6 +60,10 @@ class BackupInfo:
     pg_major: int
     pg_version: str
     data_checksums: bool
+
+    def start_segment(self, segment_size: int) -> Segment:
+        """The first WAL segment a restore from this backup reads."""
+        return segment_of(parse_lsn(self.start_lsn), self.timeline, segment_size)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,6 +99,12 @@ class Contents:
         raise UserError(
             f"no backup labelled {label!r} here", hint=f"`pgwarden backup list` shows them: {known}"
         )
+
+    def gap_after(self, info: BackupInfo) -> Segment | None:
+        """The first archived WAL segment missing on the way from `info` to the newest one."""
+        assert self.cluster is not None
+        start = info.start_segment(self.cluster.wal_segment_size)
+        return first_gap(self.segments, start, self.timelines)
 
     def chain(self, label: str) -> list[BackupInfo]:
         """The full backup and the incrementals leading to `label`, oldest first."""

@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
 
 import psycopg
 
 from pgwarden.backup.repo import BackupInfo, Cluster, Contents, Repository, check_same_cluster
-from pgwarden.backup.wal import first_gap, parse_lsn, segment_of
+from pgwarden.backup.wal import parse_lsn
 from pgwarden.config import SettingValue
 from pgwarden.errors import ServerError, UserError
 from pgwarden.server import pgconf
-from pgwarden.server.cluster import CONF_INCLUDE, INCLUDE_LINE, LocalServer, free_port
+from pgwarden.server.cluster import CONF_INCLUDE, INCLUDE_LINE, LocalServer, file_tail, free_port
 
 TargetKind = Literal["time", "latest", "lsn", "xid"]
+RESTORED_HOST = "127.0.0.1"  # a restored copy listens here only, on a port of its own
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class RestorePlan:
     chain: list[BackupInfo]  # the full backup, then incrementals to combine, oldest first
     target: RecoveryTarget
     target_dir: Path
-    wal_dir: Path
+    repo: Repository
     steps: list[str] = field(default_factory=list)
 
     @property
@@ -136,8 +136,8 @@ def plan_restore(
         f"replay archived WAL from {repo.wal_dir} up to {target.describe()}",
         "promote, and wait until recovery has ended",
     ]
-    return RestorePlan(chain=chain, target=target, target_dir=target_dir,
-                       wal_dir=repo.wal_dir, steps=steps)  # fmt: skip
+    return RestorePlan(chain=chain, target=target, target_dir=target_dir, repo=repo,
+                       steps=steps)  # fmt: skip
 
 
 def _check_wal_reaches(contents: Contents, chosen: BackupInfo, target: RecoveryTarget) -> None:
@@ -145,8 +145,7 @@ def _check_wal_reaches(contents: Contents, chosen: BackupInfo, target: RecoveryT
     stop at the gap, and --to-latest would even promote there without a word."""
     assert contents.cluster is not None
     size = contents.cluster.wal_segment_size
-    start = segment_of(parse_lsn(chosen.start_lsn), chosen.timeline, size)
-    gap = first_gap(contents.segments, start, contents.timelines)
+    gap = contents.gap_after(chosen)
     if gap is None:
         return
     before = [t for s, t in contents.segment_times.items() if s.number == gap.number - 1]
@@ -206,14 +205,14 @@ def run_restore(server: LocalServer, plan: RestorePlan, *, start: bool) -> Resto
         target_dir.rmdir()  # empty (checked by the plan): recreated below by the copy
     runas = server.runas
     if len(plan.chain) == 1:
-        backup_data = Path(plan.wal_dir.parent / "backups" / plan.backup.label / "data")
+        backup_data = plan.repo.backup_dir(plan.backup.label) / "data"
         shutil.copytree(backup_data, target_dir, symlinks=True)
         runas.chown_tree(target_dir)
     else:
         # pg_combinebackup fills an empty directory, as the user PostgreSQL runs as.
         target_dir.mkdir(mode=0o700)
         runas.chown(target_dir)
-        inputs = [plan.wal_dir.parent / "backups" / b.label / "data" for b in plan.chain]
+        inputs = [plan.repo.backup_dir(b.label) / "data" for b in plan.chain]
         result = runas.run(
             [server.tool("pg_combinebackup"), *inputs, "-o", target_dir], timeout=None
         )
@@ -227,8 +226,7 @@ def run_restore(server: LocalServer, plan: RestorePlan, *, start: bool) -> Resto
         [server.tool("pg_ctl"), "start", "-D", target_dir, "-l", log_file, "-w", "-t", "600"],
         timeout=700,
     )
-    password = server.state.password() or ""
-    url = _url(server, port, password)
+    url = server.url("postgres", host=RESTORED_HOST, port=port)
     try:
         _wait_promoted(started.returncode, url, log_file, plan, target_dir)
     except BaseException:
@@ -250,13 +248,13 @@ def _write_recovery_config(
     # The restored copy listens on its own port, TCP only, and does not archive: its new
     # timeline must not mix into the archive the managed server keeps writing.
     placement = pgconf.Placement(
-        listen_addresses=["127.0.0.1"],
+        listen_addresses=[RESTORED_HOST],
         port=port,
         allowed_cidrs=server.config.server.allowed_cidrs,
         admin_user=server.config.server.admin_user,
     )
     conf = pgconf.render_postgresql_conf(server.config.server, placement)
-    wal = str(plan.wal_dir).replace("%", "%%")
+    wal = str(plan.repo.wal_dir).replace("%", "%%")
     recovery: dict[str, SettingValue] = {
         "archive_mode": "off",
         "restore_command": f"cp {shlex.quote(wal + '/')}%f %p",
@@ -277,11 +275,6 @@ def _write_recovery_config(
         server.runas.chown(path)
 
 
-def _url(server: LocalServer, port: int, password: str) -> str:
-    user = quote(server.config.server.admin_user, safe="")
-    return f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:{port}/postgres"
-
-
 def _wait_promoted(
     pg_ctl_code: int, url: str, log_file: Path, plan: RestorePlan, target_dir: Path
 ) -> None:
@@ -296,7 +289,7 @@ def _wait_promoted(
             if not (target_dir / "postmaster.pid").exists():
                 break  # it stopped: recovery failed, the log says why
         time.sleep(0.3)
-    tail = _log_tail(log_file, 12)
+    tail = file_tail(log_file, 12)
     if "recovery ended before configured recovery target was reached" in tail:
         raise UserError(
             f"the archived WAL ends before {plan.target.describe()}: nothing later was archived",
@@ -308,13 +301,6 @@ def _wait_promoted(
         f"Last lines of {log_file}:\n{tail}",
         hint=f"the copy is left in {plan.target_dir} for inspection",
     )
-
-
-def _log_tail(log_file: Path, lines: int) -> str:
-    try:
-        return "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-lines:])
-    except OSError:
-        return ""
 
 
 _STOP_RE = re.compile(

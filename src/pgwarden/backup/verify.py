@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgwarden.backup.repo import Contents, Repository
-from pgwarden.backup.wal import first_gap, parse_lsn, segment_of
 from pgwarden.server.cluster import LocalServer
 
 
@@ -46,11 +45,8 @@ def wal_gap(contents: Contents) -> str | None:
     archived segment, or None."""
     if not contents.backups or contents.cluster is None:
         return None
-    size = contents.cluster.wal_segment_size
-    oldest = contents.backups[0]
-    start = segment_of(parse_lsn(oldest.start_lsn), oldest.timeline, size)
-    gap = first_gap(contents.segments, start, contents.timelines)
-    return gap.name(size) if gap is not None else None
+    gap = contents.gap_after(contents.backups[0])
+    return gap.name(contents.cluster.wal_segment_size) if gap is not None else None
 
 
 def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:

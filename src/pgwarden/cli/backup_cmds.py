@@ -98,7 +98,8 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _archiver_of(server: LocalServer) -> Archiver | None:
+def archiver_of(server: LocalServer) -> Archiver | None:
+    """The archiver's state of the local server; None when it is not running."""
     if not server.is_running():
         return None
     with connect(require_running(server), autocommit=True) as conn:
@@ -133,7 +134,7 @@ def list_cmd(app: AppContext, fmt: str) -> None:
     server = app.server()
     repo = repository(server)
     contents = repo.observe()
-    state = _archiver_of(server)
+    state = archiver_of(server)
     earliest, latest = window(contents, state)
     if fmt == "json":
         data: dict[str, Any] = {

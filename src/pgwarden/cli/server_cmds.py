@@ -12,11 +12,9 @@ import click
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.table import Table
 
-from pgwarden.backup.observe import archiver
 from pgwarden.cli.app import err_console, format_option, out
-from pgwarden.cli.backup_cmds import archiver_lines
+from pgwarden.cli.backup_cmds import archiver_lines, archiver_of
 from pgwarden.cli.context import AppContext, pass_app
-from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
 from pgwarden.server.cluster import ServerState, StartOutcome, StopOutcome, mask_url
 from pgwarden.server.local import bring_up
@@ -125,10 +123,7 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     server = app.server()
     status = server.status()
     code = 0 if status.state is ServerState.RUNNING else 3
-    archiving = None
-    if server.backup_root is not None and status.state is ServerState.RUNNING:
-        with connect(Target(server.url("postgres"), "the local server"), autocommit=True) as conn:
-            archiving = archiver(conn)
+    archiving = archiver_of(server) if server.backup_root is not None else None
     if as_json or fmt == "json":
         data = status.to_json()
         data["archiver"] = archiving.to_json() if archiving is not None else None

@@ -132,6 +132,10 @@ def logs_of(conn: Conn, schema: HistorySchema, table: TableName) -> list[TableLo
     return logs
 
 
+def _tracked(conn: Conn, schema: HistorySchema, oid: int) -> catalog.TrackedTable | None:
+    return next((t for t in catalog.tracked_tables(conn, schema) if t.oid == oid), None)
+
+
 def completeness_note(conn: Conn, schema: HistorySchema, table: TableName) -> str | None:
     """Why the history of a live table may stop short of now, or None when capture is on.
 
@@ -140,7 +144,7 @@ def completeness_note(conn: Conn, schema: HistorySchema, table: TableName) -> st
     oid = catalog.table_oid(conn, table)
     if oid is None:
         return None
-    tracked = next((t for t in catalog.tracked_tables(conn, schema) if t.oid == oid), None)
+    tracked = _tracked(conn, schema, oid)
     if tracked is None:
         return (
             f"{table} is not tracked now: changes made since it was untracked are not in its "
@@ -638,7 +642,7 @@ def _column_value(log: TableLog, column: Column) -> Any:
 
 def rewind_blocker(conn: Conn, schema: HistorySchema, log: TableLog, at: datetime) -> str | None:
     """Why the events after `at` may not describe every change since (None: they do)."""
-    tracked = next((t for t in catalog.tracked_tables(conn, schema) if t.oid == log.oid), None)
+    tracked = _tracked(conn, schema, log.oid) if log.oid is not None else None
     if tracked is None:
         return "the table is not tracked now"
     if tracked.exclude_columns:

@@ -211,11 +211,7 @@ class LocalServer:
 
     def _cluster_state(self) -> str | None:
         """'shut down', 'in production', … as pg_controldata reports it."""
-        result = self.runas.run([self.tool("pg_controldata"), "-D", self.state.data_dir])
-        for line in result.stdout.splitlines():
-            if line.startswith("Database cluster state:"):
-                return line.split(":", 1)[1].strip()
-        return None
+        return self._controldata().get("Database cluster state")
 
     def status(self) -> Status:
         data = self.state.read()
@@ -445,6 +441,8 @@ class LocalServer:
         if self.backup_root is None:
             return
         control = self._controldata()
+        if "Database system identifier" not in control:
+            raise ServerError(f"pg_controldata could not read {self.state.data_dir}")
         Repository(self.backup_root).claim(
             Cluster(
                 system_identifier=control["Database system identifier"],
@@ -455,14 +453,13 @@ class LocalServer:
         )
 
     def _controldata(self) -> dict[str, str]:
+        """pg_controldata's fields; empty when it could not read the data directory."""
         result = self.runas.run([self.tool("pg_controldata"), "-D", self.state.data_dir])
         fields = {}
         for line in result.stdout.splitlines():
             key, sep, value = line.partition(":")
             if sep:
                 fields[key.strip()] = value.strip()
-        if "Database system identifier" not in fields:
-            raise ServerError(f"pg_controldata could not read {self.state.data_dir}")
         return fields
 
     # -- the data directory -------------------------------------------------------------
@@ -565,7 +562,11 @@ class LocalServer:
             os.replace(tmp, path)
 
     # -- connecting -----------------------------------------------------------------------
-    def url(self, database: str | None = None) -> str:
+    def url(
+        self, database: str | None = None, *, host: str | None = None, port: int | None = None
+    ) -> str:
+        """The admin's URL; `host` and `port` for another cluster of the same roles (a
+        restored copy)."""
         password = self.state.password()
         if password is None:
             raise ServerError(
@@ -574,14 +575,19 @@ class LocalServer:
             )
         user = quote(self.config.server.admin_user, safe="")
         dbname = quote(database or self.config.database, safe="")
-        host = client_host(self.config.server.listen_addresses[0])
+        host = host or client_host(self.config.server.listen_addresses[0])
         if ":" in host:
             host = f"[{host}]"
-        return f"postgresql://{user}:{quote(password, safe='')}@{host}:{self.port}/{dbname}"
+        return f"postgresql://{user}:{quote(password, safe='')}@{host}:{port or self.port}/{dbname}"
 
     def log_tail(self, lines: int = 50) -> str:
-        try:
-            text = self.state.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "".join(text.splitlines(keepends=True)[-lines:])
+        return file_tail(self.state.log_file, lines)
+
+
+def file_tail(path: Path, lines: int) -> str:
+    """The last lines of a log file; empty when it cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "".join(text.splitlines(keepends=True)[-lines:])
