@@ -183,7 +183,7 @@ def run_w4(pg_bin: Path | None, scale: int, reps: int, log: Log) -> W4Result:
                 assert size is not None
                 result.size_bytes = int(size[0])
             _settle(url)
-            repo = Repository(base / "backups")
+            repo = Repository.at(base / "backups")
             work = base / "work"  # written by pg_basebackup, as the server's user
             work.mkdir()
             server.runas.chown(work)
@@ -200,6 +200,8 @@ def _rep(
 ) -> None:  # fmt: skip
     plain, restored, ours = work / "plain", work / "plain-restored", work / "restored"
     latest = RecoveryTarget("latest")
+    assert repo.root is not None and repo.wal_dir is not None  # W4 measures a directory location
+    wal_dir = repo.wal_dir
 
     def our_restore() -> None:
         plan = plan_restore(repo.observe(), repo, latest, ours, live_data_dir=server.state.data_dir)
@@ -208,7 +210,7 @@ def _rep(
     steps: list[tuple[str, Callable[[], object]]] = [
         ("plain-backup", lambda: _plain_backup(server, plain)),
         ("pgwarden-backup", lambda: create_backup(server)),
-        ("plain-restore", lambda: _plain_restore(server, plain, restored, repo.wal_dir)),
+        ("plain-restore", lambda: _plain_restore(server, plain, restored, wal_dir)),
         ("pgwarden-restore", our_restore),
     ]
     if rep % 2:  # alternate who goes first
@@ -243,5 +245,5 @@ def _rep(
             result.seconds[kind].append(seconds)
             log(f"  W4 rep {rep + 1}/{reps} {kind:22s} {seconds:.2f} s")
         shutil.rmtree(plain_inc, ignore_errors=True)
-    for path in (plain, restored, ours, *repo.backups_dir.iterdir()):
+    for path in (plain, restored, ours, *(repo.root / "backups").iterdir()):
         shutil.rmtree(path, ignore_errors=True)

@@ -344,14 +344,25 @@ def test_incremental_backups(site: tuple[LocalServer, Path], run: Run, pg_major:
     assert "keeping 2 backup(s)" in plan.out
 
 
-def test_an_object_store_location_is_refused_clearly() -> None:
+def test_an_s3_location_is_the_s3_section_and_other_stores_are_refused() -> None:
     from pgwarden.config import parse_config_text
     from pgwarden.errors import ConfigError
 
+    config = parse_config_text(
+        "backup:\n  location: s3://my-bucket/pg/main/\n", source="pgwarden.yaml"
+    )
+    assert config.backup.location is None
+    assert config.backup.s3 is not None
+    assert (config.backup.s3.bucket, config.backup.s3.prefix) == ("my-bucket", "pg/main")
     with pytest.raises(ConfigError) as info:
-        parse_config_text("backup:\n  location: s3://bucket/prefix\n", source="pgwarden.yaml")
+        parse_config_text("backup:\n  location: gs://bucket/prefix\n", source="pgwarden.yaml")
     assert "backup.location" in info.value.message
-    assert "not yet" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(
+            "backup:\n  location: s3://a-bucket/x\n  s3: {bucket: b-bucket}\n",
+            source="pgwarden.yaml",
+        )
+    assert "different places" in info.value.message
 
 
 def test_replace_puts_the_restored_data_in_place_and_keeps_the_old(

@@ -23,6 +23,7 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pgwarden.errors import ConfigError
@@ -399,11 +400,13 @@ class KubernetesConfig(_Section):
 
 
 class S3BackupConfig(_Section):
-    """Base backups and WAL to S3 (through the Barman Cloud plugin on CloudNativePG)."""
+    """Base backups and WAL in S3: the local server's location, and CloudNativePG's (through
+    the Barman Cloud plugin). Credentials come from the AWS chain, never from this file."""
 
     bucket: str = Field(..., description="S3 bucket name.")
     prefix: str = Field("", description="Path inside the bucket.")
     endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO, …).")
+    region: str | None = Field(None, description="The bucket's region (default: AWS_REGION).")
     credentials_secret: str = Field(
         "backup-s3-credentials", description="Secret holding the access keys (never in YAML)."
     )
@@ -417,6 +420,21 @@ class S3BackupConfig(_Section):
             raise ValueError(f"{value!r} is not an S3 bucket name")
         return value
 
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if any(part in ("", ".", "..") for part in value.split("/")) and value:
+            raise ValueError(f"{value!r} is not a usable prefix (empty or dot segments)")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
 
 class BackupConfig(_Section):
     """Backups and WAL archiving: `location` for the local server, `s3` for CloudNativePG."""
@@ -424,8 +442,9 @@ class BackupConfig(_Section):
     location: str | None = Field(
         None,
         description="Where the local server's base backups and archived WAL go: a directory "
-        "(relative to pgwarden.yaml; a mounted EFS or NFS share is a good home). Setting it "
-        "turns WAL archiving on (a restart).",
+        "(relative to pgwarden.yaml; a mounted EFS or NFS share is a good home), or "
+        "s3://bucket/prefix (the same as a backup.s3 section). Setting it turns WAL archiving "
+        "on (a restart).",
     )
     keep: int | None = Field(
         None, ge=1, description="`backup prune` keeps this many newest full backups."
@@ -445,14 +464,37 @@ class BackupConfig(_Section):
         "0 0 2 * * *", description="When to take base backups (6-field cron, seconds first)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _s3_location(cls, data: Any) -> Any:
+        """`location: s3://bucket/prefix` is the same as a `backup.s3` section."""
+        if not isinstance(data, dict):
+            return data
+        location = data.get("location")
+        if not isinstance(location, str) or not location.startswith("s3://"):
+            return data
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        section = data.get("s3")
+        if isinstance(section, dict):
+            if section.get("bucket") != bucket or (section.get("prefix") or "").strip(
+                "/"
+            ) != prefix.strip("/"):
+                raise ValueError(
+                    f"backup.location {location} and backup.s3 name different places; "
+                    "keep one of them"
+                )
+            merged = dict(section)
+        else:
+            merged = {"bucket": bucket, "prefix": prefix}
+        return {**data, "location": None, "s3": merged}
+
     @field_validator("location")
     @classmethod
     def _location(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith(("s3://", "gs://", "http://", "https://")):
+        if value is not None and value.startswith(("gs://", "http://", "https://", "azure://")):
             raise ValueError(
-                "object stores are not yet a backup.location for the local server: use a "
-                "directory (a mounted EFS or NFS share), or backup.s3 with the cloudnative-pg "
-                "flavor"
+                "of object stores only S3 (s3://bucket/prefix, or a backup.s3 section) is a "
+                "backup.location; or use a directory (a mounted EFS or NFS share)"
             )
         if value is not None and not value.strip():
             raise ValueError("backup.location is empty")

@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import shutil
+import tarfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgwarden.backup.observe import archiver, cluster_identity
-from pgwarden.backup.repo import BACKUP_FILE, BackupInfo, Cluster, Repository, write_json
+from pgwarden.backup.repo import BACKUP_FILE, BackupInfo, Cluster, Repository
 from pgwarden.backup.wal import parse_lsn
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
@@ -31,12 +32,14 @@ _PROGRESS_RE = re.compile(r"(\d+)/(\d+) kB")
 
 
 def repository(server: LocalServer) -> Repository:
-    if server.backup_root is None:
+    repo = server.backup_repository()
+    if repo is None:
         raise UserError(
             "no backup location configured",
-            hint="set backup.location in pgwarden.yaml (a directory), then `pgwarden up`",
+            hint="set backup.location in pgwarden.yaml (a directory or s3://bucket/prefix), "
+            "then `pgwarden up`",
         )
-    return Repository(server.backup_root)
+    return repo
 
 
 def require_running(server: LocalServer) -> Target:
@@ -88,43 +91,78 @@ def create_backup(
             )
         parent = contents.backups[-1]
     label = _new_label(repo)
-    home = repo.backup_dir(label)
-    home.mkdir(mode=0o700)
-    server.runas.chown(home)
-    data = home / "data"
+    if repo.root is not None:
+        home = repo.backup_dir(label)
+        home.mkdir(mode=0o700)
+        server.runas.chown(home)
+        written = home / "data"
+        fmt = "plain"
+    else:
+        # An object store gets the tar format: three objects instead of one per file.
+        home = server.state.root / "backup-staging" / label
+        home.mkdir(mode=0o700, parents=True)
+        server.runas.chown(home.parent)
+        server.runas.chown(home)
+        written = home / "data"
+        fmt = "tar"
     args: list[str | Path] = [
         server.tool("pg_basebackup"),
-        "-D", data, "-X", "stream", "-c", "fast", "-l", f"pgwarden {label}",
+        "-D", written, "-F", fmt[0], "-X", "stream", "-c", "fast", "-l", f"pgwarden {label}",
         "-d", _conninfo(server),
     ]  # fmt: skip
     if progress is not None:
         # Only for a progress bar: -P has the server estimate the total size first, one more
         # pass over the data directory.
         args.append("-P")
-    if parent is not None:
-        args += ["--incremental", repo.backup_dir(parent.label) / "data" / "backup_manifest"]
     try:
+        if parent is not None:
+            args += ["--incremental", _parent_manifest(server, repo, parent, home)]
         _run_with_progress(server, args, progress)
+        with connect(target, autocommit=True) as conn:
+            stopped = conn.execute("SELECT pg_catalog.now()").fetchone()
+        assert stopped is not None
+        stop_time = stopped[0]
+        assert isinstance(stop_time, datetime)
+        info = _describe(label, written, fmt, parent, cluster, version, stop_time=stop_time)
+        if repo.root is None:
+            for part in sorted(written.iterdir()):
+                if part.name not in ("base.tar", "pg_wal.tar", "backup_manifest"):
+                    raise UserError(
+                        f"the server has a tablespace ({part.name}); backups to an object "
+                        "store hold the main data directory only",
+                        hint="use a directory backup.location for a server with tablespaces",
+                    )
+                repo.store.upload(f"backups/{label}/{part.name}", part)
+        repo.record(info)  # last: a backup without its record is not listed as one
     except BaseException:
         # Our own half-written copy, never anything of the user's: pg_basebackup removes
         # the data directory it created on failure; the label folder is ours too.
+        if repo.root is None:
+            with contextlib.suppress(Exception):  # the original error is the one to show
+                repo.remove_backup(label)
         shutil.rmtree(home, ignore_errors=True)
         raise
-    with connect(target, autocommit=True) as conn:
-        stopped = conn.execute("SELECT pg_catalog.now()").fetchone()
-    assert stopped is not None
-    stop_time = stopped[0]
-    assert isinstance(stop_time, datetime)
-    info = _describe(label, data, parent, cluster, version, stop_time=stop_time)
-    write_json(home / BACKUP_FILE, info.to_json())
-    server.runas.chown(home / BACKUP_FILE)
+    if repo.root is None:
+        shutil.rmtree(home, ignore_errors=True)
+    else:
+        server.runas.chown(home / BACKUP_FILE)
     return info
+
+
+def _parent_manifest(server: LocalServer, repo: Repository, parent: BackupInfo, home: Path) -> Path:
+    if parent.format == "plain" and repo.root is not None:
+        return repo.backup_dir(parent.label) / "data" / "backup_manifest"
+    path = home / "parent_manifest"
+    if not repo.store.fetch(f"backups/{parent.label}/backup_manifest", path):
+        raise UserError(f"backup {parent.label} has lost its backup_manifest in {repo.where}")
+    server.runas.chown(path)
+    return path
 
 
 def _new_label(repo: Repository) -> str:
     base = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     label, n = base, 1
-    while repo.backup_dir(label).exists():
+    while repo.has_label(label):
         n += 1
         label = f"{base}-{n}"
     return label
@@ -171,6 +209,7 @@ def _run_with_progress(
 def _describe(
     label: str,
     data: Path,
+    fmt: str,
     parent: BackupInfo | None,
     cluster: Cluster,
     version: str,
@@ -179,7 +218,14 @@ def _describe(
 ) -> BackupInfo:
     """The backup's own record, from its backup_label and manifest."""
     fields: dict[str, str] = {}
-    for line in (data / "backup_label").read_text().splitlines():
+    if fmt == "tar":
+        with tarfile.open(data / "base.tar") as tar:
+            member = tar.extractfile("backup_label")
+            assert member is not None
+            label_text = member.read().decode()
+    else:
+        label_text = (data / "backup_label").read_text()
+    for line in label_text.splitlines():
         key, sep, value = line.partition(": ")
         if sep:
             fields[key.strip()] = value.strip()
@@ -213,4 +259,5 @@ def _describe(
         pg_major=cluster.pg_major,
         pg_version=version,
         data_checksums=cluster.data_checksums,
+        format=fmt,
     )

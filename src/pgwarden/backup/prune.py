@@ -8,7 +8,6 @@ files always stay: they are tiny and recovery needs them to follow timelines.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -62,6 +61,5 @@ def plan_prune(
 
 def apply_prune(repo: Repository, plan: PrunePlan) -> None:
     for info in plan.remove_backups:
-        shutil.rmtree(repo.backup_dir(info.label))
-    for name in plan.remove_segments:
-        (repo.wal_dir / name).unlink(missing_ok=True)
+        repo.remove_backup(info.label)
+    repo.remove_wal(plan.remove_segments)

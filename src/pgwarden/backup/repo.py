@@ -1,10 +1,13 @@
-"""The backup location on disk: what is in it, read in one pass, and its metadata files.
+"""The backup location (a directory or an S3 prefix): its contents, read in one pass.
 
     <location>/
         pgwarden-backups.json    whose archive this is: system identifier, major, segment size
         wal/                     archived WAL segments and timeline .history files
         backups/<label>/
-            data/                a plain-format base backup with its backup_manifest
+            data/                a plain-format base backup with its backup_manifest (a
+                                 directory location), or base.tar, pg_wal.tar and
+                                 backup_manifest (an object store, where one object per file
+                                 of a data directory would be thousands of requests)
             pgwarden-backup.json what pgwarden knows of it: kind, parent, LSNs, times, size
 
 The repository file is what lets a restore refuse another cluster's archive or another major
@@ -14,12 +17,12 @@ version up front, instead of failing halfway through recovery.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pgwarden.backup.store import DirStore, Store
 from pgwarden.backup.wal import (
     HISTORY_RE,
     Segment,
@@ -60,6 +63,7 @@ class BackupInfo:
     pg_major: int
     pg_version: str
     data_checksums: bool
+    format: str = "plain"  # "plain": a data directory; "tar": base.tar + pg_wal.tar
 
     def start_segment(self, segment_size: int) -> Segment:
         """The first WAL segment a restore from this backup reads."""
@@ -116,32 +120,49 @@ class Contents:
 
 @dataclass(frozen=True)
 class Repository:
-    root: Path
+    """A backup location, whichever kind: the layout and the metadata, over a Store."""
+
+    store: Store
+
+    @classmethod
+    def at(cls, root: Path) -> Repository:
+        return cls(DirStore(root))
 
     @property
-    def wal_dir(self) -> Path:
-        return self.root / "wal"
+    def where(self) -> str:
+        return self.store.where
 
     @property
-    def backups_dir(self) -> Path:
-        return self.root / "backups"
+    def root(self) -> Path | None:
+        """The directory, for a directory location; None for an object store."""
+        return self.store.root if isinstance(self.store, DirStore) else None
+
+    @property
+    def wal_dir(self) -> Path | None:
+        return self.root / "wal" if self.root is not None else None
 
     def backup_dir(self, label: str) -> Path:
-        return self.backups_dir / label
+        """A plain-format backup's folder (directory locations only)."""
+        assert self.root is not None
+        return self.root / "backups" / label
+
+    def has_label(self, label: str) -> bool:
+        return label in self.store.children("backups/")
 
     def read_cluster(self) -> Cluster | None:
-        path = self.root / REPO_FILE
+        where = f"{self.where}/{REPO_FILE}"
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
+            raw = self.store.read(REPO_FILE)
+            if raw is None:
+                return None
+            data = json.loads(raw)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"{path} is unreadable ({exc}); it says whose archive this is",
+                f"{where} is unreadable ({exc}); it says whose archive this is",
                 hint="restore the file from a copy, or point backup.location elsewhere",
             ) from None
         if data.get("format") != FORMAT:
-            raise UserError(f"{path} is of a format this pgwarden does not know")
+            raise UserError(f"{where} is of a format this pgwarden does not know")
         return Cluster(
             system_identifier=str(data["system_identifier"]),
             pg_major=int(data["pg_major"]),
@@ -153,67 +174,84 @@ class Repository:
         """Record whose archive this is; refuse a location that holds another cluster's."""
         recorded = self.read_cluster()
         if recorded is None:
-            write_json(self.root / REPO_FILE, {"format": FORMAT, **asdict(cluster)})
+            self.store.write(REPO_FILE, _json_bytes({"format": FORMAT, **asdict(cluster)}))
             return
-        check_same_cluster(recorded, cluster, self.root)
+        check_same_cluster(recorded, cluster, self.where)
+
+    def record(self, info: BackupInfo) -> None:
+        """A backup's metadata, written last: a backup without it is not a backup."""
+        self.store.write(f"backups/{info.label}/{BACKUP_FILE}", _json_bytes(info.to_json()))
+
+    def remove_backup(self, label: str) -> None:
+        self.store.delete_tree(f"backups/{label}")
+
+    def remove_wal(self, names: list[str]) -> None:
+        self.store.delete([f"wal/{name}" for name in names])
+
+    def put_wal(self, source: Path) -> bool:
+        """Archive one WAL file; False when the same one is already there."""
+        return self.store.put_new(f"wal/{source.name}", source)
+
+    def fetch_wal(self, name: str, dest: Path) -> bool:
+        return self.store.fetch(f"wal/{name}", dest)
 
     def observe(self) -> Contents:
         cluster = self.read_cluster()
         size = cluster.wal_segment_size if cluster else 16 * 1024 * 1024
         segments: set[Segment] = set()
         timelines: dict[int, int] = {1: 0}
-        newest: float | None = None
         times: dict[Segment, datetime] = {}
-        if self.wal_dir.is_dir():
-            with os.scandir(self.wal_dir) as entries:
-                for entry in entries:
-                    segment = parse_segment(entry.name, size)
-                    if segment is not None:
-                        segments.add(segment)
-                        mtime = entry.stat().st_mtime
-                        times[segment] = datetime.fromtimestamp(mtime, UTC)
-                        newest = mtime if newest is None else max(newest, mtime)
-                        continue
-                    history = HISTORY_RE.match(entry.name)
-                    if history:
-                        timeline = int(history.group(1), 16)
-                        timelines[timeline] = _timeline_start(Path(entry.path), timeline, size)
+        for entry in self.store.entries("wal/"):
+            name = entry.key.rpartition("/")[2]
+            segment = parse_segment(name, size)
+            if segment is not None:
+                segments.add(segment)
+                times[segment] = entry.modified
+                continue
+            history = HISTORY_RE.match(name)
+            if history:
+                timeline = int(history.group(1), 16)
+                timelines[timeline] = _timeline_start(self.store.read(entry.key), timeline, size)
         backups: list[BackupInfo] = []
         unreadable: list[str] = []
-        if self.backups_dir.is_dir():
-            for path in sorted(self.backups_dir.iterdir()):
-                try:
-                    backups.append(
-                        BackupInfo.from_json(json.loads((path / BACKUP_FILE).read_text()))
-                    )
-                except (OSError, ValueError, KeyError, TypeError):
-                    unreadable.append(path.name)
+        for label in self.store.children("backups/"):
+            try:
+                raw = self.store.read(f"backups/{label}/{BACKUP_FILE}")
+                if raw is None:
+                    raise ValueError("no metadata")
+                backups.append(BackupInfo.from_json(json.loads(raw)))
+            except (OSError, ValueError, KeyError, TypeError):
+                unreadable.append(label)
         backups.sort(key=lambda b: (b.stop_time, b.label))
         return Contents(
             cluster=cluster,
             backups=backups,
             segments=segments,
             timelines=timelines,
-            newest_segment_time=datetime.fromtimestamp(newest, UTC) if newest else None,
+            newest_segment_time=max(times.values()) if times else None,
             segment_times=times,
             unreadable=unreadable,
         )
 
 
-def _timeline_start(path: Path, timeline: int, segment_size: int) -> int:
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _timeline_start(text: bytes | None, timeline: int, segment_size: int) -> int:
     """Where a timeline began: the switch point on the last line of its .history file."""
     switch = 0
     try:
-        for line in path.read_text().splitlines():
+        for line in (text or b"").decode().splitlines():
             parts = line.split()
             if len(parts) >= 2 and parts[0].isdigit():
                 switch = parse_lsn(parts[1])
-    except (OSError, ValueError):
+    except (UnicodeDecodeError, ValueError):
         return 0
     return segment_of(switch, timeline, segment_size).number
 
 
-def check_same_cluster(recorded: Cluster, actual: Cluster, where: Path) -> None:
+def check_same_cluster(recorded: Cluster, actual: Cluster, where: str | Path) -> None:
     if recorded.system_identifier != actual.system_identifier:
         raise UserError(
             f"{where} holds the archive of another cluster (system identifier "
@@ -227,13 +265,3 @@ def check_same_cluster(recorded: Cluster, actual: Cluster, where: Path) -> None:
             f"{actual.pg_major}",
             hint="a restore needs the major version that took the backup; use another location",
         )
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Written whole or not at all: a temporary file, fsynced, renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

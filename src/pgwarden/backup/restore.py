@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -91,10 +92,10 @@ def plan_restore(
     _check_target_dir(target_dir, live_data_dir)
     if contents.cluster is None or not contents.backups:
         raise UserError(
-            f"no backups in {repo.root}", hint="take one first: `pgwarden backup create`"
+            f"no backups in {repo.where}", hint="take one first: `pgwarden backup create`"
         )
     for info in contents.backups:
-        check_same_cluster(contents.cluster, _cluster_of(info), repo.backup_dir(info.label))
+        check_same_cluster(contents.cluster, _cluster_of(info), f"{repo.where}/{info.label}")
     candidates = contents.backups
     if target.kind == "time":
         assert target.time is not None
@@ -133,7 +134,7 @@ def plan_restore(
         labels = " + ".join(b.label for b in chain)
         steps.append(f"combine backups {labels} into {target_dir} (pg_combinebackup)")
     steps += [
-        f"replay archived WAL from {repo.wal_dir} up to {target.describe()}",
+        f"replay archived WAL from {repo.where}/wal up to {target.describe()}",
         "promote, and wait until recovery has ended",
     ]
     return RestorePlan(chain=chain, target=target, target_dir=target_dir, repo=repo,
@@ -205,17 +206,21 @@ def run_restore(server: LocalServer, plan: RestorePlan, *, start: bool) -> Resto
         target_dir.rmdir()  # empty (checked by the plan): recreated below by the copy
     runas = server.runas
     if len(plan.chain) == 1:
-        backup_data = plan.repo.backup_dir(plan.backup.label) / "data"
-        shutil.copytree(backup_data, target_dir, symlinks=True)
+        materialize(plan.repo, plan.backup, target_dir)
         runas.chown_tree(target_dir)
     else:
         # pg_combinebackup fills an empty directory, as the user PostgreSQL runs as.
-        target_dir.mkdir(mode=0o700)
-        runas.chown(target_dir)
-        inputs = [plan.repo.backup_dir(b.label) / "data" for b in plan.chain]
-        result = runas.run(
-            [server.tool("pg_combinebackup"), *inputs, "-o", target_dir], timeout=None
-        )
+        scratch = target_dir.with_name(f".{target_dir.name}.pgwarden-fetch")
+        try:
+            inputs = [plain_copy(plan.repo, b, scratch) for b in plan.chain]
+            runas.chown_tree(scratch) if scratch.exists() else None
+            target_dir.mkdir(mode=0o700)
+            runas.chown(target_dir)
+            result = runas.run(
+                [server.tool("pg_combinebackup"), *inputs, "-o", target_dir], timeout=None
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         if result.returncode != 0:
             raise ServerError(f"pg_combinebackup failed: {result.stderr.strip()}")
     os.chmod(target_dir, 0o700)
@@ -254,10 +259,14 @@ def _write_recovery_config(
         admin_user=server.config.server.admin_user,
     )
     conf = pgconf.render_postgresql_conf(server.config.server, placement)
-    wal = str(plan.repo.wal_dir).replace("%", "%%")
+    if plan.repo.wal_dir is not None:
+        wal = str(plan.repo.wal_dir).replace("%", "%%")
+        restore_command = f"cp {shlex.quote(wal + '/')}%f %p"
+    else:
+        restore_command = server.wal_command("get")
     recovery: dict[str, SettingValue] = {
         "archive_mode": "off",
-        "restore_command": f"cp {shlex.quote(wal + '/')}%f %p",
+        "restore_command": restore_command,
         "recovery_target_action": "promote",
         "recovery_target_timeline": "latest",
         **plan.target.settings(),
@@ -324,7 +333,7 @@ def staging_dir(server: LocalServer) -> Path:
     return server.state.cluster / f"data.restored-{stamp}"
 
 
-def replace_live(server: LocalServer, restored: Path, archive_wal: Path) -> Path:
+def replace_live(server: LocalServer, restored: Path, repo: Repository) -> Path:
     """Put a restored (stopped, promoted) data directory in place of the managed server's and
     start it. The old data directory is kept aside, never deleted; returns where it went."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -340,11 +349,42 @@ def replace_live(server: LocalServer, restored: Path, archive_wal: Path) -> Path
     # The promotion wrote the new timeline's .history file while the copy did not archive; a
     # later restore that follows timelines needs it in the archive.
     for history in sorted((live / "pg_wal").glob("*.history")):
-        kept = archive_wal / history.name
-        if not kept.exists():
-            shutil.copyfile(history, kept)
-            server.runas.chown(kept)
+        if repo.put_wal(history) and repo.wal_dir is not None:
+            server.runas.chown(repo.wal_dir / history.name)
     for leftover in ("pgwarden-restore.log",):
         (live / leftover).unlink(missing_ok=True)
     server.up()  # rewrites its settings: its own port and sockets, archiving on again
     return aside
+
+
+def plain_copy(repo: Repository, info: BackupInfo, scratch: Path) -> Path:
+    """A plain-format data directory of one backup to read: the backup itself in a directory
+    location, an extracted copy under `scratch` for an object store."""
+    if info.format == "plain" and repo.root is not None:
+        return repo.backup_dir(info.label) / "data"
+    dest = scratch / info.label
+    materialize(repo, info, dest)
+    return dest
+
+
+def materialize(repo: Repository, info: BackupInfo, dest: Path) -> None:
+    """Write one backup out as a plain data directory at `dest` (which must not exist)."""
+    if info.format == "plain" and repo.root is not None:
+        shutil.copytree(repo.backup_dir(info.label) / "data", dest, symlinks=True)
+        return
+    dest.mkdir(mode=0o700, parents=True)
+    download = dest / ".pgwarden-download"
+    download.mkdir()
+    try:
+        for name, into in (("base.tar", dest), ("pg_wal.tar", dest / "pg_wal")):
+            part = download / name
+            if not repo.store.fetch(f"backups/{info.label}/{name}", part):
+                raise UserError(f"backup {info.label} in {repo.where} has lost its {name}")
+            into.mkdir(mode=0o700, exist_ok=True)
+            with tarfile.open(part) as tar:
+                tar.extractall(into, filter="data")
+            part.unlink()
+        if not repo.store.fetch(f"backups/{info.label}/backup_manifest", dest / "backup_manifest"):
+            raise UserError(f"backup {info.label} in {repo.where} has lost its backup_manifest")
+    finally:
+        shutil.rmtree(download, ignore_errors=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from pgwarden.backup.repo import Contents, Repository
+from pgwarden.backup.restore import plain_copy
+from pgwarden.errors import UserError
 from pgwarden.server.cluster import LocalServer
 
 
@@ -50,11 +53,21 @@ def wal_gap(contents: Contents) -> str | None:
 
 
 def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
+    """pg_verifybackup on each backup; one from an object store is fetched and unpacked into a
+    scratch directory first (its own size in free disk space), then removed."""
     contents = repo.observe()
     checks = []
+    scratch = server.state.root / "backup-verify"
     for info in contents.backups:
-        data = repo.backup_dir(info.label) / "data"
-        result = server.runas.run([server.tool("pg_verifybackup"), "-q", data], timeout=None)
+        try:
+            data = plain_copy(repo, info, scratch)
+            server.runas.chown_tree(scratch) if scratch.exists() else None
+            result = server.runas.run([server.tool("pg_verifybackup"), "-q", data], timeout=None)
+        except UserError as exc:
+            checks.append(BackupCheck(info.label, False, exc.message))
+            continue
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         text = (result.stderr or result.stdout).strip()
         checks.append(
             BackupCheck(info.label, result.returncode == 0, text or "manifest and WAL verified")

@@ -138,7 +138,7 @@ def list_cmd(app: AppContext, fmt: str) -> None:
     earliest, latest = window(contents, state)
     if fmt == "json":
         data: dict[str, Any] = {
-            "location": str(repo.root),
+            "location": repo.where,
             "backups": [b.to_json() for b in contents.backups],
             "window": {
                 "earliest": earliest.isoformat() if earliest else None,
@@ -303,7 +303,7 @@ def restore_cmd(
     err_console.print("restoring…")
     result = run_restore(server, plan, start=start)
     if replace:
-        aside = replace_live(server, result.target_dir, repo.wal_dir)
+        aside = replace_live(server, result.target_dir, repo)
         if result.stopped_at:
             err_console.print(f"recovery: {result.stopped_at}")
         err_console.print(

@@ -7,10 +7,12 @@ import errno
 import getpass
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pgwarden.backup.repo import Cluster, Repository
+from pgwarden.backup.store import DirStore, S3Location, S3Store
 from pgwarden.config import Config
 from pgwarden.errors import BinariesNotFound, DataDirRefused, PortInUse, ServerError
 from pgwarden.server import pgconf
@@ -126,11 +129,12 @@ class LocalServer:
         *,
         pg_bin: Path | None = None,
         port: int | None = None,
-        backup_root: Path | None = None,
+        backup_root: Path | S3Location | None = None,
     ) -> None:
         self.config = config
         self.state = StateDir(state_dir.absolute())
-        self.backup_root = backup_root  # backup.location, resolved: WAL is archived there
+        # backup.location, resolved (a directory or an S3 location): WAL is archived there.
+        self.backup_root = backup_root
         self._pg_bin = pg_bin
         self._port = port
         self._binaries: Binaries | None = None
@@ -410,12 +414,35 @@ class LocalServer:
 
     @property
     def archive_dir(self) -> Path | None:
-        return self.backup_root / "wal" if self.backup_root is not None else None
+        return self.backup_root / "wal" if isinstance(self.backup_root, Path) else None
+
+    @property
+    def s3_location_file(self) -> Path:
+        """The S3 location, for the archive and restore commands PostgreSQL runs."""
+        return self.state.root / "backup-location.json"
+
+    def backup_repository(self) -> Repository | None:
+        if self.backup_root is None:
+            return None
+        if isinstance(self.backup_root, Path):
+            return Repository(DirStore(self.backup_root))
+        return Repository(S3Store(self.backup_root))
+
+    def wal_command(self, verb: str) -> str:
+        """archive_command / restore_command for an S3 location: pgwarden's own, run by
+        PostgreSQL with this Python."""
+        quoted = [shlex.quote(str(a)) for a in (sys.executable, self.s3_location_file)]
+        command = f"{quoted[0]} -m pgwarden.backup.walcmd {verb} {quoted[1]}"
+        command = command.replace("%", "%%")
+        return command + (" %p" if verb == "push" else " %f %p")
 
     def _prepare_backup_root(self) -> None:
         """The backup location's folders, owned by the user PostgreSQL runs as (its archiver
         writes there); refused up front when that user cannot reach them."""
         if self.backup_root is None:
+            return
+        if isinstance(self.backup_root, S3Location):
+            self._prepare_s3(self.backup_root)
             return
         root = self.backup_root
         try:
@@ -435,15 +462,31 @@ class LocalServer:
                 hint=f"give {self.runas.name} write access to it, or choose another directory",
             )
 
+    def _prepare_s3(self, location: S3Location) -> None:
+        S3Store(location).check_reachable()  # no bucket, no credentials: said before starting
+        self.s3_location_file.write_text(json.dumps(location.to_json(), indent=2) + "\n")
+        os.chmod(self.s3_location_file, 0o644)  # names a bucket, holds no secret
+        import pgwarden  # noqa: PLC0415  (where this pgwarden's code is)
+
+        for needed in (Path(sys.executable), Path(pgwarden.__file__)):
+            if not self.runas.can_access(needed, "-r"):
+                raise ServerError(
+                    f"the user PostgreSQL runs as ({self.runas.name}) cannot read {needed}, "
+                    "and its archive_command runs pgwarden to put WAL into S3",
+                    hint=f"install pgwarden where {self.runas.name} can read it (not under a "
+                    "private home directory)",
+                )
+
     def _claim_backup_root(self) -> None:
         """Record whose archive the location is on first use, and refuse, before the server
         archives anything there, a location that holds another cluster's WAL."""
-        if self.backup_root is None:
+        repo = self.backup_repository()
+        if repo is None:
             return
         control = self._controldata()
         if "Database system identifier" not in control:
             raise ServerError(f"pg_controldata could not read {self.state.data_dir}")
-        Repository(self.backup_root).claim(
+        repo.claim(
             Cluster(
                 system_identifier=control["Database system identifier"],
                 pg_major=self.binaries.major,
@@ -541,6 +584,9 @@ class LocalServer:
             ident_users=(self.runas.name, getpass.getuser()),
             admin_user=server.admin_user,
             archive_dir=str(self.archive_dir) if self.archive_dir is not None else None,
+            archive_command=(
+                self.wal_command("push") if isinstance(self.backup_root, S3Location) else None
+            ),
             archive_timeout=self.config.backup.archive_timeout,
             summarize_wal=self.binaries.major >= 17,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from pgwarden.backup.store import S3Location
 from pgwarden.config import Config
 from pgwarden.connect import Target, connect
 from pgwarden.converge import apply_config
@@ -98,10 +99,14 @@ def local_server(
     )
 
 
-def backup_root(config: Config, config_path: Path | None) -> Path | None:
-    """backup.location as an absolute path; relative paths are relative to pgwarden.yaml."""
+def backup_root(config: Config, config_path: Path | None) -> Path | S3Location | None:
+    """backup.location as an absolute path (relative paths are relative to pgwarden.yaml), or
+    the S3 location of backup.s3."""
     location = config.backup.location
     if location is None:
-        return None
+        s3 = config.backup.s3
+        if s3 is None:
+            return None
+        return S3Location(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
     base = config_path.parent if config_path is not None else Path.cwd()
     return (base / Path(location).expanduser()).absolute()

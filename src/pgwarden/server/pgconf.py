@@ -26,6 +26,7 @@ class Placement:
     ident_users: Sequence[str] = field(default_factory=tuple)  # OS users mapped to the admin
     admin_user: str = "postgres"
     archive_dir: str | None = None  # WAL archiving into this directory (basic_archive)
+    archive_command: str | None = None  # or through this command (an object store)
     archive_timeout: int = 60
     summarize_wal: bool = False  # PostgreSQL 17+: what incremental backups need
 
@@ -75,6 +76,10 @@ def settings_for(server: ServerConfig, placement: Placement) -> dict[str, Settin
         settings["archive_mode"] = "on"
         settings["archive_library"] = "basic_archive"
         settings["basic_archive.archive_directory"] = placement.archive_dir
+    elif placement.archive_command is not None:
+        settings["archive_mode"] = "on"
+        settings["archive_command"] = placement.archive_command
+    if placement.archive_dir is not None or placement.archive_command is not None:
         settings["archive_timeout"] = placement.archive_timeout
         if placement.summarize_wal:
             settings["summarize_wal"] = True
