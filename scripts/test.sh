@@ -6,7 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PG15_BIN=/usr/lib/postgresql/15/bin
-PYTHON=${PYTHON:-python3}
+# As root, PostgreSQL runs as a service user, and with an S3 backup location its
+# archive_command runs this venv's Python: an interpreter under /root (pyenv's) is out of that
+# user's reach, so the venv is made from the system's Python.
+if [ -z "${PYTHON:-}" ]; then
+  if [ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
 
 # Debian's PostgreSQL 15 for the second leg, with its server headers: setup.py builds the
 # compiled capture trigger for every major it finds headers for.

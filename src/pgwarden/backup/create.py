@@ -99,7 +99,7 @@ def create_backup(
         fmt = "plain"
     else:
         # An object store gets the tar format: three objects instead of one per file.
-        home = server.state.root / "backup-staging" / label
+        home = server.state.cluster / "backup-staging" / label
         home.mkdir(mode=0o700, parents=True)
         server.runas.chown(home.parent)
         server.runas.chown(home)

@@ -381,10 +381,30 @@ def materialize(repo: Repository, info: BackupInfo, dest: Path) -> None:
             if not repo.store.fetch(f"backups/{info.label}/{name}", part):
                 raise UserError(f"backup {info.label} in {repo.where} has lost its {name}")
             into.mkdir(mode=0o700, exist_ok=True)
-            with tarfile.open(part) as tar:
-                tar.extractall(into, filter="data")
+            _extract(part, into)
             part.unlink()
         if not repo.store.fetch(f"backups/{info.label}/backup_manifest", dest / "backup_manifest"):
             raise UserError(f"backup {info.label} in {repo.where} has lost its backup_manifest")
     finally:
         shutil.rmtree(download, ignore_errors=True)
+
+
+def _extract(archive: Path, into: Path) -> None:
+    """Unpack a backup's tar, refusing any member that would land outside `into` (a tampered
+    bucket must not write elsewhere on this machine). Python's own "data" filter does this
+    from 3.11.4 on; Debian 12's 3.11.2 lacks it, so the check is here."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            name = Path(member.name)
+            if name.is_absolute() or ".." in name.parts:
+                raise UserError(f"{archive.name} holds a path outside the data directory: {name}")
+            if not (member.isfile() or member.isdir()):
+                raise UserError(
+                    f"{archive.name} holds {name}, neither a file nor a directory "
+                    "(tablespace links are not restored from an object store)"
+                )
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into, members=members, filter="data")
+        else:
+            tar.extractall(into, members=members)  # noqa: S202 - every member checked above

@@ -258,7 +258,7 @@ class S3Store:
             ) from None
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchBucket",):
+            if code == "NoSuchBucket" or (code == "404" and what == "reach the bucket"):
                 raise UserError(
                     f"{self.where}: bucket {self.location.bucket} does not exist",
                     hint="create it (pgwarden never creates buckets), or fix backup.s3.bucket",

@@ -57,7 +57,7 @@ def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
     scratch directory first (its own size in free disk space), then removed."""
     contents = repo.observe()
     checks = []
-    scratch = server.state.root / "backup-verify"
+    scratch = server.state.cluster / "backup-verify"
     for info in contents.backups:
         try:
             data = plain_copy(repo, info, scratch)

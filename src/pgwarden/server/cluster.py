@@ -419,7 +419,7 @@ class LocalServer:
     @property
     def s3_location_file(self) -> Path:
         """The S3 location, for the archive and restore commands PostgreSQL runs."""
-        return self.state.root / "backup-location.json"
+        return self.state.cluster / "backup-location.json"
 
     def backup_repository(self) -> Repository | None:
         if self.backup_root is None:

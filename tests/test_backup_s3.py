@@ -1,0 +1,203 @@
+"""Backups in S3, against a real S3-compatible server (moto's server mode) on 127.0.0.1: WAL
+archived by PostgreSQL's archive_command, tar-format base backups, restores fetched from the
+bucket, verification, retention, and the archive's no-overwrite promise."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgwarden.backup.store import ArchiveConflict, S3Location, S3Store
+from pgwarden.config import parse_config_file
+from pgwarden.server.cluster import LocalServer, free_port
+from pgwarden.server.local import local_server
+from tests.conftest import Run
+from tests.test_backup import _archived_up_to_now, _restored, _sql, _stop, reachable
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+__all__ = ["reachable"]  # a fixture, used by name below
+
+BUCKET = "pgwarden-test"
+YAML = """\
+database: app
+server:
+  port: {port}
+history:
+  tables: ['public.*']
+backup:
+  keep: 1
+  archive_timeout: 1
+  s3:
+    bucket: {bucket}
+    prefix: clusters/main
+    endpoint_url: {endpoint}
+"""
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any]]:
+    """An S3-compatible server on a free port of 127.0.0.1, with one empty bucket; the
+    credentials are in the environment, where PostgreSQL's archive_command finds them too."""
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "pgwarden-test",
+        "AWS_SECRET_ACCESS_KEY": "pgwarden-test-secret",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield endpoint, client
+    server.stop()
+
+
+@pytest.fixture
+def s3_site(
+    tmp_path: Path, reachable: Path, run: Run, s3: tuple[str, Any]
+) -> Iterator[tuple[LocalServer, Path, Any]]:
+    endpoint, client = s3
+    config = tmp_path / "pgwarden.yaml"
+    config.write_text(YAML.format(port=free_port(), bucket=BUCKET, endpoint=endpoint))
+    server = local_server(parse_config_file(config), config, None)
+    up = run("up")
+    assert up.code == 0, up.err
+    yield server, reachable, client
+    for data in reachable.glob("restored-*"):
+        if (data / "postmaster.pid").exists():
+            server.runas.run([server.tool("pg_ctl"), "stop", "-D", data, "-m", "immediate"])
+    server.purge()
+
+
+def _keys(client: Any, prefix: str) -> list[str]:
+    found = client.list_objects_v2(Bucket=BUCKET, Prefix=f"clusters/main/{prefix}")
+    return [item["Key"].removeprefix("clusters/main/") for item in found.get("Contents", [])]
+
+
+def test_backup_to_s3_restores_to_a_time_verifies_and_prunes(
+    s3_site: tuple[LocalServer, Path, Any], run: Run
+) -> None:
+    server, root, client = s3_site
+    _sql(server, "CREATE TABLE marker (id int PRIMARY KEY, note text)")
+    _sql(server, "INSERT INTO marker SELECT g, 'before backup' FROM generate_series(1, 50) g")
+    created = run("backup", "create")
+    assert created.code == 0, created.err
+    first = created.out.strip()
+    objects = _keys(client, f"backups/{first}/")
+    assert sorted(k.rsplit("/", 1)[1] for k in objects) == [
+        "backup_manifest", "base.tar", "pg_wal.tar", "pgwarden-backup.json",
+    ]  # fmt: skip
+
+    _sql(server, "INSERT INTO marker VALUES (51, 'after backup, before target')")
+    time.sleep(1.1)
+    target = _sql(server, "SELECT now()")[0][0]
+    time.sleep(1.1)
+    _sql(server, "DELETE FROM marker WHERE id <= 25")  # the mistake
+    _archived_up_to_now(server)
+    assert any(k.startswith("wal/0000000") for k in _keys(client, "wal/"))
+
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert listed["location"] == f"s3://{BUCKET}/clusters/main"
+    assert [b["label"] for b in listed["backups"]] == [first]
+    assert listed["archiver"]["failing"] is False
+    assert listed["missing_segment"] is None
+
+    restored = run("backup", "restore", "--to-time", target.isoformat(),
+                   "--target-dir", str(root / "restored-time"), "--start")  # fmt: skip
+    assert restored.code == 0, restored.err
+    rows = _restored(restored.out.strip(), "SELECT count(*), max(id) FROM marker")
+    assert rows == [(51, 51)]
+    _stop(server, root / "restored-time")
+
+    verified = run("backup", "verify", "-o", "json")
+    assert verified.code == 0, verified.out + verified.err
+    assert json.loads(verified.out)["ok"] is True
+
+    # Retention: a second backup, keep 1 → the first one's objects and the WAL before the
+    # second's start go; the second still restores to the latest state.
+    second = run("backup", "create")
+    assert second.code == 0, second.err
+    _archived_up_to_now(server)
+    pruned = run("backup", "prune")
+    assert pruned.code == 0, pruned.err
+    assert _keys(client, f"backups/{first}/") == []
+    latest = run("backup", "restore", "--to-latest",
+                 "--target-dir", str(root / "restored-latest"), "--start")  # fmt: skip
+    assert latest.code == 0, latest.err
+    assert _restored(latest.out.strip(), "SELECT count(*) FROM marker") == [(26,)]
+    _stop(server, root / "restored-latest")
+
+    if server.binaries.major >= 17:
+        # An incremental backup in the bucket: built on the full one's manifest (fetched),
+        # combined at restore from both tars.
+        _sql(server, "UPDATE marker SET note = 'changed after the full backup' WHERE id = 30")
+        inc = run("backup", "create", "--incremental")
+        assert inc.code == 0, inc.err
+        _archived_up_to_now(server)
+        combined = run("backup", "restore", "--to-latest",
+                       "--target-dir", str(root / "restored-inc"), "--start")  # fmt: skip
+        assert combined.code == 0, combined.err
+        assert "pg_combinebackup" in combined.err
+        assert _restored(combined.out.strip(), "SELECT note FROM marker WHERE id = 30") == [
+            ("changed after the full backup",)
+        ]
+        _stop(server, root / "restored-inc")
+        assert run("backup", "verify").code == 0
+
+    # A segment lost from the bucket: verify names it, a restore past it is refused.
+    _sql(server, "INSERT INTO marker VALUES (52, 'after the second backup')")
+    _archived_up_to_now(server)
+    segments = sorted(k for k in _keys(client, "wal/") if len(k) == len("wal/") + 24)
+    assert len(segments) >= 3
+    lost = segments[-2]
+    client.delete_object(Bucket=BUCKET, Key=f"clusters/main/{lost}")
+    broken = run("backup", "verify", "-o", "json")
+    assert broken.code == 1
+    assert json.loads(broken.out)["missing_segment"] == lost.removeprefix("wal/")
+    refused = run("backup", "restore", "--to-latest", "--target-dir", str(root / "restored-gap"))
+    assert refused.code == 2
+    assert lost.removeprefix("wal/") in refused.err
+    assert not (root / "restored-gap").exists()
+
+
+def test_s3_archive_never_overwrites_a_different_file(s3: tuple[str, Any], tmp_path: Path) -> None:
+    endpoint, client = s3
+    store = S3Store(S3Location(BUCKET, "p", endpoint))
+    segment = tmp_path / "000000010000000000000001"
+    segment.write_bytes(b"a" * 1000)
+    assert store.put_new("wal/000000010000000000000001", segment) is True
+    assert store.put_new("wal/000000010000000000000001", segment) is False  # a retry: fine
+    other = tmp_path / "other"
+    other.write_bytes(b"b" * 1000)
+    with pytest.raises(ArchiveConflict):
+        store.put_new("wal/000000010000000000000001", other)
+    body = client.get_object(Bucket=BUCKET, Key="p/wal/000000010000000000000001")["Body"].read()
+    assert body == b"a" * 1000
+    # A file put there by something else, without pgwarden's checksum: compared by content.
+    client.put_object(Bucket=BUCKET, Key="p/wal/000000010000000000000002", Body=b"a" * 1000)
+    assert store.put_new("wal/000000010000000000000002", segment) is False
+    with pytest.raises(ArchiveConflict):
+        store.put_new("wal/000000010000000000000002", other)
+
+
+def test_s3_errors_a_user_can_fix_are_said_plainly(
+    tmp_path: Path, run: Run, s3: tuple[str, Any]
+) -> None:
+    endpoint, _client = s3
+    config = tmp_path / "pgwarden.yaml"
+    config.write_text(YAML.format(port=free_port(), bucket="no-such-bucket", endpoint=endpoint))
+    up = run("up")
+    assert up.code == 2, up.err
+    assert "bucket no-such-bucket does not exist" in up.err
+    assert "Traceback" not in up.err
