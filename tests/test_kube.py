@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from psycopg import sql
 
 from pgwarden.config import Config, parse_config_text
+from pgwarden.kube.cnpg import RestoreRequest
 from pgwarden.kube.service import render
 from pgwarden.kube.validate import SUPPORTED, validate_objects
 from pgwarden.server.cluster import LocalServer
@@ -38,11 +40,14 @@ CONFIGS = {
 }
 
 
-def _render(text: str, tmp_path: Path, pg_bin: Path | None = None) -> Any:
+def _render(
+    text: str, tmp_path: Path, pg_bin: Path | None = None, restore: RestoreRequest | None = None
+) -> Any:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     (state / "k8s-password").write_text("fixed-password-for-golden-files\n")
-    return render(parse_config_text(text, source="test.yaml"), state, pg_bin=pg_bin)
+    config = parse_config_text(text, source="test.yaml")
+    return render(config, state, pg_bin=pg_bin, restore=restore)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -196,11 +201,51 @@ def test_cloudnative_pg_objects_match_the_crds(tmp_path: Path) -> None:
         schemas[(crd["spec"]["group"], crd["spec"]["names"]["kind"])] = version["schema"][
             "openAPIV3Schema"
         ]["properties"]["spec"]
-    for obj in _render(CONFIGS["cnpg"], tmp_path).objects:
+    restore = RestoreRequest(datetime(2026, 12, 2, 10, 15, tzinfo=UTC), "postgres-restored")
+    objects = [
+        *_render(CONFIGS["cnpg"], tmp_path).objects,
+        *_render(CONFIGS["cnpg"], tmp_path, restore=restore).objects,
+    ]
+    checked = 0
+    for obj in objects:
         group = obj["apiVersion"].split("/")[0]
         schema = schemas.get((group, obj["kind"]))
         if schema is not None:
             jsonschema.validate(obj["spec"], schema)
+            checked += 1
+    assert checked == 5  # Cluster, ObjectStore, ScheduledBackup; the recovered Cluster, its own
+
+
+def test_cloudnative_pg_restore_to_a_time_is_a_new_cluster(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "pgwarden.yaml").write_text(CONFIGS["cnpg"])
+    result = run("k8s", "render", "--restore-to-time", "2026-12-02T11:15:00+01:00")
+    assert result.code == 0, result.err
+    objects = list(yaml.safe_load_all(result.out))
+    assert [o["kind"] for o in objects] == ["Cluster", "ScheduledBackup"]
+    cluster = objects[0]
+    assert cluster["metadata"]["name"] == "postgres-restored"
+    recovery = cluster["spec"]["bootstrap"]["recovery"]
+    assert recovery["recoveryTarget"] == {"targetTime": "2026-12-02T10:15:00+00:00"}
+    source = {c["name"]: c for c in cluster["spec"]["externalClusters"]}[recovery["source"]]
+    assert source["plugin"]["parameters"] == {
+        "barmanObjectName": "postgres-backup", "serverName": "postgres",
+    }  # fmt: skip
+    # It archives under its own name: never into the WAL of the cluster it came from.
+    assert cluster["spec"]["plugins"][0]["parameters"]["serverName"] == "postgres-restored"
+    assert objects[1]["spec"]["cluster"] == {"name": "postgres-restored"}
+    assert "postgres is not touched" in result.err
+
+    same = run("k8s", "render", "--restore-to-time", "1h", "--restore-as", "postgres")
+    assert same.code == 2
+    assert "name of its own" in same.err
+    (tmp_path / "pgwarden.yaml").write_text("kubernetes: {flavor: cloudnative-pg}\n")
+    no_backups = run("k8s", "render", "--restore-to-time", "1h")
+    assert no_backups.code == 2
+    assert "no backup.s3" in no_backups.err
+    (tmp_path / "pgwarden.yaml").write_text("history: {tables: ['public.*']}\n")
+    statefulset = run("k8s", "render", "--restore-to-time", "1h")
+    assert statefulset.code == 2
+    assert "pgwarden backup restore" in statefulset.err
 
 
 def test_cloudnative_pg_refuses_a_shared_volume(run: Run, tmp_path: Path) -> None:

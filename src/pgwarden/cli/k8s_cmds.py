@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from pathlib import Path
 
 import click
 
 from pgwarden.cli.app import err_console, out
 from pgwarden.cli.context import AppContext, pass_app
+from pgwarden.cli.timeparse import TIME
 from pgwarden.errors import UserError
 from pgwarden.kube import kubectl
+from pgwarden.kube.cnpg import RestoreRequest
 from pgwarden.kube.output import read_objects, write_dir
 from pgwarden.kube.service import render
 from pgwarden.kube.validate import SUPPORTED, validate_objects
@@ -48,9 +52,25 @@ def k8s_group() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="PostgreSQL used to plan the bootstrap SQL.",
 )
+@click.option(
+    "--restore-to-time",
+    "restore_to",
+    type=TIME,
+    help="Render instead a new cloudnative-pg cluster recovered from the backups to this time.",
+)
+@click.option(
+    "--restore-as",
+    metavar="NAME",
+    help="The recovered cluster's name (default: <kubernetes.name>-restored).",
+)
 @pass_app
 def render_cmd(
-    app: AppContext, flavor: str | None, out_dir: Path | None, pg_bin: Path | None
+    app: AppContext,
+    flavor: str | None,
+    out_dir: Path | None,
+    pg_bin: Path | None,
+    restore_to: datetime | None,
+    restore_as: str | None,
 ) -> None:
     """Render the manifests (validated offline) to stdout, or to --out DIR with a kustomization.
 
@@ -58,13 +78,22 @@ def render_cmd(
     Example:
       pgwarden k8s render > postgres.yaml
       pgwarden k8s render --out deploy/ && kubectl apply -k deploy/
+      pgwarden k8s render --restore-to-time '2026-12-02 10:15' | kubectl apply -f -
     """
     config = app.loaded.config
+    restore = None
+    if restore_as is not None and restore_to is None:
+        raise UserError("--restore-as names the cluster of --restore-to-time, which is missing")
+    if restore_to is not None:
+        name = restore_as or f"{config.kubernetes.name}-restored"
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,48}[a-z0-9])?", name):
+            raise UserError(f"--restore-as {name!r} is not a Kubernetes name (a DNS label)")
+        restore = RestoreRequest(to_time=restore_to, name=name)
     if flavor:
         config = config.model_copy(
             update={"kubernetes": config.kubernetes.model_copy(update={"flavor": flavor})}
         )
-    rendered = render(config, _state_dir(app), pg_bin=pg_bin)
+    rendered = render(config, _state_dir(app), pg_bin=pg_bin, restore=restore)
     for warning in rendered.warnings:
         err_console.print(f"warning: {warning}", markup=False)
     if out_dir:

@@ -7,6 +7,8 @@ is a type error here rather than a surprise in the cluster.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,17 +103,47 @@ class Plugin(_Model):
     parameters: dict[str, str]
 
 
+class TargetTime(_Model):
+    target_time: str = Field(alias="targetTime")
+
+
+class Recovery(_Model):
+    source: str
+    database: str
+    owner: str
+    recovery_target: TargetTime = Field(alias="recoveryTarget")
+
+
+class SourcePlugin(_Model):
+    name: str
+    parameters: dict[str, str]
+
+
+class ExternalCluster(_Model):
+    name: str
+    plugin: SourcePlugin
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """`k8s render --restore-to-time T`: a new cluster recovered from the object store."""
+
+    to_time: datetime
+    name: str  # the restored cluster's own name (it archives under it: never into the source's)
+
+
 class ClusterSpec(_Model):
     instances: int
     image_name: str = Field(alias="imageName")
     postgresql: PostgresSection
-    bootstrap: dict[str, InitDb]
+    bootstrap: dict[str, InitDb | Recovery]
     storage: Storage
     resources: dict[str, dict[str, str]]
     affinity: Affinity
     enable_superuser_access: bool = Field(False, alias="enableSuperuserAccess")
     managed: dict[str, list[ManagedRole]] | None = None
     plugins: list[Plugin] | None = None
+    external_clusters: list[ExternalCluster] | None = Field(None, alias="externalClusters")
 
 
 def _parameters(config: Config) -> dict[str, str]:
@@ -167,8 +199,10 @@ def check_cnpg(config: Config) -> None:
         )
 
 
-def render_cnpg(config: Config, bootstrap: str) -> Rendered:
+def render_cnpg(config: Config, bootstrap: str, restore: RestoreRequest | None = None) -> Rendered:
     check_cnpg(config)
+    if restore is not None:
+        return _render_restore(config, restore)
     k8s = config.kubernetes
     storage = k8s.storage
     warnings: list[str] = []
@@ -191,9 +225,7 @@ def render_cnpg(config: Config, bootstrap: str) -> Rendered:
     plugins = None
     backup = config.backup
     if backup.s3 is not None:
-        plugins = [
-            Plugin(name=BARMAN_PLUGIN, parameters={"barmanObjectName": f"{k8s.name}-backup"})
-        ]
+        plugins = [_archiver(k8s.name, k8s.name)]
     spec = ClusterSpec(
         instances=k8s.instances,
         image_name=k8s.image or DEFAULT_IMAGE,
@@ -226,43 +258,124 @@ def render_cnpg(config: Config, bootstrap: str) -> Rendered:
         }
     )
     if backup.s3 is not None:
-        s3 = backup.s3
-        path = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
-        configuration: dict[str, Any] = {
-            "destinationPath": path,
-            "s3Credentials": {
-                "accessKeyId": {"name": s3.credentials_secret, "key": s3.access_key_id_key},
-                "secretAccessKey": {"name": s3.credentials_secret, "key": s3.secret_access_key_key},
-            },
-            "wal": {"compression": "gzip"},
-            "data": {"compression": "gzip"},
-        }
-        if s3.endpoint_url:
-            configuration["endpointURL"] = s3.endpoint_url
-        objects.append(
-            {
-                "apiVersion": BARMAN_API,
-                "kind": "ObjectStore",
-                "metadata": meta(k8s, f"{k8s.name}-backup"),
-                "spec": {"configuration": configuration, "retentionPolicy": backup.retention},
-            }
-        )
-        objects.append(
-            {
-                "apiVersion": CNPG_API,
-                "kind": "ScheduledBackup",
-                "metadata": meta(k8s, f"{k8s.name}-daily"),
-                "spec": {
-                    "schedule": backup.schedule,
-                    "backupOwnerReference": "self",
-                    "cluster": {"name": k8s.name},
-                    "method": "plugin",
-                    "pluginConfiguration": {"name": BARMAN_PLUGIN},
-                },
-            }
-        )
+        objects.append(_object_store(config))
+        objects.append(_scheduled_backup(config, k8s.name))
     else:
         warnings.append(
             "no backup section: the cluster has replicas but no backups (add backup.s3)"
         )
     return Rendered(objects, warnings)
+
+
+def _archiver(cluster: str, source: str) -> Plugin:
+    """Barman Cloud as WAL archiver and backup method; each cluster under its own server name,
+    so that a restored cluster never writes into the archive it was restored from."""
+    return Plugin(
+        name=BARMAN_PLUGIN,
+        parameters={"barmanObjectName": f"{source}-backup", "serverName": cluster},
+    )
+
+
+def _scheduled_backup(config: Config, cluster: str) -> Manifest:
+    return {
+        "apiVersion": CNPG_API,
+        "kind": "ScheduledBackup",
+        "metadata": meta(config.kubernetes, f"{cluster}-daily"),
+        "spec": {
+            "schedule": config.backup.schedule,
+            "backupOwnerReference": "self",
+            "cluster": {"name": cluster},
+            "method": "plugin",
+            "pluginConfiguration": {"name": BARMAN_PLUGIN},
+        },
+    }
+
+
+def _render_restore(config: Config, restore: RestoreRequest) -> Rendered:
+    """A Cluster bootstrapped by recovery from the source's base backups and WAL in the object
+    store, up to a time; the source cluster and its archive are left as they are."""
+    k8s = config.kubernetes
+    if config.backup.s3 is None:
+        raise ConfigError(
+            "--restore-to-time needs backups: there is no backup.s3 section",
+            hint="backups for cloudnative-pg go to S3 through the Barman Cloud plugin",
+        )
+    if restore.name == k8s.name:
+        raise ConfigError(
+            f"the restored cluster needs a name of its own, not {k8s.name}",
+            hint="--restore-as NAME; the source cluster stays as it is",
+        )
+    when = restore.to_time.astimezone(UTC).isoformat()  # RFC 3339, which CloudNativePG parses
+    spec = ClusterSpec(
+        instances=k8s.instances,
+        image_name=k8s.image or DEFAULT_IMAGE,
+        postgresql=PostgresSection(
+            parameters=_parameters(config),
+            pg_hba=[f"host all all {cidr} scram-sha-256" for cidr in k8s.allowed_cidrs],
+            synchronous=Synchronous(number=1) if k8s.instances > 1 else None,
+        ),
+        bootstrap={
+            "recovery": Recovery(
+                source="origin",
+                database=config.database,
+                owner=OWNER,
+                recovery_target=TargetTime(target_time=when),
+            )
+        },
+        storage=Storage(size=k8s.storage.size, storage_class=storage_class_name(k8s)),
+        resources={"requests": dict(k8s.resources.requests), "limits": dict(k8s.resources.limits)},
+        affinity=Affinity(),
+        managed={"roles": _managed_roles(config)},
+        plugins=[_archiver(restore.name, k8s.name)],
+        external_clusters=[
+            ExternalCluster(
+                name="origin",
+                plugin=SourcePlugin(
+                    name=BARMAN_PLUGIN,
+                    parameters={"barmanObjectName": f"{k8s.name}-backup", "serverName": k8s.name},
+                ),
+            )
+        ],
+    )
+    objects: list[Manifest] = [
+        {
+            "apiVersion": CNPG_API,
+            "kind": "Cluster",
+            "metadata": meta(k8s, restore.name),
+            "spec": spec.dump(),
+        },
+        _scheduled_backup(config, restore.name),
+    ]
+    for obj in objects:
+        obj["metadata"]["labels"]["app.kubernetes.io/instance"] = restore.name
+    warnings = [
+        f"a new cluster {restore.name}, recovered to {when} from {k8s.name}'s backups; "
+        f"{k8s.name} is not touched. Check the data (kubectl cnpg psql {restore.name}), then "
+        f"point applications at {restore.name}-rw.",
+    ]
+    return Rendered(objects, warnings)
+
+
+def _object_store(config: Config) -> Manifest:
+    k8s = config.kubernetes
+    backup = config.backup
+    s3 = backup.s3
+    assert s3 is not None
+    path = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+    configuration: dict[str, Any] = {
+        "destinationPath": path,
+        "s3Credentials": {
+            "accessKeyId": {"name": s3.credentials_secret, "key": s3.access_key_id_key},
+            "secretAccessKey": {"name": s3.credentials_secret, "key": s3.secret_access_key_key},
+        },
+        "wal": {"compression": "gzip"},
+        "data": {"compression": "gzip"},
+    }
+    if s3.endpoint_url:
+        configuration["endpointURL"] = s3.endpoint_url
+    return {
+        "apiVersion": BARMAN_API,
+        "kind": "ObjectStore",
+        "metadata": meta(k8s, f"{k8s.name}-backup"),
+        "spec": {"configuration": configuration, "retentionPolicy": backup.retention},
+    }

@@ -7,16 +7,30 @@ from pathlib import Path
 from pgwarden.config import Config
 from pgwarden.errors import UserError
 from pgwarden.kube.bootstrap import bootstrap_sql
-from pgwarden.kube.cnpg import OWNER, check_cnpg, render_cnpg
+from pgwarden.kube.cnpg import OWNER, RestoreRequest, check_cnpg, render_cnpg
 from pgwarden.kube.render import Rendered, check_config, k8s_password, render_statefulset
 from pgwarden.kube.validate import validate_objects
 
 
 def render(
-    config: Config, state_dir: Path, *, pg_bin: Path | None = None, version: str | None = None
+    config: Config,
+    state_dir: Path,
+    *,
+    pg_bin: Path | None = None,
+    version: str | None = None,
+    restore: RestoreRequest | None = None,
 ) -> Rendered:
     k8s = config.kubernetes
-    if k8s.flavor == "cloudnative-pg":
+    if restore is not None:
+        if k8s.flavor != "cloudnative-pg":
+            raise UserError(
+                "--restore-to-time renders a recovered cloudnative-pg cluster; the statefulset "
+                "flavor is restored with `pgwarden backup restore` from its backup volume",
+                hint="mount the backup volume where pgwarden runs, set backup.location to it, "
+                "and run `pgwarden backup restore --to-time T --target-dir DIR`",
+            )
+        rendered = render_cnpg(config, "", restore)
+    elif k8s.flavor == "cloudnative-pg":
         check_cnpg(config)
         # CloudNativePG's initdb creates the database owner itself: plan with it present.
         rendered = render_cnpg(config, bootstrap_sql(config, pg_bin, existing_roles=[OWNER]))
