@@ -467,3 +467,69 @@ def test_an_unwritable_archive_shows_and_resumes_without_a_gap(
     assert json.loads(run("status", "-o", "json").out)["archiver"]["failing"] is False
     assert run("backup", "verify").code == 0
     assert _sql(server, "SELECT count(*) FROM w") == [(1010,)]
+
+
+def test_the_kubernetes_backup_job_writes_what_pgwarden_backup_reads(
+    site: tuple[LocalServer, Path], run: Run, tmp_path: Path
+) -> None:
+    """The statefulset flavor's CronJob script (as rendered into its ConfigMap), run against a
+    real server: its backup is listed, verified and restored by pgwarden like its own."""
+    from pgwarden.config import parse_config_text
+    from pgwarden.kube.service import render
+
+    server, root = site
+    config = parse_config_text(
+        "kubernetes:\n  storage: {kind: efs, efs: {file_system_id: fs-0123456789abcdef0}}\n"
+        "backup: {volume: {size: 50Gi}}\n",
+        source="pgwarden.yaml",
+    )
+    state = tmp_path / "k8s-state"
+    state.mkdir()
+    objects = render(config, state).objects
+    (scripts_map,) = [o for o in objects if o["metadata"]["name"] == "postgres-backup-scripts"]
+    (cronjob,) = [o for o in objects if o["kind"] == "CronJob"]
+    job = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    scripts = root / "scripts"
+    scripts.mkdir()
+    os.chmod(scripts, 0o755)  # noqa: S103 - the job's read-only scripts
+    for name, text in scripts_map["data"].items():
+        (scripts / name).write_text(text)
+        os.chmod(scripts / name, 0o644)
+
+    def job_run(backup_root: Path) -> tuple[int, str]:
+        env = clean_env()
+        env.update(
+            BACKUP_ROOT=str(backup_root), PGWARDEN_SCRIPTS=str(scripts), PGHOST="127.0.0.1",
+            PGPORT=str(server.port), PGUSER="postgres", PGPASSWORD=server.state.password() or "",
+            PATH=f"{server.tool('psql').parent}:{env.get('PATH', '/usr/bin:/bin')}",
+        )  # fmt: skip
+        done = server.runas.run([*job["command"][:1], str(scripts / "backup.sh")], env=env)
+        return done.returncode, done.stdout + done.stderr
+
+    _sql(server, "CREATE TABLE marker (id int PRIMARY KEY)")
+    _sql(server, "INSERT INTO marker SELECT generate_series(1, 10)")
+    code, output = job_run(root / "backups")
+    assert code == 0, output
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert len(listed["backups"]) == 1
+    info = listed["backups"][0]
+    assert (info["kind"], info["timeline"]) == ("full", 1)
+    assert info["label"] in output
+    assert run("backup", "verify").code == 0
+    _sql(server, "INSERT INTO marker SELECT generate_series(11, 20)")
+    _archived_up_to_now(server)
+    restored = run("backup", "restore", "--to-latest",
+                   "--target-dir", str(root / "restored-job"), "--start")  # fmt: skip
+    assert restored.code == 0, restored.err
+    assert _restored(restored.out.strip(), "SELECT count(*) FROM marker") == [(20,)]
+    _stop(server, root / "restored-job")
+
+    # Another cluster's archive: the job refuses, writes nothing.
+    foreign = root / "foreign"
+    (foreign / "backups").mkdir(parents=True)
+    server.runas.chown_tree(foreign)
+    (foreign / "pgwarden-backups.json").write_text('{"system_identifier": "1", "format": 1}\n')
+    code, output = job_run(foreign)
+    assert code == 2
+    assert "another cluster" in output
+    assert list((foreign / "backups").iterdir()) == []

@@ -35,6 +35,9 @@ CONFIGS = {
     "app_rw: {login: true, tables: {'public.*': [SELECT, INSERT]}}}}\n"
     "kubernetes: {flavor: cloudnative-pg, instances: 3}\n"
     "backup: {s3: {bucket: my-backups, prefix: pg/prod}, retention: 30d}\n",
+    "efs-backup": "kubernetes:\n  storage: {kind: ebs}\n"
+    "backup: {volume: {size: 200Gi, efs: {file_system_id: fs-0123456789abcdef0}}, "
+    "schedule: '0 30 1 * * *', archive_timeout: 30}\n",
     "existing": "kubernetes:\n  existing_secret: pg-admin\n"
     "  storage: {kind: existing, class_name: fast-ssd}\n  allowed_cidrs: [172.16.0.0/12]\n",
 }
@@ -353,3 +356,54 @@ def test_rendered_settings_and_bootstrap_run_a_real_postgres(
         server.down()
         server.purge()
     del monkeypatch
+
+
+def test_statefulset_backups_go_to_their_own_volume(run: Run, tmp_path: Path) -> None:
+    rendered = _render(CONFIGS["efs-backup"], tmp_path)
+    by_kind: dict[str, list[Any]] = {}
+    for obj in rendered.objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    claim = next(
+        o for o in by_kind["PersistentVolumeClaim"] if o["metadata"]["name"] == "postgres-backup"
+    )
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "postgres-backup-efs"
+    classes = {o["metadata"]["name"]: o for o in by_kind["StorageClass"]}
+    assert classes["postgres-backup-efs"]["reclaimPolicy"] == "Retain"
+    (job,) = by_kind["CronJob"]
+    assert job["spec"]["schedule"] == "30 1 * * *"
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]
+    # The job's pods never match the server's Service selector.
+    (service,) = [o for o in by_kind["Service"] if o["spec"].get("type") == "ClusterIP"]
+    selector = service["spec"]["selector"]
+    assert not all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert "value" not in env["PGPASSWORD"]  # from the Secret, never in the manifest
+    conf = next(o for o in by_kind["ConfigMap"] if o["metadata"]["name"] == "postgres-config")
+    text = conf["data"]["postgresql.conf"]
+    assert "archive_library = 'basic_archive'" in text
+    assert "basic_archive.archive_directory = '/backup/wal'" in text
+    assert "archive_timeout = 30" in text
+    (sts,) = by_kind["StatefulSet"]
+    pod_spec = sts["spec"]["template"]["spec"]
+    assert pod_spec["initContainers"][0]["command"][:2] == ["mkdir", "-p"]
+    (policy,) = by_kind["NetworkPolicy"]
+    assert any(
+        "podSelector" in source for rule in policy["spec"]["ingress"] for source in rule["from"]
+    )
+
+    (tmp_path / "pgwarden.yaml").write_text("backup: {volume: {size: 10Gi}}\n")
+    no_rwx = run("k8s", "render")
+    assert no_rwx.code == 2
+    assert "ReadWriteMany" in no_rwx.err
+    (tmp_path / "pgwarden.yaml").write_text(
+        "backup: {volume: {class_name: nfs}, schedule: '30 0 2 * * *'}\n"
+    )
+    seconds = run("k8s", "render")
+    assert seconds.code == 2
+    assert "at a given second" in seconds.err
+    (tmp_path / "pgwarden.yaml").write_text("backup: {s3: {bucket: my-backups}}\n")
+    s3_only = run("k8s", "render")
+    assert s3_only.code == 0
+    assert "does not archive to S3" in s3_only.err

@@ -436,6 +436,21 @@ class S3BackupConfig(_Section):
         return value
 
 
+class BackupVolumeConfig(_Section):
+    """Kubernetes, statefulset flavor: a ReadWriteMany volume (EFS) that the server archives
+    its WAL into and a CronJob writes base backups to, in the layout `pgwarden backup` reads."""
+
+    size: Quantity = Field("100Gi", description="Size requested for the claim (EFS is elastic).")
+    class_name: str | None = Field(
+        None, description="A ReadWriteMany StorageClass you have (instead of efs)."
+    )
+    efs: EfsConfig | None = Field(
+        None,
+        description="The EFS file system for backups (default: kubernetes.storage.efs, with an "
+        "access point of its own).",
+    )
+
+
 class BackupConfig(_Section):
     """Backups and WAL archiving: `location` for the local server, `s3` for CloudNativePG."""
 
@@ -459,6 +474,7 @@ class BackupConfig(_Section):
         "most recent changes a restore can lose when the server is lost (0: only when full).",
     )
     s3: S3BackupConfig | None = None
+    volume: BackupVolumeConfig | None = None
     retention: str = Field("30d", description="Keep backups and WAL this long: 30d, 8w, 6m.")
     schedule: str = Field(
         "0 0 2 * * *", description="When to take base backups (6-field cron, seconds first)."

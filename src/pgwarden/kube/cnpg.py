@@ -15,14 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pgwarden.config import Config
 from pgwarden.errors import ConfigError
-from pgwarden.kube.render import (
-    Manifest,
-    Rendered,
-    check_storage,
-    meta,
-    storage_class_name,
-    storage_objects,
-)
+from pgwarden.kube.objects import Manifest, meta
+from pgwarden.kube.render import Rendered, check_storage, storage_class_name, storage_objects
 from pgwarden.server import pgconf
 
 CNPG_API = "postgresql.cnpg.io/v1"

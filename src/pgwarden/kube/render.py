@@ -16,6 +16,8 @@ import yaml
 
 from pgwarden.config import Config, KubernetesConfig
 from pgwarden.errors import ConfigError
+from pgwarden.kube import backups
+from pgwarden.kube.objects import Manifest, labels, meta, selector
 from pgwarden.server import pgconf
 
 PG_PORT = 5432
@@ -24,8 +26,12 @@ PGDATA = f"{PGDATA_MOUNT}/pgdata"  # a subdirectory: volumes may carry lost+foun
 CONFIG_DIR = "/etc/pgwarden"
 POSTGRES_UID = 999  # the official postgres image's user
 DEFAULT_IMAGE = "postgres:18"
-
-Manifest = dict[str, Any]
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 @dataclass
@@ -58,26 +64,6 @@ def dump(obj: Manifest) -> str:
         width=100,
         allow_unicode=True,
     )
-
-
-def meta(k8s: KubernetesConfig, name: str, *, namespaced: bool = True) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespaced:
-        meta["namespace"] = k8s.namespace
-    meta["labels"] = _labels(k8s)
-    return meta
-
-
-def _labels(k8s: KubernetesConfig) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "postgresql",
-        "app.kubernetes.io/instance": k8s.name,
-        "app.kubernetes.io/managed-by": "pgwarden",
-    }
-
-
-def _selector(k8s: KubernetesConfig) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "postgresql", "app.kubernetes.io/instance": k8s.name}
 
 
 def check_storage(k8s: KubernetesConfig) -> None:
@@ -241,9 +227,28 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         allowed_cidrs=k8s.allowed_cidrs,
         ident_users=("postgres",),
         admin_user="postgres",
+        # The backup volume: basic_archive never overwrites a different file of a name.
+        archive_dir=backups.WAL_DIR if config.backup.volume is not None else None,
+        archive_timeout=config.backup.archive_timeout,
     )
     files = pgconf.render_all(config.server, placement)
     objects: list[Manifest] = [*storage_objects(k8s)]
+    if config.backup.volume is not None:
+        objects += backups.volume_objects(
+            config, image=k8s.image or DEFAULT_IMAGE, secret_name=secret_name, port=PG_PORT,
+            uid=POSTGRES_UID, security=CONTAINER_SECURITY,
+        )  # fmt: skip
+    elif config.backup.s3 is not None:
+        warnings.append(
+            "backup.s3 is where the local server and the cloudnative-pg flavor put backups; the "
+            "statefulset flavor does not archive to S3 (yet): add backup.volume (EFS) for "
+            "backups here, or use flavor: cloudnative-pg"
+        )
+    else:
+        warnings.append(
+            "no backups: add backup.volume (an EFS volume for WAL and base backups); EFS under "
+            "PGDATA protects against a lost disk, not against a bad DELETE"
+        )
     if not k8s.existing_secret:
         assert password is not None
         warnings.append(
@@ -294,7 +299,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
             "spec": {
                 "clusterIP": "None",
                 "publishNotReadyAddresses": True,
-                "selector": _selector(k8s),
+                "selector": selector(k8s),
                 "ports": [service_port],
             },
         }
@@ -304,7 +309,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": meta(k8s, k8s.name),
-            "spec": {"type": "ClusterIP", "selector": _selector(k8s), "ports": [service_port]},
+            "spec": {"type": "ClusterIP", "selector": selector(k8s), "ports": [service_port]},
         }
     )
     objects.append(_statefulset(config, secret_name))
@@ -315,23 +320,31 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
             "metadata": meta(k8s, k8s.name),
             # One instance: voluntary evictions (node drains) wait until an operator moves the
             # database on purpose, instead of stopping it in the middle of the day.
-            "spec": {"minAvailable": 1, "selector": {"matchLabels": _selector(k8s)}},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector(k8s)}},
         }
     )
+    ingress: list[dict[str, Any]] = [
+        {
+            "from": [{"ipBlock": {"cidr": cidr}} for cidr in k8s.allowed_cidrs],
+            "ports": [{"protocol": "TCP", "port": PG_PORT}],
+        }
+    ]
+    if config.backup.volume is not None:
+        ingress.append(
+            {
+                "from": [{"podSelector": {"matchLabels": backups.job_labels(config)}}],
+                "ports": [{"protocol": "TCP", "port": PG_PORT}],
+            }
+        )
     objects.append(
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
             "metadata": meta(k8s, k8s.name),
             "spec": {
-                "podSelector": {"matchLabels": _selector(k8s)},
+                "podSelector": {"matchLabels": selector(k8s)},
                 "policyTypes": ["Ingress"],
-                "ingress": [
-                    {
-                        "from": [{"ipBlock": {"cidr": cidr}} for cidr in k8s.allowed_cidrs],
-                        "ports": [{"protocol": "TCP", "port": PG_PORT}],
-                    }
-                ],
+                "ingress": ingress,
             },
         }
     )
@@ -361,6 +374,14 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
     k8s = config.kubernetes
     storage = k8s.storage
     grace = 120
+    mounts: list[dict[str, Any]] = [
+        {"name": "data", "mountPath": PGDATA_MOUNT},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "bootstrap", "mountPath": "/docker-entrypoint-initdb.d", "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 - a volume mount path
+        {"name": "run", "mountPath": "/var/run/postgresql"},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
+    ]
     container = {
         "name": "postgres",
         "image": k8s.image or DEFAULT_IMAGE,
@@ -397,24 +418,12 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
                 "exec": {"command": ["/bin/sh", "-c", 'pg_ctl -D "$PGDATA" -m fast -w -t 100 stop']}
             }
         },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": CONTAINER_SECURITY,
         "resources": {
             "requests": dict(k8s.resources.requests),
             "limits": dict(k8s.resources.limits),
         },
-        "volumeMounts": [
-            {"name": "data", "mountPath": PGDATA_MOUNT},
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "bootstrap", "mountPath": "/docker-entrypoint-initdb.d", "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 - a volume mount path
-            {"name": "run", "mountPath": "/var/run/postgresql"},
-            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
-        ],
+        "volumeMounts": mounts,
     }
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{k8s.name}-config"}},
@@ -428,9 +437,9 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
         "serviceName": f"{k8s.name}-headless",
         "podManagementPolicy": "OrderedReady",
         "updateStrategy": {"type": "RollingUpdate"},
-        "selector": {"matchLabels": _selector(k8s)},
+        "selector": {"matchLabels": selector(k8s)},
         "template": {
-            "metadata": {"labels": _labels(k8s)},
+            "metadata": {"labels": labels(k8s)},
             "spec": {
                 "terminationGracePeriodSeconds": grace,
                 "enableServiceLinks": False,
@@ -447,6 +456,13 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
             },
         },
     }
+    if config.backup.volume is not None:
+        parts = backups.server_parts(
+            config, image=k8s.image or DEFAULT_IMAGE, security=CONTAINER_SECURITY
+        )
+        volumes.append(parts.volume)
+        mounts.append(parts.mount)
+        spec["template"]["spec"]["initContainers"] = [parts.init_container]
     if storage.kind == "efs-static":
         volumes.insert(
             0, {"name": "data", "persistentVolumeClaim": {"claimName": f"{k8s.name}-data"}}
@@ -454,7 +470,7 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
     else:
         spec["volumeClaimTemplates"] = [
             {
-                "metadata": {"name": "data", "labels": _labels(k8s)},
+                "metadata": {"name": "data", "labels": labels(k8s)},
                 "spec": {
                     "accessModes": ["ReadWriteOncePod"],
                     "storageClassName": storage_class_name(k8s),
