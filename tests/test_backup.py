@@ -533,3 +533,60 @@ def test_the_kubernetes_backup_job_writes_what_pgwarden_backup_reads(
     assert code == 2
     assert "another cluster" in output
     assert list((foreign / "backups").iterdir()) == []
+
+
+def test_a_backup_killed_midway_is_never_restored_from_and_prune_removes_it(
+    site: tuple[LocalServer, Path], run: Run, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    server, root = site
+    _sql(server, "CREATE TABLE bulk (id int, pad text)")
+    first = run("backup", "create")
+    assert first.code == 0, first.err
+    _sql(server, "INSERT INTO bulk SELECT g, repeat('x', 500) FROM generate_series(1, 600000) g")
+    backups = root / "backups" / "backups"
+    before = set(backups.iterdir())
+    # The CLI and its pg_basebackup, killed together (SIGKILL to the process group: what a
+    # crash of the machine or an OOM kill does to both) once the copy has begun.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgwarden", "backup", "create"],
+        cwd=tmp_path, env={**os.environ}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    started: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = [p for p in set(backups.iterdir()) - before if (p / "data").exists()]
+        if started and any((started[0] / "data").iterdir()):
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert started, "the backup never began"
+    (interrupted,) = started
+    assert not (interrupted / "pgwarden-backup.json").exists(), "finished before the kill"
+
+    listed = run("backup", "list", "-o", "json")
+    data = json.loads(listed.out)
+    assert [b["label"] for b in data["backups"]] == [first.out.strip()]
+    assert data["incomplete"] == [{"label": interrupted.name, "state": "interrupted"}]
+    verified = run("backup", "verify")
+    assert verified.code == 0, verified.out
+    assert "interrupted" in verified.out
+    again = run("backup", "create")  # the lock died with the killed process
+    assert again.code == 0, again.err
+
+    dry = run("backup", "prune", "--dry-run")
+    assert f"would remove interrupted backup {interrupted.name}" in dry.out
+    assert interrupted.exists()
+    pruned = run("backup", "prune")
+    assert pruned.code == 0, pruned.err
+    assert not interrupted.exists()
+    _archived_up_to_now(server)
+    latest = run("backup", "restore", "--to-latest", "--target-dir", str(root / "restored-k"),
+                 "--start")  # fmt: skip
+    assert latest.code == 0, latest.err
+    assert _restored(latest.out.strip(), "SELECT count(*) FROM bulk") == [(600000,)]
+    _stop(server, root / "restored-k")

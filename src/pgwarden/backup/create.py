@@ -9,11 +9,12 @@ backup are copied, and a restore combines the chain with pg_combinebackup.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import re
 import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -50,9 +51,54 @@ def require_running(server: LocalServer) -> Target:
     return Target(server.url("postgres"), "the local server")
 
 
+def _lock_file(server: LocalServer) -> Path:
+    return server.state.cluster / "backup-create.lock"
+
+
+@contextlib.contextmanager
+def create_lock(server: LocalServer) -> Iterator[None]:
+    """One `backup create` at a time per server. The kernel drops the lock when the process
+    dies, however it dies: a backup without its record and without a holder of this lock was
+    interrupted, and `prune` may remove it."""
+    path = _lock_file(server)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                "another `pgwarden backup create` is running for this server",
+                hint="wait for it to finish; `pgwarden backup list` shows it as in progress",
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def create_running(server: LocalServer) -> bool:
+    path = _lock_file(server)
+    if not path.exists():
+        return False
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def create_backup(
     server: LocalServer, *, incremental: bool = False, progress: Progress | None = None
 ) -> BackupInfo:
+    with create_lock(server):
+        # An interrupted create's staging copy (object stores): nobody else writes there.
+        shutil.rmtree(server.state.cluster / "backup-staging", ignore_errors=True)
+        return _create(server, incremental=incremental, progress=progress)
+
+
+def _create(server: LocalServer, *, incremental: bool, progress: Progress | None) -> BackupInfo:
     repo = repository(server)
     target = require_running(server)
     with connect(target, autocommit=True) as conn:

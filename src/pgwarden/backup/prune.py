@@ -8,7 +8,7 @@ files always stay: they are tiny and recovery needs them to follow timelines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pgwarden.backup.repo import BackupInfo, Contents, Repository
@@ -21,16 +21,27 @@ class PrunePlan:
     remove_backups: list[BackupInfo]
     keep_backups: list[BackupInfo]
     remove_segments: list[str]
+    remove_interrupted: list[str] = field(default_factory=list)  # labels without a record
 
     @property
     def empty(self) -> bool:
-        return not self.remove_backups and not self.remove_segments
+        return not self.remove_backups and not self.remove_segments and not self.remove_interrupted
 
 
 def plan_prune(
-    contents: Contents, *, keep: int | None, keep_days: int | None, now: datetime
+    contents: Contents,
+    *,
+    keep: int | None,
+    keep_days: int | None,
+    now: datetime,
+    create_running: bool = False,
 ) -> PrunePlan:
+    """`create_running`: a backup is being written now, so a backup without a record may be
+    that one, not an interrupted one: those are left for a later prune."""
+    interrupted = [] if create_running else list(contents.incomplete)
     if keep is None and keep_days is None:
+        if interrupted:  # without retention, only what is not a backup goes
+            return PrunePlan([], list(contents.backups), [], interrupted)
         raise UserError(
             "no retention configured: nothing would be pruned",
             hint="set backup.keep (a number of full backups) and/or backup.keep_days",
@@ -56,10 +67,12 @@ def plan_prune(
         oldest = min(keep_backups, key=lambda b: parse_lsn(b.start_lsn))
         first_needed = oldest.start_segment(size).number
         remove_segments = sorted(s.name(size) for s in contents.segments if s.number < first_needed)
-    return PrunePlan(remove_backups, keep_backups, remove_segments)
+    return PrunePlan(remove_backups, keep_backups, remove_segments, interrupted)
 
 
 def apply_prune(repo: Repository, plan: PrunePlan) -> None:
     for info in plan.remove_backups:
         repo.remove_backup(info.label)
+    for label in plan.remove_interrupted:
+        repo.remove_backup(label)
     repo.remove_wal(plan.remove_segments)

@@ -93,7 +93,10 @@ class Contents:
     timelines: dict[int, int]  # timeline → segment number where it began
     newest_segment_time: datetime | None
     segment_times: dict[Segment, datetime] = field(default_factory=dict)  # when archived
-    unreadable: list[str] = field(default_factory=list)  # backup dirs without usable metadata
+    unreadable: list[str] = field(default_factory=list)  # a record there, but not usable
+    # No record at all: a backup being written, or one interrupted (a crash, a kill) before its
+    # record, which is written last. Never restored from; `prune` removes interrupted ones.
+    incomplete: list[str] = field(default_factory=list)
 
     def backup(self, label: str) -> BackupInfo:
         for info in self.backups:
@@ -214,11 +217,13 @@ class Repository:
                 timelines[timeline] = _timeline_start(self.store.read(entry.key), timeline, size)
         backups: list[BackupInfo] = []
         unreadable: list[str] = []
+        incomplete: list[str] = []
         for label in self.store.children("backups/"):
             try:
                 raw = self.store.read(f"backups/{label}/{BACKUP_FILE}")
                 if raw is None:
-                    raise ValueError("no metadata")
+                    incomplete.append(label)
+                    continue
                 backups.append(BackupInfo.from_json(json.loads(raw)))
             except (OSError, ValueError, KeyError, TypeError):
                 unreadable.append(label)
@@ -231,6 +236,7 @@ class Repository:
             newest_segment_time=max(times.values()) if times else None,
             segment_times=times,
             unreadable=unreadable,
+            incomplete=incomplete,
         )
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from pgwarden.backup.create import create_running
 from pgwarden.backup.repo import Contents, Repository
 from pgwarden.backup.restore import plain_copy
 from pgwarden.errors import UserError
@@ -24,6 +25,9 @@ class VerifyReport:
     backups: list[BackupCheck]
     missing_segment: str | None  # the first segment missing after the oldest backup
     unreadable: list[str]
+    # Without a record (written last): being written, or interrupted. Not a failure of the
+    # archive: no restore ever uses one.
+    incomplete: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -40,6 +44,7 @@ class VerifyReport:
             "backups": [b.__dict__ for b in self.backups],
             "missing_segment": self.missing_segment,
             "unreadable": self.unreadable,
+            "incomplete": self.incomplete,
         }
 
 
@@ -73,5 +78,14 @@ def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
             BackupCheck(info.label, result.returncode == 0, text or "manifest and WAL verified")
         )
     return VerifyReport(
-        backups=checks, missing_segment=wal_gap(contents), unreadable=contents.unreadable
+        backups=checks,
+        missing_segment=wal_gap(contents),
+        unreadable=contents.unreadable,
+        incomplete=incomplete_of(server, contents),
     )
+
+
+def incomplete_of(server: LocalServer, contents: Contents) -> list[dict[str, str]]:
+    """Backups without a record: the one being written now, or interrupted ones."""
+    state = "in progress" if create_running(server) else "interrupted"
+    return [{"label": label, "state": state} for label in contents.incomplete]

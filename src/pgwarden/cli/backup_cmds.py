@@ -13,7 +13,7 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from pgwarden.backup.create import create_backup, repository, require_running
+from pgwarden.backup.create import create_backup, create_running, repository, require_running
 from pgwarden.backup.observe import Archiver, archiver
 from pgwarden.backup.prune import apply_prune, plan_prune
 from pgwarden.backup.repo import Contents
@@ -24,7 +24,7 @@ from pgwarden.backup.restore import (
     run_restore,
     staging_dir,
 )
-from pgwarden.backup.verify import verify_backups, wal_gap
+from pgwarden.backup.verify import incomplete_of, verify_backups, wal_gap
 from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.cli.timeparse import TIME
@@ -146,6 +146,7 @@ def list_cmd(app: AppContext, fmt: str) -> None:
             },
             "archiver": state.to_json() if state else None,
             "missing_segment": wal_gap(contents),
+            "incomplete": incomplete_of(server, contents),
         }
         click.echo(json.dumps(data, indent=2))
         return
@@ -176,6 +177,17 @@ def list_cmd(app: AppContext, fmt: str) -> None:
     gap = wal_gap(contents)
     if gap:
         err_console.print(f"[red]WAL segment {gap} is missing: no restore can pass it[/red]")
+    for item in incomplete_of(server, contents):
+        err_console.print(incomplete_line(item))
+
+
+def incomplete_line(item: dict[str, str]) -> str:
+    if item["state"] == "in progress":
+        return f"{item['label']}: being written (no record yet)"
+    return (
+        f"[yellow]{item['label']}: interrupted before it finished (no record): not a backup, "
+        "never restored from; `pgwarden backup prune` removes it[/yellow]"
+    )
 
 
 def archiver_lines(state: Archiver | None) -> list[str]:
@@ -347,7 +359,8 @@ def verify_cmd(ctx: click.Context, fmt: str) -> None:
     app = ctx.find_object(AppContext)
     assert app is not None
     server = app.server()
-    report = verify_backups(server, repository(server))
+    repo = repository(server)
+    report = verify_backups(server, repo)
     if fmt == "json":
         click.echo(json.dumps(report.to_json(), indent=2))
         ctx.exit(0 if report.ok else 1)
@@ -358,6 +371,8 @@ def verify_cmd(ctx: click.Context, fmt: str) -> None:
         out.print("no backups to verify")
     for label in report.unreadable:
         out.print(f"[red]{label}: no readable pgwarden-backup.json[/red]")
+    for item in report.incomplete:
+        out.print(incomplete_line(item))
     if report.missing_segment:
         out.print(
             f"[red]WAL chain broken: segment {report.missing_segment} is missing[/red] "
@@ -385,9 +400,12 @@ def prune_cmd(app: AppContext, dry_run: bool) -> None:
     repo = repository(server)
     backup = app.loaded.config.backup
     plan = plan_prune(
-        repo.observe(), keep=backup.keep, keep_days=backup.keep_days, now=datetime.now(UTC)
-    )
+        repo.observe(), keep=backup.keep, keep_days=backup.keep_days, now=datetime.now(UTC),
+        create_running=create_running(server),
+    )  # fmt: skip
     verb = "would remove" if dry_run else "removing"
+    for label in plan.remove_interrupted:
+        out.print(f"{verb} interrupted backup {label} (it has no record: it never finished)")
     for info in plan.remove_backups:
         out.print(f"{verb} backup {info.label} ({info.kind}, {_size(info.size_bytes)})")
     if plan.remove_segments:
