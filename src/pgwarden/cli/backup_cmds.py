@@ -39,8 +39,8 @@ from pgwarden.server.cluster import LocalServer
 def backup_group() -> None:
     """Base backups, WAL archiving and point-in-time restores of the local server.
 
-    Configured by `backup.location` in pgwarden.yaml (a directory); `pgwarden up` turns
-    WAL archiving on there.
+    Configured by `backup.location` in pgwarden.yaml (a directory, or s3://bucket/prefix
+    like a `backup.s3` section); `pgwarden up` turns WAL archiving on there.
 
     \b
     Example:
@@ -389,7 +389,8 @@ def verify_cmd(ctx: click.Context, fmt: str) -> None:
 def prune_cmd(app: AppContext, dry_run: bool) -> None:
     """Remove backups beyond backup.keep / backup.keep_days, and WAL no kept backup needs.
 
-    An incremental backup goes only with the full backup it was built on.
+    An incremental backup goes only with the full backup it was built on. Interrupted
+    backups (no record: a create killed midway) go too.
 
     \b
     Example:
