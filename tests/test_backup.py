@@ -137,6 +137,7 @@ def test_restore_to_a_time_before_a_transaction_and_to_the_end(
     dump_then = _dumpall(server, server.port)
     time.sleep(1.1)
     good_time = _sql(server, "SELECT now()")[0][0]
+    good_lsn = _sql(server, "SELECT pg_current_wal_insert_lsn()::text", "postgres")[0][0]
     time.sleep(1.1)
     _sql(server, "DELETE FROM acct WHERE id > 50")  # the mistake
     events = json.loads(run("history", "acct", "--op", "delete", "-o", "json").out)
@@ -169,6 +170,12 @@ def test_restore_to_a_time_before_a_transaction_and_to_the_end(
     assert "recovery stopping before commit" in before_tx.err
     assert _restored(before_tx.out.strip(), expected_good) == rows
     _stop(server, root / "restored-tx")
+
+    at_lsn = run("backup", "restore", "--to-lsn", str(good_lsn),
+                 "--target-dir", str(root / "restored-lsn"), "--start")  # fmt: skip
+    assert at_lsn.code == 0, at_lsn.err
+    assert _restored(at_lsn.out.strip(), expected_good) == rows
+    _stop(server, root / "restored-lsn")
 
     latest = run("backup", "restore", "--to-latest", "--target-dir", str(root / "restored-latest"))
     assert latest.code == 0, latest.err
@@ -397,6 +404,17 @@ def test_replace_puts_the_restored_data_in_place_and_keeps_the_old(
     assert status["archiver"]["failing"] is False
     events = json.loads(run("history", "orders", "--op", "update", "-o", "json").out)
     assert len(events) == 1
+
+    # A second restore, from the backup taken on timeline 1, follows the archived .history
+    # file onto the promoted timeline and reaches the change made there.
+    again = run("backup", "restore", "--to-latest", "--target-dir", str(root / "restored-tl2"),
+                "--start")  # fmt: skip
+    assert again.code == 0, again.err
+    rows = _restored(again.out.strip(), "SELECT count(*), sum(total)::int FROM orders")
+    assert rows == [(20, 211)]
+    timeline = _restored(again.out.strip(), "SELECT timeline_id FROM pg_control_checkpoint()")
+    assert timeline[0][0] >= 3  # 1, then the replace's 2, then this restore's own promotion
+    _stop(server, root / "restored-tl2")
 
 
 def test_a_crash_while_archiving_loses_no_committed_change(
