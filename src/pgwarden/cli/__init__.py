@@ -16,6 +16,7 @@ from pgwarden.cli.converge_cmds import apply_cmd, check_cmd, plan_cmd
 from pgwarden.cli.history_cmds import COMMANDS as HISTORY_COMMANDS
 from pgwarden.cli.k8s_cmds import k8s_group
 from pgwarden.cli.server_cmds import down_cmd, logs_cmd, psql_cmd, status_cmd, up_cmd, url_cmd
+from pgwarden.cli.ui_cmds import ui_cmd
 
 
 @click.group(
@@ -66,6 +67,7 @@ for command in (
     access_group,
     backup_group,
     k8s_group,
+    ui_cmd,
 ):
     cli.add_command(command)
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -16,55 +13,13 @@ import psycopg
 from rich.console import Console
 from rich.text import Text
 
+from pgwarden.boundary import user_db_error, write_crash_log
 from pgwarden.errors import PgwardenError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 log = logging.getLogger("pgwarden")
-
-
-def log_path() -> Path:
-    """pgwarden's own log: $PGWARDEN_LOG, else $XDG_STATE_HOME/pgwarden/pgwarden.log."""
-    explicit = os.environ.get("PGWARDEN_LOG")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "pgwarden" / "pgwarden.log"
-
-
-def _write_crash_log(exc: BaseException) -> Path:
-    text = "".join(traceback.format_exception(exc))
-    for candidate in (log_path(), Path(tempfile.gettempdir()) / "pgwarden.log"):
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            with candidate.open("a") as handle:
-                handle.write(f"--- pgwarden {' '.join(sys.argv[1:])}\n{text}\n")
-            return candidate
-        except OSError:
-            continue
-    return Path("(no writable log location)")
-
-
-# Database errors that are the user's doing (rights, names, values), not pgwarden's: said as
-# one message with what to do, exit 2, wherever in a command they come from.
-_USER_DB_ERRORS: tuple[tuple[type[psycopg.Error], str], ...] = (
-    (psycopg.errors.InsufficientPrivilege,
-     "the database role in use lacks a right this needs: connect as a role that has it "
-     "(reading history needs the auditor role's rights)"),
-    (psycopg.errors.InvalidSchemaName, "check the schema name"),
-    (psycopg.errors.UndefinedTable, "check the table name (schema.table)"),
-    (psycopg.errors.UndefinedColumn, "check the column name"),
-    (psycopg.errors.DataException, "check the value given"),
-    (psycopg.errors.ReadOnlySqlTransaction, "connect to the primary, not a read-only standby"),
-)  # fmt: skip
-
-
-def _user_db_error(exc: psycopg.Error) -> str | None:
-    for kind, hint in _USER_DB_ERRORS:
-        if isinstance(exc, kind):
-            return hint
-    return None
 
 
 class _ReaderGone(Exception):
@@ -111,7 +66,7 @@ def run_guarded(command: click.Command, argv: list[str] | None) -> int:
             pass  # not a real file descriptor (captured output)
         return 0
     except psycopg.Error as exc:
-        hint = _user_db_error(exc)
+        hint = user_db_error(exc)
         if hint is None:
             return _unexpected(exc)
         message = (exc.diag.message_primary or str(exc)).strip()
@@ -125,7 +80,7 @@ def run_guarded(command: click.Command, argv: list[str] | None) -> int:
 
 
 def _unexpected(exc: BaseException) -> int:
-    where = _write_crash_log(exc)
+    where = write_crash_log(exc)
     err_console.print(
         f"unexpected error: {type(exc).__name__}: {exc}\n"
         f"  the full traceback is in {where}; please include it in a bug report",

@@ -98,6 +98,7 @@ class EventFilter:
     op: str | None = None
     tx: int | None = None
     limit: int | None = None
+    contexts: Sequence[int] | None = None  # these transaction contexts only (tx table ids)
 
 
 def require_installed(conn: Conn, schema: HistorySchema) -> None:
@@ -249,6 +250,11 @@ def _events_query(
             where.append(context)
         if op_codes is not None:
             where.append(sql.SQL("h.op = ANY ({})").format(sql.Literal(list(op_codes))))
+        if flt.contexts is not None:
+            # BRIN on (ctx, stmt): a few recent contexts read a few recent block ranges.
+            where.append(
+                sql.SQL("h.ctx = ANY ({}::bigint[])").format(sql.Literal(list(flt.contexts)))
+            )
         parts.append(
             sql.SQL(
                 "SELECT {id}::int AS log_id, h.ctid AS pos, h.ctx, h.stmt, h.op, "

@@ -21,3 +21,14 @@ GRANT EXECUTE ON FUNCTION {schema}.image_sql(int, "char", text, int2[]) TO PUBLI
 GRANT EXECUTE ON FUNCTION {schema}.event_sql(int, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.view_part(int) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.events(int) TO PUBLIC;
+-- Checking capture (`verify`, the UI's overview): catalog reads and history's own tables, with
+-- the caller's rights, so an auditor can tell that capture is off without any other right.
+GRANT EXECUTE ON FUNCTION {schema}.trigger_state(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.capture_source(int) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.capture_args(int) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.live_slots(int) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.native_args(int) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.key_attnums(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.key_columns(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.storage_type(oid, int) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.engine() TO PUBLIC;

@@ -1,0 +1,1 @@
+"""`pgwarden ui`: the history browser (a local web app over pgwarden's Python API)."""
