@@ -24,6 +24,17 @@ if [ ! -x "$PG15_BIN/postgres" ] || [ ! -f /usr/include/postgresql/15/server/pos
   fi
 fi
 
+# Debian's Chromium for the browser tests (Playwright drives it: its own browser download is not
+# reachable here).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium (Debian) for the browser tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -74,7 +74,7 @@ def test_every_request_needs_the_token(tracked: Database) -> None:
     page = client.get("/")
     assert page.status_code == 200
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    assert page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["referrer-policy"] == "same-origin"
 
 
 def test_pages_show_exact_values_and_escape_everything(tracked: Database) -> None:
