@@ -214,3 +214,15 @@ def test_the_ui_reads_with_the_auditor_role_only(tracked: Database) -> None:
             )
             conn.execute("DROP OWNED BY ui_reader")
             conn.execute("DROP ROLE ui_reader")
+
+
+def test_a_bulk_transaction_costs_a_count_not_a_page_of_everything(tracked: Database) -> None:
+    with psycopg.connect(tracked.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO acct SELECT g, 'bulk', g FROM generate_series(100, 2099) g")
+    client = _login(_client(tracked))
+    timeline = client.get("/timeline", params={"table": "public.acct", "op": "INSERT"})
+    assert "… 1980 more" in timeline.text  # 2000 rows: 20 shown, the count exact
+    tx = re.findall(r'<a href="/tx/(\d+)">tx', timeline.text)[0]
+    page = client.get(f"/tx/{tx}")
+    assert "a bulk transaction: 2000 events; the first 500" in page.text
+    assert page.text.count('class="event"') == 500

@@ -10,7 +10,7 @@ history tables' BRIN index on (ctx, stmt); so the first page costs the same at 1
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,10 +21,19 @@ from pgwarden.history import catalog
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.layout import dump_json, table_logs
 from pgwarden.history.names import TableName
-from pgwarden.history.read import Event, EventFilter, events, logs_of, require_installed
+from pgwarden.history.read import (
+    Event,
+    EventFilter,
+    count_by_context,
+    events,
+    logs_of,
+    require_installed,
+)
 
 EXACT_COUNT_BELOW = 1_000_000  # above this, the planner's estimate (shown as such)
 SCAN_PER_PAGE = 5000  # transactions looked at per page before "load more" takes over
+EVENTS_PER_GROUP = 20  # a timeline entry shows this many events of its transaction
+EVENTS_PER_TX_PAGE = 500  # a transaction's page shows this many of a bulk transaction
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,7 @@ class TxGroup:
     application: str | None
     context: str | None
     events: list[Event] = field(default_factory=list)
+    total: int = 0  # matching events in all; more than len(events) for a bulk transaction
 
 
 @dataclass(frozen=True)
@@ -279,11 +289,10 @@ def transactions(
         scanned += len(rows)
         found = {r["id"]: _group(r) for r in rows}
         matching = EventFilter(table=flt.table, op=flt.op, key=flt.key, contexts=list(found))
-        for event in events(conn, matching, schema=schema):
-            found[event.ctx].events.append(event)
+        _fill(conn, schema, found, matching, EVENTS_PER_GROUP)
         for r in rows:
             cursor = r["id"]
-            if found[cursor].events:
+            if found[cursor].total:
                 groups.append(found[cursor])
                 if len(groups) == limit:
                     return TxPage(groups, cursor)
@@ -316,9 +325,29 @@ def transaction(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) 
         ).fetchall()
     groups = {r["id"]: _group(r) for r in rows}
     if groups:
-        for event in events(conn, EventFilter(contexts=list(groups)), schema=schema):
-            groups[event.ctx].events.append(event)
+        _fill(conn, schema, groups, EventFilter(contexts=list(groups)), EVENTS_PER_TX_PAGE)
     return list(groups.values())
+
+
+def _fill(
+    conn: Conn, schema: HistorySchema, groups: dict[int, TxGroup], flt: EventFilter, cap: int
+) -> None:
+    """Each group's matching events: counted first (no images built), then all of them for the
+    usual small transactions in one query, and the first `cap` (in storage order) for a bulk
+    one, so that one transaction of a million rows costs a count and `cap` images."""
+    counts = count_by_context(conn, flt, schema=schema)
+    small = [ctx for ctx, n in counts.items() if ctx in groups and n <= cap]
+    for ctx, n in counts.items():
+        if ctx in groups:
+            groups[ctx].total = n
+    if small:
+        for event in events(conn, replace(flt, contexts=small), schema=schema):
+            groups[event.ctx].events.append(event)
+    for ctx in (c for c, n in counts.items() if c in groups and n > cap):
+        sample = replace(flt, contexts=[ctx], limit=cap, unordered=True)
+        found = list(events(conn, sample, schema=schema))
+        found.sort(key=lambda e: e.stmt_id)
+        groups[ctx].events.extend(found)
 
 
 def row_history(

@@ -99,6 +99,9 @@ class EventFilter:
     tx: int | None = None
     limit: int | None = None
     contexts: Sequence[int] | None = None  # these transaction contexts only (tx table ids)
+    # With `limit`: any `limit` matching events, read in storage order (about write order)
+    # and stopping there, instead of sorting every match first (a bulk transaction's million).
+    unordered: bool = False
 
 
 def require_installed(conn: Conn, schema: HistorySchema) -> None:
@@ -226,13 +229,8 @@ def _key_filter(log: TableLog, key: Mapping[str, str]) -> sql.Composable:
     return sql.SQL(" AND ").join(clauses)
 
 
-def _events_query(
-    conn: Conn,
-    schema: HistorySchema,
-    logs: Sequence[TableLog],
-    flt: EventFilter,
-    newest_first: bool,
-) -> sql.Composed:
+def _where(schema: HistorySchema, log: TableLog, flt: EventFilter) -> sql.Composable:
+    """The conditions of a filter on one history table (alias h)."""
     context = _context_filter(schema, flt)
     op_codes: tuple[str, ...] | None = None
     if flt.op is not None:
@@ -240,21 +238,29 @@ def _events_query(
         if op not in OPS:
             raise UserError(f"unknown operation {flt.op!r}", hint=f"use one of {', '.join(OPS)}")
         op_codes = OP_CODES[op]
+    where: list[sql.Composable] = []
+    if flt.key:
+        where.append(_key_filter(log, flt.key))
+    if context is not None:
+        where.append(context)
+    if op_codes is not None:
+        where.append(sql.SQL("h.op = ANY ({})").format(sql.Literal(list(op_codes))))
+    if flt.contexts is not None:
+        # BRIN on (ctx, stmt): a few recent contexts read a few recent block ranges.
+        where.append(sql.SQL("h.ctx = ANY ({}::bigint[])").format(sql.Literal(list(flt.contexts))))
+    return sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE")
+
+
+def _events_query(
+    conn: Conn,
+    schema: HistorySchema,
+    logs: Sequence[TableLog],
+    flt: EventFilter,
+    newest_first: bool,
+) -> sql.Composed:
     parts = []
     for log in logs:
         columns = event_sql(conn, schema, log, "h")
-        where: list[sql.Composable] = []
-        if flt.key:
-            where.append(_key_filter(log, flt.key))
-        if context is not None:
-            where.append(context)
-        if op_codes is not None:
-            where.append(sql.SQL("h.op = ANY ({})").format(sql.Literal(list(op_codes))))
-        if flt.contexts is not None:
-            # BRIN on (ctx, stmt): a few recent contexts read a few recent block ranges.
-            where.append(
-                sql.SQL("h.ctx = ANY ({}::bigint[])").format(sql.Literal(list(flt.contexts)))
-            )
         parts.append(
             sql.SQL(
                 "SELECT {id}::int AS log_id, h.ctid AS pos, h.ctx, h.stmt, h.op, "
@@ -266,7 +272,7 @@ def _events_query(
                 o=columns.old_row,
                 n=columns.new_row,
                 shadow=log.table(schema),
-                where=sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE"),
+                where=_where(schema, log, flt),
             )
         )
     order = sql.SQL("DESC" if newest_first else "ASC")
@@ -276,13 +282,36 @@ def _events_query(
         "FROM ({parts}) e JOIN {tx} x ON x.id = e.ctx "
         # Statement order (statement ids are taken as statements run, across sessions), then
         # the rows of one statement as they were written.
-        "ORDER BY e.stmt {order}, e.log_id {order}, e.pos {order} {limit}"
+        "{order_by} {limit}"
     ).format(
         parts=sql.SQL(" UNION ALL ").join(parts),
         tx=schema.table("tx"),
-        order=order,
+        order_by=(
+            sql.SQL("")
+            if flt.unordered and flt.limit
+            else sql.SQL("ORDER BY e.stmt {o}, e.log_id {o}, e.pos {o}").format(o=order)
+        ),
         limit=sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
     )
+
+
+def count_by_context(
+    conn: Conn, flt: EventFilter, *, schema: HistorySchema = DEFAULT_SCHEMA
+) -> dict[int, int]:
+    """How many events match, per transaction context: no images built, so a context of a
+    million rows costs a count, not a million JSON documents."""
+    require_installed(conn, schema)
+    logs = logs_of(conn, schema, flt.table) if flt.table is not None else table_logs(conn, schema)
+    counts: dict[int, int] = {}
+    for log in logs:
+        rows = conn.execute(
+            sql.SQL("SELECT h.ctx, count(*) FROM {} h WHERE {} GROUP BY h.ctx").format(
+                log.table(schema), _where(schema, log, flt)
+            )
+        ).fetchall()
+        for ctx, n in rows:
+            counts[int(str(ctx))] = counts.get(int(str(ctx)), 0) + int(str(n))
+    return counts
 
 
 def events(
