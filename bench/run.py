@@ -2,7 +2,7 @@
 
 python -m bench            # the full run (W1 100k rows, W2 scale 10, W3 10M events)
 python -m bench --quick    # a small run for CI, so the harness never rots
-python -m bench --workloads w4   # only some workloads (w1, w2, w3, w4)
+python -m bench --workloads w4   # only some workloads (w1, w2, w3, w4, w5)
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from bench.w2 import VARIANTS as W2_VARIANTS
 from bench.w2 import run_w2
 from bench.w3 import run_w3
 from bench.w4 import run_w4
+from bench.w5 import run_w5
 
 RESULTS = Path(__file__).parent / "results"
 
 FULL = {"w1_rows": 100_000, "w1_reps": 3, "w2_scale": 10, "w2_seconds": 20, "w2_reps": 5,
         "w3_small": 10_000, "w3_large": 10_000_000, "w3_as_of_rows": 1_000_000, "w3_samples": 300,
-        "w4_scale": 70, "w4_reps": 4}  # fmt: skip
+        "w4_scale": 70, "w4_reps": 4, "w5_events": 10_000_000, "w5_samples": 100}  # fmt: skip
 QUICK = {"w1_rows": 5_000, "w1_reps": 3, "w2_scale": 1, "w2_seconds": 3, "w2_reps": 1,
          "w3_small": 2_000, "w3_large": 20_000, "w3_as_of_rows": 5_000, "w3_samples": 50,
-         "w4_scale": 1, "w4_reps": 1}  # fmt: skip
+         "w4_scale": 1, "w4_reps": 1, "w5_events": 20_000, "w5_samples": 10}  # fmt: skip
 
 
 def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -53,6 +54,15 @@ def _targets(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
             floor = w4.get("plain_incremental_over_full")
             shown = f"{inc:.2f}" + (f" (plain pg_basebackup: {floor:.2f})" if floor else "")
             rows.append(("W4 incremental after 1 % changed ≤ 0.2 × full", shown, inc <= 0.2))
+    if "w5" in data:
+        w5 = data["w5"]
+        for name, label in (
+            ("page_timeline", "timeline's first page"),
+            ("page_row", "a row's history"),
+        ):
+            p95 = w5["p95_ms"][name]
+            rows.append((f"W5 {label} at {w5['events']:,} events, p95 < 100 ms",
+                         f"{p95:.1f} ms", p95 < 100))  # fmt: skip
     return rows
 
 
@@ -118,6 +128,12 @@ def _table(data: dict[str, Any]) -> str:
         lines += _w3_table(data["w3"])
     if "w4" in data:
         lines += _w4_table(data["w4"])
+    if "w5" in data:
+        w5 = data["w5"]
+        lines += ["", f"W5: the history browser at {w5['events']:,} events, p95 ms (server time; "
+                  "page_ = through the web app, rendering included)", "", "| step | p95 ms |",
+                  "|---|---|"]  # fmt: skip
+        lines += [f"| {name} | {value:.1f} |" for name, value in w5["p95_ms"].items()]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in _targets(data):
         lines.append(f"| {name} | {value} | {'yes' if ok else 'no'} |")
@@ -228,13 +244,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--pg-bin", type=Path, help="PostgreSQL bin dir (default: embedded)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
-    parser.add_argument("--workloads", default="w1,w2,w3,w4",
+    parser.add_argument("--workloads", default="w1,w2,w3,w4,w5",
                         help="which to run, comma-separated (default: all)")  # fmt: skip
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     chosen = {w.strip() for w in args.workloads.split(",") if w.strip()}
-    if not chosen <= {"w1", "w2", "w3", "w4"}:
-        parser.error(f"unknown workloads: {', '.join(sorted(chosen - {'w1', 'w2', 'w3', 'w4'}))}")
+    known = {"w1", "w2", "w3", "w4", "w5"}
+    if not chosen <= known:
+        parser.error(f"unknown workloads: {', '.join(sorted(chosen - known))}")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -269,13 +286,18 @@ def main() -> None:
                         sizes["w3_as_of_rows"], sizes["w3_samples"], log)  # fmt: skip
             data["w3"] = w3.to_json()
             drop_database(server, "bench_w3")
+        if "w5" in chosen:
+            w5 = run_w5(fresh_database(server, "bench_w5"), sizes["w5_events"],
+                        sizes["w5_samples"], log)  # fmt: skip
+            data["w5"] = w5.to_json()
+            drop_database(server, "bench_w5")
     if "w4" in chosen:  # its own server: one with a backup location
         data["w4"] = run_w4(args.pg_bin, sizes["w4_scale"], sizes["w4_reps"], log).to_json()
 
     data["targets"] = [{"target": n, "measured": v, "met": ok} for n, v, ok in _targets(data)]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = data["date"] + ("-quick" if args.quick else "")
-    if chosen != {"w1", "w2", "w3", "w4"}:
+    if chosen != known:
         stem += "-" + "-".join(sorted(chosen))
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     if "w1" in data and "w2" in data:

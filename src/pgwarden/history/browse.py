@@ -78,6 +78,12 @@ def table_stats(conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[T
     return stats
 
 
+def table_names(conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[str]:
+    """Every table with history, by name (no counting: for a filter's choices)."""
+    require_installed(conn, schema)
+    return sorted({str(log.name) for log in table_logs(conn, schema)})
+
+
 @dataclass(frozen=True)
 class Activity:
     """Events per time bucket, table and operation."""

@@ -163,7 +163,7 @@ def create_app(settings: UiSettings) -> Starlette:
         with db() as conn:
             result = browse.transactions(conn, flt, before=before, limit=PAGE,
                                          schema=settings.schema)  # fmt: skip
-            tables = [s.name for s in browse.table_stats(conn, schema=settings.schema)]
+            tables = browse.table_names(conn, schema=settings.schema)
         kept = [(k, v) for k, v in q.multi_items() if k != "before" and v]
         more = (
             urlencode([*kept, ("before", str(result.next_before))])
