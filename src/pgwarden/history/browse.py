@@ -24,8 +24,8 @@ from pgwarden.history.names import TableName
 from pgwarden.history.read import (
     Event,
     EventFilter,
-    count_by_context,
     events,
+    locate,
     logs_of,
     require_installed,
 )
@@ -277,7 +277,7 @@ def transactions(
     groups: list[TxGroup] = []
     scanned = 0
     cursor = before
-    chunk = max(limit * 4, 100)
+    chunk = limit  # enough when every transaction matches; grown while a filter rarely does
     while scanned < SCAN_PER_PAGE:
         where = list(clauses)
         if cursor is not None:
@@ -304,6 +304,7 @@ def transactions(
                     return TxPage(groups, cursor)
         if len(rows) < chunk:
             return TxPage(groups, None)
+        chunk = min(chunk * 4, 1000)
     return TxPage(groups, cursor)
 
 
@@ -338,22 +339,20 @@ def transaction(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) 
 def _fill(
     conn: Conn, schema: HistorySchema, groups: dict[int, TxGroup], flt: EventFilter, cap: int
 ) -> None:
-    """Each group's matching events: counted first (no images built), then all of them for the
-    usual small transactions in one query, and the first `cap` (in storage order) for a bulk
-    one, so that one transaction of a million rows costs a count and `cap` images."""
-    counts = count_by_context(conn, flt, schema=schema)
-    small = [ctx for ctx, n in counts.items() if ctx in groups and n <= cap]
-    for ctx, n in counts.items():
+    """Each group's matching events: located first (counted, and the first `cap` rows found,
+    without building an image), then the images of those rows only, by TID; so a bulk
+    transaction of a million rows costs a count and `cap` images."""
+    located = locate(conn, flt, cap, schema=schema)
+    rows: dict[int, list[str]] = {}
+    for ctx, where in located.items():
         if ctx in groups:
-            groups[ctx].total = n
-    if small:
-        for event in events(conn, replace(flt, contexts=small), schema=schema):
-            groups[event.ctx].events.append(event)
-    for ctx in (c for c, n in counts.items() if c in groups and n > cap):
-        sample = replace(flt, contexts=[ctx], limit=cap, unordered=True)
-        found = list(events(conn, sample, schema=schema))
-        found.sort(key=lambda e: e.stmt_id)
-        groups[ctx].events.extend(found)
+            groups[ctx].total = where.count
+            for log_id, tids in where.rows.items():
+                rows.setdefault(log_id, []).extend(tids)
+    if rows:
+        for event in events(conn, replace(flt, contexts=None, rows=rows), schema=schema):
+            if event.ctx in groups:
+                groups[event.ctx].events.append(event)
 
 
 def row_history(

@@ -102,6 +102,8 @@ class EventFilter:
     # With `limit`: any `limit` matching events, read in storage order (about write order)
     # and stopping there, instead of sorting every match first (a bulk transaction's million).
     unordered: bool = False
+    # These rows only, by history table (log id → ctids, as `locate` found them): a TID scan.
+    rows: Mapping[int, Sequence[str]] | None = None
 
 
 def require_installed(conn: Conn, schema: HistorySchema) -> None:
@@ -248,6 +250,10 @@ def _where(schema: HistorySchema, log: TableLog, flt: EventFilter) -> sql.Compos
     if flt.contexts is not None:
         # BRIN on (ctx, stmt): a few recent contexts read a few recent block ranges.
         where.append(sql.SQL("h.ctx = ANY ({}::bigint[])").format(sql.Literal(list(flt.contexts))))
+    if flt.rows is not None:
+        where.append(
+            sql.SQL("h.ctid = ANY ({}::tid[])").format(sql.Literal(list(flt.rows.get(log.id, []))))
+        )
     return sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE")
 
 
@@ -259,6 +265,8 @@ def _events_query(
     newest_first: bool,
 ) -> sql.Composed:
     parts = []
+    if flt.rows is not None:
+        logs = [log for log in logs if flt.rows.get(log.id)]
     for log in logs:
         columns = event_sql(conn, schema, log, "h")
         parts.append(
@@ -295,23 +303,36 @@ def _events_query(
     )
 
 
-def count_by_context(
-    conn: Conn, flt: EventFilter, *, schema: HistorySchema = DEFAULT_SCHEMA
-) -> dict[int, int]:
-    """How many events match, per transaction context: no images built, so a context of a
-    million rows costs a count, not a million JSON documents."""
+@dataclass(frozen=True)
+class Located:
+    """Where a context's matching events are: how many, and the first `cap` of them."""
+
+    count: int
+    rows: dict[int, list[str]]  # log id → ctids, in write order
+
+
+def locate(
+    conn: Conn, flt: EventFilter, cap: int, *, schema: HistorySchema = DEFAULT_SCHEMA
+) -> dict[int, Located]:
+    """Per transaction context, how many events match and where the first `cap` are, in one
+    scan per history table that builds no image: a context of a million rows costs a count;
+    `events(rows=…)` then builds the images of those rows only, by TID."""
     require_installed(conn, schema)
     logs = logs_of(conn, schema, flt.table) if flt.table is not None else table_logs(conn, schema)
-    counts: dict[int, int] = {}
+    found: dict[int, Located] = {}
     for log in logs:
         rows = conn.execute(
-            sql.SQL("SELECT h.ctx, count(*) FROM {} h WHERE {} GROUP BY h.ctx").format(
-                log.table(schema), _where(schema, log, flt)
-            )
+            sql.SQL(
+                "SELECT h.ctx, count(*), "
+                "(pg_catalog.array_agg(h.ctid::text ORDER BY h.stmt, h.ctid))[1:{}] "
+                "FROM {} h WHERE {} GROUP BY h.ctx"
+            ).format(sql.Literal(cap), log.table(schema), _where(schema, log, flt))
         ).fetchall()
-        for ctx, n in rows:
-            counts[int(str(ctx))] = counts.get(int(str(ctx)), 0) + int(str(n))
-    return counts
+        for ctx, n, tids in rows:
+            key = int(str(ctx))
+            at = found.setdefault(key, Located(0, {}))
+            found[key] = Located(at.count + int(str(n)), {**at.rows, log.id: list(tids)})  # type: ignore[call-overload]
+    return found
 
 
 def events(
