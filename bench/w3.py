@@ -51,6 +51,29 @@ class W3Result:
         }
 
 
+def tracked_tables(
+    conn: psycopg.Connection[tuple[object, ...]], count: int, name_format: str, registry: str
+) -> None:
+    """`count` tracked tables (id int PRIMARY KEY, v int), their history tables listed in
+    `registry` (n, shadow) for the synthetic fills of W3 and W5."""
+    conn.execute(
+        sql.SQL("CREATE TABLE {} (n int PRIMARY KEY, shadow text)").format(sql.Identifier(registry))
+    )
+    for n in range(count):
+        name = name_format.format(n)
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(sql.Identifier(name))
+        )
+        conn.execute("SELECT pgwarden.track(%s::regclass)", (name,))
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} SELECT %s, shadow FROM pgwarden.logged_table "
+                "WHERE table_oid = %s::regclass"
+            ).format(sql.Identifier(registry)),
+            (n, name),
+        )
+
+
 def _fill(conn: psycopg.Connection[tuple[object, ...]], upto: int, keys_per_table: int) -> None:
     """Grow history to `upto` synthetic UPDATE events spread over the 100 tables, written into
     their history tables as capture writes them (one who-and-when row for all)."""
@@ -108,19 +131,8 @@ def run_w3(
     keys = max(large // TABLES // 10, 10)  # about ten events per row at the large size
     with psycopg.connect(url, autocommit=True) as conn:
         install(conn, Config())
-        conn.execute("CREATE TABLE w3_tables (n int PRIMARY KEY, shadow text)")
         conn.execute("CREATE TABLE w3_filled (n bigint)")
-        for n in range(TABLES):
-            name = f"t{n:03d}"
-            conn.execute(
-                sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(sql.Identifier(name))
-            )
-            conn.execute("SELECT pgwarden.track(%s::regclass)", (name,))
-            conn.execute(
-                "INSERT INTO w3_tables SELECT %s, shadow FROM pgwarden.logged_table "
-                "WHERE table_oid = %s::regclass",
-                (n, name),
-            )
+        tracked_tables(conn, TABLES, "t{:03d}", "w3_tables")
         for size in (small, large):
             started = time.perf_counter()
             _fill(conn, size, keys)

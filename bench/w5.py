@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 from starlette.testclient import TestClient
 
+from bench.w3 import tracked_tables
 from pgwarden.config import Config
 from pgwarden.connect import Target
 from pgwarden.history import TableName, install
@@ -78,18 +79,7 @@ def run_w5(url: str, events: int, samples: int, log: object = print) -> W5Result
     keys = max(events // TABLES // 10, 10)  # about ten events per row
     with psycopg.connect(url, autocommit=True) as conn:
         install(conn, Config())
-        conn.execute("CREATE TABLE w5_tables (n int PRIMARY KEY, shadow text)")
-        for n in range(TABLES):
-            name = f"t{n:02d}"
-            conn.execute(
-                sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(sql.Identifier(name))
-            )
-            conn.execute("SELECT pgwarden.track(%s::regclass)", (name,))
-            conn.execute(
-                "INSERT INTO w5_tables SELECT %s, shadow FROM pgwarden.logged_table "
-                "WHERE table_oid = %s::regclass",
-                (n, name),
-            )
+        tracked_tables(conn, TABLES, "t{:02d}", "w5_tables")
         started = time.perf_counter()
         _fill(conn, events, keys)
         log(f"  W5 history filled to {events:,} events ({time.perf_counter() - started:.0f}s)")  # type: ignore[operator]
