@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from pgwarden.connect import Target
 from pgwarden.web.app import UiSettings, create_app
 from pgwarden.web.security import Doors
-from tests.conftest import Database
+from tests.conftest import Database, Run
 from tests.history_helpers import history_config, setup_history
 
 HOST = "127.0.0.1:8765"
@@ -226,3 +226,10 @@ def test_a_bulk_transaction_costs_a_count_not_a_page_of_everything(tracked: Data
     page = client.get(f"/tx/{tx}")
     assert "a bulk transaction: 2000 events; the first 500" in page.text
     assert page.text.count('class="event"') == 500
+
+
+def test_ui_says_at_once_when_the_database_cannot_be_reached(run: Run) -> None:
+    result = run("--dsn", "postgresql://nobody@127.0.0.1:1/none", "ui", "--port", "0")
+    assert result.code == 2
+    assert "cannot connect" in result.err
+    assert "Traceback" not in result.err

@@ -9,6 +9,7 @@ import click
 
 from pgwarden.cli.app import err_console
 from pgwarden.cli.context import AppContext, pass_app
+from pgwarden.connect import connect
 from pgwarden.errors import UserError
 from pgwarden.web.security import Doors, new_token
 
@@ -78,6 +79,8 @@ def ui_cmd(app: AppContext, port: int, host: str | None, allow_revert: bool) -> 
         ) from None
     port = sock.getsockname()[1]
     target = app.target()
+    with connect(target):  # a wrong database is said now, not on the first page
+        pass
     token = new_token()
     settings = UiSettings(
         target=target,
