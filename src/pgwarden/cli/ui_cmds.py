@@ -59,6 +59,9 @@ def ui_cmd(app: AppContext, port: int, host: str | None, allow_revert: bool) -> 
 
     from pgwarden.web.app import UiSettings, create_app  # noqa: PLC0415
 
+    target = app.target()
+    with connect(target):  # a wrong database is said now, not on the first page
+        pass
     address = host or "127.0.0.1"
     if not _is_loopback(address):
         err_console.print(
@@ -67,20 +70,18 @@ def ui_cmd(app: AppContext, port: int, host: str | None, allow_revert: bool) -> 
             + (" and revert transactions" if allow_revert else ""),
             markup=False,
         )
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
     except OSError as exc:
+        sock.close()
         raise UserError(
             f"cannot listen on {address}:{port} ({exc.strerror})",
             hint="choose another --port (0 picks a free one)",
         ) from None
     port = sock.getsockname()[1]
-    target = app.target()
-    with connect(target):  # a wrong database is said now, not on the first page
-        pass
     token = new_token()
     settings = UiSettings(
         target=target,
