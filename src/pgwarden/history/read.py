@@ -99,9 +99,6 @@ class EventFilter:
     tx: int | None = None
     limit: int | None = None
     contexts: Sequence[int] | None = None  # these transaction contexts only (tx table ids)
-    # With `limit`: any `limit` matching events, read in storage order (about write order)
-    # and stopping there, instead of sorting every match first (a bulk transaction's million).
-    unordered: bool = False
     # These rows only, by history table (log id → ctids, as `locate` found them): a TID scan.
     rows: Mapping[int, Sequence[str]] | None = None
 
@@ -290,15 +287,11 @@ def _events_query(
         "FROM ({parts}) e JOIN {tx} x ON x.id = e.ctx "
         # Statement order (statement ids are taken as statements run, across sessions), then
         # the rows of one statement as they were written.
-        "{order_by} {limit}"
+        "ORDER BY e.stmt {order}, e.log_id {order}, e.pos {order} {limit}"
     ).format(
         parts=sql.SQL(" UNION ALL ").join(parts),
         tx=schema.table("tx"),
-        order_by=(
-            sql.SQL("")
-            if flt.unordered and flt.limit
-            else sql.SQL("ORDER BY e.stmt {o}, e.log_id {o}, e.pos {o}").format(o=order)
-        ),
+        order=order,
         limit=sql.SQL("LIMIT {}").format(sql.Literal(flt.limit)) if flt.limit else sql.SQL(""),
     )
 
