@@ -213,7 +213,8 @@ def run_restore(server: LocalServer, plan: RestorePlan, *, start: bool) -> Resto
         scratch = target_dir.with_name(f".{target_dir.name}.pgwarden-fetch")
         try:
             inputs = [plain_copy(plan.repo, b, scratch) for b in plan.chain]
-            runas.chown_tree(scratch) if scratch.exists() else None
+            if scratch.exists():
+                runas.chown_tree(scratch)
             target_dir.mkdir(mode=0o700)
             runas.chown(target_dir)
             result = runas.run(

@@ -66,7 +66,8 @@ def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
     for info in contents.backups:
         try:
             data = plain_copy(repo, info, scratch)
-            server.runas.chown_tree(scratch) if scratch.exists() else None
+            if scratch.exists():
+                server.runas.chown_tree(scratch)
             result = server.runas.run([server.tool("pg_verifybackup"), "-q", data], timeout=None)
         except UserError as exc:
             checks.append(BackupCheck(info.label, False, exc.message))
