@@ -242,38 +242,49 @@ class S3Store:
 
     def _call(self, what: str, func: Any, **kwargs: Any) -> Any:
         """One S3 request, with the errors a user can fix said as such."""
-        from botocore.exceptions import (  # noqa: PLC0415
-            BotoCoreError,
-            ClientError,
-            NoCredentialsError,
-        )
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
         try:
             return func(**kwargs)
-        except NoCredentialsError:
-            raise UserError(
+        except (BotoCoreError, ClientError) as exc:
+            raise self._said(what, exc) from None
+
+    def _said(self, what: str, exc: Exception) -> Exception:
+        """A UserError for what the user can fix (credentials, bucket, rights, endpoint); the
+        error itself otherwise."""
+        from botocore.exceptions import BotoCoreError, NoCredentialsError  # noqa: PLC0415
+
+        if isinstance(exc, NoCredentialsError):
+            return UserError(
                 f"{self.where}: no AWS credentials found",
                 hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the "
                 "environment pgwarden runs in (never in pgwarden.yaml), or use an instance role",
-            ) from None
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code == "NoSuchBucket" or (code == "404" and what == "reach the bucket"):
-                raise UserError(
-                    f"{self.where}: bucket {self.location.bucket} does not exist",
-                    hint="create it (pgwarden never creates buckets), or fix backup.s3.bucket",
-                ) from None
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-                raise UserError(
-                    f"{self.where}: access denied while trying to {what} ({code})",
-                    hint="check the credentials in the environment and the bucket's policy",
-                ) from None
-            raise
-        except BotoCoreError as exc:
-            raise UserError(
+            )
+        if isinstance(exc, BotoCoreError):
+            return UserError(
                 f"{self.where}: cannot {what}: {exc}",
                 hint="check backup.s3.endpoint_url and the network",
-            ) from None
+            )
+        code = _code(exc)
+        if code == "NoSuchBucket" or (code == "404" and what == "reach the bucket"):
+            return UserError(
+                f"{self.where}: bucket {self.location.bucket} does not exist",
+                hint="create it (pgwarden never creates buckets), or fix backup.s3.bucket",
+            )
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+            return UserError(
+                f"{self.where}: access denied while trying to {what} ({code})",
+                hint="check the credentials in the environment and the bucket's policy",
+            )
+        return exc
+
+    def _pages(self, what: str, prefix: str, **extra: Any) -> list[Any]:
+        """Every page of a listing under `prefix` (a key of ours, prefix included)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        return self._call(  # type: ignore[no-any-return]
+            what,
+            lambda: list(paginator.paginate(Bucket=self.location.bucket, Prefix=prefix, **extra)),
+        )
 
     def check_reachable(self) -> None:
         self._call("reach the bucket", self.client.head_bucket, Bucket=self.location.bucket)
@@ -286,9 +297,9 @@ class S3Store:
                 Bucket=self.location.bucket, Key=self._key(key)
             )
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            if _code(exc) in _MISSING:
                 return None
-            raise
+            raise self._said("look up " + key, exc) from None
 
     def read(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError  # noqa: PLC0415
@@ -296,9 +307,9 @@ class S3Store:
         try:
             got = self.client.get_object(Bucket=self.location.bucket, Key=self._key(key))
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+            if _code(exc) in _MISSING:
                 return None
-            return self._call("read " + key, _reraise, exc=exc)  # type: ignore[no-any-return]
+            raise self._said("read " + key, exc) from None
         return got["Body"].read()
 
     def write(self, key: str, data: bytes) -> None:
@@ -312,7 +323,7 @@ class S3Store:
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
         digest = sha256_of(source)
-        existing = self._call("look up " + key, self._head, key=key)
+        existing = self._head(key)
         if existing is not None:
             return self._same_as(key, existing, digest, source)
         try:
@@ -323,12 +334,11 @@ class S3Store:
                     Metadata={"sha256": digest}, IfNoneMatch="*",
                 )  # fmt: skip
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code"))
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 again = self._head(key)
                 if again is not None:
                     return self._same_as(key, again, digest, source)
-            return self._call("store " + key, _reraise, exc=exc)  # type: ignore[no-any-return]
+            raise self._said("store " + key, exc) from None
         return True
 
     def _same_as(self, key: str, head: dict[str, Any], digest: str, source: Path) -> bool:
@@ -355,37 +365,26 @@ class S3Store:
         try:
             self.client.download_file(self.location.bucket, self._key(key), str(dest))
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+            if _code(exc) in _MISSING:
                 return False
-            return self._call("fetch " + key, _reraise, exc=exc)  # type: ignore[no-any-return]
+            raise self._said("fetch " + key, exc) from None
         return True
 
     def entries(self, prefix: str) -> list[Entry]:
-        found: list[Entry] = []
-        base = self._key(prefix)
         strip = len(self._key(""))
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(
-            "list " + prefix, lambda: list(paginator.paginate(Bucket=self.location.bucket,
-                                                              Prefix=base))
-        )  # fmt: skip
-        for page in pages:
-            for item in page.get("Contents", []):
-                found.append(Entry(item["Key"][strip:], int(item["Size"]), item["LastModified"]))
-        return found
+        return [
+            Entry(item["Key"][strip:], int(item["Size"]), item["LastModified"])
+            for page in self._pages("list " + prefix, self._key(prefix))
+            for item in page.get("Contents", [])
+        ]
 
     def children(self, prefix: str) -> list[str]:
         base = self._key(prefix)
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(
-            "list " + prefix, lambda: list(paginator.paginate(
-                Bucket=self.location.bucket, Prefix=base, Delimiter="/"))
-        )  # fmt: skip
-        names = []
-        for page in pages:
-            for common in page.get("CommonPrefixes", []):
-                names.append(common["Prefix"][len(base) :].rstrip("/"))
-        return sorted(names)
+        return sorted(
+            common["Prefix"][len(base) :].rstrip("/")
+            for page in self._pages("list " + prefix, base, Delimiter="/")
+            for common in page.get("CommonPrefixes", [])
+        )
 
     def delete_tree(self, prefix: str) -> None:
         self.delete([e.key for e in self.entries(prefix.rstrip("/") + "/")])
@@ -399,5 +398,9 @@ class S3Store:
             )  # fmt: skip
 
 
-def _reraise(exc: BaseException) -> Any:
-    raise exc
+_MISSING = ("404", "NoSuchKey", "NotFound")
+
+
+def _code(exc: Any) -> str:
+    """An S3 error's code ("NoSuchKey", "404", …)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
