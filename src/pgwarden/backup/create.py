@@ -17,6 +17,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -55,6 +56,14 @@ def _lock_file(server: LocalServer) -> Path:
     return server.state.cluster / "backup-create.lock"
 
 
+def _try_lock(handle: IO[str]) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def create_lock(server: LocalServer) -> Iterator[None]:
     """One `backup create` at a time per server. The kernel drops the lock when the process
@@ -63,13 +72,11 @@ def create_lock(server: LocalServer) -> Iterator[None]:
     path = _lock_file(server)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(handle):
             raise UserError(
                 "another `pgwarden backup create` is running for this server",
                 hint="wait for it to finish; `pgwarden backup list` shows it as in progress",
-            ) from None
+            )
         try:
             yield
         finally:
@@ -81,9 +88,7 @@ def create_running(server: LocalServer) -> bool:
     if not path.exists():
         return False
     with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(handle):
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
@@ -137,14 +142,16 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
             )
         parent = contents.backups[-1]
     label = _new_label(repo)
-    if repo.root is not None:
+    # An object store gets the tar format, staged here first: three objects instead of one
+    # per file. A directory gets a plain backup written in place.
+    staged = repo.root is None
+    if not staged:
         home = repo.backup_dir(label)
         home.mkdir(mode=0o700)
         server.runas.chown(home)
         written = home / "data"
         fmt = "plain"
     else:
-        # An object store gets the tar format: three objects instead of one per file.
         home = server.state.cluster / "backup-staging" / label
         home.mkdir(mode=0o700, parents=True)
         server.runas.chown(home.parent)
@@ -170,7 +177,7 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
         stop_time = stopped[0]
         assert isinstance(stop_time, datetime)
         info = _describe(label, written, fmt, parent, cluster, version, stop_time=stop_time)
-        if repo.root is None:
+        if staged:
             for part in sorted(written.iterdir()):
                 if part.name not in ("base.tar", "pg_wal.tar", "backup_manifest"):
                     raise UserError(
@@ -183,12 +190,12 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
     except BaseException:
         # Our own half-written copy, never anything of the user's: pg_basebackup removes
         # the data directory it created on failure; the label folder is ours too.
-        if repo.root is None:
+        if staged:
             with contextlib.suppress(Exception):  # the original error is the one to show
                 repo.remove_backup(label)
         shutil.rmtree(home, ignore_errors=True)
         raise
-    if repo.root is None:
+    if staged:
         shutil.rmtree(home, ignore_errors=True)
     else:
         server.runas.chown(home / BACKUP_FILE)
@@ -196,11 +203,11 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
 
 
 def _parent_manifest(server: LocalServer, repo: Repository, parent: BackupInfo, home: Path) -> Path:
-    if parent.format == "plain" and repo.root is not None:
-        return repo.backup_dir(parent.label) / "data" / "backup_manifest"
+    own = repo.plain_dir(parent)
+    if own is not None:
+        return own / "backup_manifest"
     path = home / "parent_manifest"
-    if not repo.store.fetch(f"backups/{parent.label}/backup_manifest", path):
-        raise UserError(f"backup {parent.label} has lost its backup_manifest in {repo.where}")
+    repo.fetch_part(parent.label, "backup_manifest", path)
     server.runas.chown(path)
     return path
 

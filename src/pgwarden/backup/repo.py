@@ -195,6 +195,18 @@ class Repository:
         """Archive one WAL file; False when the same one is already there."""
         return self.store.put_new(f"wal/{source.name}", source)
 
+    def plain_dir(self, info: BackupInfo) -> Path | None:
+        """The backup's own data directory, when it is one (a plain backup in a directory
+        location); None when it must be fetched and unpacked."""
+        if info.format == "plain" and self.root is not None:
+            return self.backup_dir(info.label) / "data"
+        return None
+
+    def fetch_part(self, label: str, name: str, dest: Path) -> None:
+        """One file of a backup (base.tar, backup_manifest, …) to a local path."""
+        if not self.store.fetch(f"backups/{label}/{name}", dest):
+            raise UserError(f"backup {label} in {self.where} has lost its {name}")
+
     def fetch_wal(self, name: str, dest: Path) -> bool:
         return self.store.fetch(f"wal/{name}", dest)
 

@@ -361,8 +361,9 @@ def replace_live(server: LocalServer, restored: Path, repo: Repository) -> Path:
 def plain_copy(repo: Repository, info: BackupInfo, scratch: Path) -> Path:
     """A plain-format data directory of one backup to read: the backup itself in a directory
     location, an extracted copy under `scratch` for an object store."""
-    if info.format == "plain" and repo.root is not None:
-        return repo.backup_dir(info.label) / "data"
+    own = repo.plain_dir(info)
+    if own is not None:
+        return own
     dest = scratch / info.label
     materialize(repo, info, dest)
     return dest
@@ -370,8 +371,9 @@ def plain_copy(repo: Repository, info: BackupInfo, scratch: Path) -> Path:
 
 def materialize(repo: Repository, info: BackupInfo, dest: Path) -> None:
     """Write one backup out as a plain data directory at `dest` (which must not exist)."""
-    if info.format == "plain" and repo.root is not None:
-        shutil.copytree(repo.backup_dir(info.label) / "data", dest, symlinks=True)
+    own = repo.plain_dir(info)
+    if own is not None:
+        shutil.copytree(own, dest, symlinks=True)
         return
     dest.mkdir(mode=0o700, parents=True)
     download = dest / ".pgwarden-download"
@@ -379,13 +381,11 @@ def materialize(repo: Repository, info: BackupInfo, dest: Path) -> None:
     try:
         for name, into in (("base.tar", dest), ("pg_wal.tar", dest / "pg_wal")):
             part = download / name
-            if not repo.store.fetch(f"backups/{info.label}/{name}", part):
-                raise UserError(f"backup {info.label} in {repo.where} has lost its {name}")
+            repo.fetch_part(info.label, name, part)
             into.mkdir(mode=0o700, exist_ok=True)
             _extract(part, into)
             part.unlink()
-        if not repo.store.fetch(f"backups/{info.label}/backup_manifest", dest / "backup_manifest"):
-            raise UserError(f"backup {info.label} in {repo.where} has lost its backup_manifest")
+        repo.fetch_part(info.label, "backup_manifest", dest / "backup_manifest")
     finally:
         shutil.rmtree(download, ignore_errors=True)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pgwarden.backup.repo import Repository
 from pgwarden.backup.store import S3Location, S3Store
 from pgwarden.errors import PgwardenError
 
@@ -23,15 +24,14 @@ def main(argv: list[str]) -> int:
         print("usage: walcmd push LOCATION.json PATH | get LOCATION.json NAME PATH",
               file=sys.stderr)  # fmt: skip
         return 64
-    store = S3Store(S3Location.load(Path(argv[1])))
+    repo = Repository(S3Store(S3Location.load(Path(argv[1]))))
     try:
         if argv[0] == "push":
-            source = Path(argv[2])
-            store.put_new(f"wal/{source.name}", source)
+            repo.put_wal(Path(argv[2]))
             return 0
         name, dest = argv[2], Path(argv[3])
         tmp = dest.with_name(dest.name + ".pgwarden-partial")
-        if not store.fetch(f"wal/{name}", tmp):
+        if not repo.fetch_wal(name, tmp):
             tmp.unlink(missing_ok=True)
             return 1  # not archived (yet): the normal end of archive recovery
         tmp.replace(dest)
