@@ -33,22 +33,14 @@ from pgwarden.history import (
     verify,
 )
 from pgwarden.history.layout import dump_json
-from pgwarden.history.names import TableName
+from pgwarden.history.names import TableName, parse_key
 from pgwarden.history.read import OPS, AsOfMethod, columns_of, completeness_note
 
 TABLE_PAGE = 50  # events the table format shows by default
 
 
 def _keys(pairs: tuple[str, ...]) -> dict[str, str] | None:
-    if not pairs:
-        return None
-    result = {}
-    for pair in pairs:
-        col, sep, value = pair.partition("=")
-        if not sep or not col:
-            raise UserError(f"--key {pair!r} is not COLUMN=VALUE", hint="e.g. --key id=42")
-        result[col] = value
-    return result
+    return parse_key(pairs) if pairs else None
 
 
 def _schema(app: AppContext) -> HistorySchema:

@@ -282,14 +282,14 @@ def transactions(
         where = list(clauses)
         if cursor is not None:
             where.append(sql.SQL("x.id < {}").format(sql.Literal(cursor)))
-        with conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(
-                sql.SQL("{} WHERE {} ORDER BY x.id DESC LIMIT {}").format(
-                    _TX_SELECT.format(tx=schema.table("tx")),
-                    sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE"),
-                    sql.Literal(chunk),
-                )
-            ).fetchall()
+        rows = _rows(
+            conn,
+            sql.SQL("{} WHERE {} ORDER BY x.id DESC LIMIT {}").format(
+                _TX_SELECT.format(tx=schema.table("tx")),
+                sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE"),
+                sql.Literal(chunk),
+            ),
+        )
         if not rows:
             return TxPage(groups, None)
         scanned += len(rows)
@@ -324,12 +324,12 @@ def _group(r: Mapping[str, Any]) -> TxGroup:
 def transaction(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[TxGroup]:
     """Every event of one transaction, by context."""
     require_installed(conn, schema)
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            sql.SQL("{} WHERE x.tx = {} ORDER BY x.id").format(
-                _TX_SELECT.format(tx=schema.table("tx")), sql.Literal(tx)
-            )
-        ).fetchall()
+    rows = _rows(
+        conn,
+        sql.SQL("{} WHERE x.tx = {} ORDER BY x.id").format(
+            _TX_SELECT.format(tx=schema.table("tx")), sql.Literal(tx)
+        ),
+    )
     groups = {r["id"]: _group(r) for r in rows}
     if groups:
         _fill(conn, schema, groups, EventFilter(contexts=list(groups)), EVENTS_PER_TX_PAGE)

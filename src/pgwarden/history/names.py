@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pgwarden.errors import UserError
@@ -122,3 +123,14 @@ def parse_table(text: str) -> TableName:
     if pattern.is_glob:
         raise UserError(f"{text!r} is a pattern; name one table here")
     return pattern.exact()
+
+
+def parse_key(pairs: Iterable[str], *, option: str = "--key") -> dict[str, str]:
+    """A row key given as COLUMN=VALUE pairs (`--key id=42`, or the UI's `key` fields)."""
+    key: dict[str, str] = {}
+    for pair in pairs:
+        column, sep, value = pair.partition("=")
+        if not sep or not column:
+            raise UserError(f"{option} {pair!r} is not COLUMN=VALUE", hint=f"e.g. {option} id=42")
+        key[column] = value
+    return key

@@ -33,7 +33,7 @@ from pgwarden.connect import Target, connect
 from pgwarden.errors import PgwardenError, UserError
 from pgwarden.history import browse
 from pgwarden.history.catalog import HistorySchema
-from pgwarden.history.names import TableName, parse_table
+from pgwarden.history.names import TableName, parse_key, parse_table
 from pgwarden.history.read import as_of, columns_of
 from pgwarden.history.revert import plan_revert, revert
 from pgwarden.history.verify import verify
@@ -288,15 +288,7 @@ def _table(text: str | None) -> TableName | None:
 
 
 def _key(pairs: list[str]) -> dict[str, str]:
-    key: dict[str, str] = {}
-    for pair in pairs:
-        if not pair:
-            continue
-        column, sep, value = pair.partition("=")
-        if not sep or not column:
-            raise UserError(f"row key {pair!r} is not column=value")
-        key[column] = value
-    return key
+    return parse_key((p for p in pairs if p), option="key")
 
 
 def _time(text: str | None, what: str, tz: str | None = None) -> datetime | None:
