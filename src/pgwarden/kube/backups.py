@@ -15,7 +15,7 @@ from typing import Any
 
 from pgwarden.config import Config, EfsConfig
 from pgwarden.errors import ConfigError
-from pgwarden.kube.objects import Manifest, labels, meta
+from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta
 from pgwarden.sqlfiles import sql_text
 
 MOUNT = "/backup"
@@ -97,25 +97,14 @@ def volume_objects(
     objects: list[Manifest] = []
     efs = _efs(config)
     if volume.class_name is None and efs is not None:
+        # Backups outlive everything else: deleting the claim never deletes them (Retain).
         objects.append(
-            {
-                "apiVersion": "storage.k8s.io/v1",
-                "kind": "StorageClass",
-                "metadata": meta(k8s, class_name(config), namespaced=False),
-                "provisioner": "efs.csi.aws.com",
-                "parameters": {
-                    "provisioningMode": "efs-ap",
-                    "fileSystemId": efs.file_system_id,
-                    "directoryPerms": "700",
-                    "uid": str(uid),
-                    "gid": str(uid),
-                    "basePath": f"/{k8s.namespace}-{k8s.name}-backup",
-                },
-                # Backups outlive everything else: deleting the claim never deletes them.
-                "reclaimPolicy": "Retain",
-                "volumeBindingMode": "Immediate",
-            }
-        )
+            efs_storage_class(
+                k8s, class_name(config), file_system_id=efs.file_system_id,
+                directory_perms="700", uid=uid, gid=uid,
+                base_path=f"/{k8s.namespace}-{k8s.name}-backup",
+            )
+        )  # fmt: skip
     objects.append(
         {
             "apiVersion": "v1",

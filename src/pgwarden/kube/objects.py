@@ -28,3 +28,27 @@ def labels(k8s: KubernetesConfig) -> dict[str, str]:
 def selector(k8s: KubernetesConfig) -> dict[str, str]:
     """The server's pods (and nothing else: the backup job's pods carry another name)."""
     return {"app.kubernetes.io/name": "postgresql", "app.kubernetes.io/instance": k8s.name}
+
+
+def efs_storage_class(
+    k8s: KubernetesConfig, name: str, *, file_system_id: str, directory_perms: str, uid: int,
+    gid: int, base_path: str,
+) -> Manifest:  # fmt: skip
+    """An EFS StorageClass giving each claim an access point of its own that forces `uid`/`gid`
+    (so nothing needs to chown, which access points forbid); volumes are retained."""
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": meta(k8s, name, namespaced=False),
+        "provisioner": "efs.csi.aws.com",
+        "parameters": {
+            "provisioningMode": "efs-ap",
+            "fileSystemId": file_system_id,
+            "directoryPerms": directory_perms,
+            "uid": str(uid),
+            "gid": str(gid),
+            "basePath": base_path,
+        },
+        "reclaimPolicy": "Retain",
+        "volumeBindingMode": "Immediate",
+    }

@@ -17,7 +17,7 @@ import yaml
 from pgwarden.config import Config, KubernetesConfig
 from pgwarden.errors import ConfigError
 from pgwarden.kube import backups
-from pgwarden.kube.objects import Manifest, labels, meta, selector
+from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta, selector
 from pgwarden.server import pgconf
 
 PG_PORT = 5432
@@ -142,26 +142,14 @@ def storage_objects(k8s: KubernetesConfig) -> list[Manifest]:
     assert storage.efs is not None
     efs = storage.efs
     if storage.kind == "efs":
+        # The access point forces the postgres image's user, so initdb never needs to chown.
         return [
-            {
-                "apiVersion": "storage.k8s.io/v1",
-                "kind": "StorageClass",
-                "metadata": meta(k8s, name, namespaced=False),
-                "provisioner": "efs.csi.aws.com",
-                "parameters": {
-                    "provisioningMode": "efs-ap",
-                    "fileSystemId": efs.file_system_id,
-                    "directoryPerms": efs.directory_perms,
-                    # The access point forces this uid/gid: the postgres image's user, so
-                    # initdb never needs to chown (which access points forbid).
-                    "uid": str(efs.uid),
-                    "gid": str(efs.gid),
-                    "basePath": f"/{k8s.namespace}-{k8s.name}",
-                },
-                "reclaimPolicy": "Retain",
-                "volumeBindingMode": "Immediate",
-            }
-        ]
+            efs_storage_class(
+                k8s, name, file_system_id=efs.file_system_id,
+                directory_perms=efs.directory_perms, uid=efs.uid, gid=efs.gid,
+                base_path=f"/{k8s.namespace}-{k8s.name}",
+            )
+        ]  # fmt: skip
     # The seed's shape: a static PV on the file system, and a claim bound to it.
     return [
         {
