@@ -131,6 +131,25 @@ def test_revert_undoes_a_transaction_and_is_recorded(database: Database) -> None
         assert contexts == [(f"revert of tx {tx}",)]
 
 
+def test_revert_reports_progress_per_set_based_step(database: Database) -> None:
+    _seed(database)
+    with database.connect() as conn:
+        tx = _tx(conn, "INSERT INTO test_table SELECT g, 'bulk' FROM generate_series(2, 5001) g",
+                 "UPDATE test_table SET name = 'oops' WHERE id <= 3000",
+                 "DELETE FROM test_table WHERE id > 4000")  # fmt: skip
+        calls: list[tuple[int, int, str]] = []
+        plan = revert(conn, tx, progress=lambda *call: calls.append(call))
+        # One call before each step and one at the end; the rows done only grow, and end at
+        # the plan's total: 5000 inserted + 3000 updated + 1001 deleted, undone in 3 statements.
+        assert plan.rows == 5000 + 3000 + 1001
+        assert len(plan.steps) == 3
+        assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+        assert calls[0][0] == 0
+        assert calls[-1] == (plan.rows, plan.rows, "committing")
+        assert [c[2] for c in calls[:-1]] == [s.summary for s in plan.steps]
+        assert conn.execute("SELECT * FROM test_table ORDER BY id").fetchall() == [(1, "Test Data")]
+
+
 def test_revert_refuses_when_rows_changed_later(database: Database) -> None:
     _seed(database)
     with database.connect() as conn:

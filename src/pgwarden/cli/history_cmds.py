@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from pgwarden.cli.app import err_console, format_option, out
@@ -300,7 +301,23 @@ def revert_cmd(app: AppContext, tx: int, dry_run: bool, show_sql: bool) -> None:
       pgwarden revert 7791
     """
     with connect(app.target()) as conn:
-        plan = revert(conn, tx, dry_run=dry_run, schema=_schema(app))
+        if dry_run or not sys.stderr.isatty():
+            plan = revert(conn, tx, dry_run=dry_run, schema=_schema(app))
+        else:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("reverting", total=None)
+
+                def update(done: int, total: int, summary: str) -> None:
+                    bar.update(task, completed=done, total=total, description=summary)
+
+                plan = revert(conn, tx, schema=_schema(app), progress=update)
         shown = [(s.summary, s.statement.as_string(conn)) for s in plan.steps]
     for warning in plan.warnings:
         err_console.print(f"warning: {warning}")

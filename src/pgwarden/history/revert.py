@@ -8,6 +8,7 @@ row), and when it was already reverted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -409,10 +410,17 @@ def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) 
 
 
 def revert(
-    conn: Conn, tx: int, *, dry_run: bool = False, schema: HistorySchema = DEFAULT_SCHEMA
+    conn: Conn,
+    tx: int,
+    *,
+    dry_run: bool = False,
+    schema: HistorySchema = DEFAULT_SCHEMA,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> RevertPlan:
     """Undo transaction `tx`. Refuses (UserError) when later changes conflict, naming them, and
-    when `tx` was already reverted; changes nothing then."""
+    when `tx` was already reverted; changes nothing then. `progress(rows_done, rows_total,
+    step_summary)` is called before each step and after the last: a bulk revert is a few long
+    set-based statements, so a step is the granularity there is."""
     plan = plan_revert(conn, tx, schema=schema)
     if plan.reverted_by is not None:
         raise UserError(
@@ -446,7 +454,10 @@ def revert(
         # Undoing a multi-row key shift passes through transient duplicates; keys declared
         # DEFERRABLE are then checked at commit, as the original statement was.
         conn.execute("SET CONSTRAINTS ALL DEFERRED")
+        rows_done = 0
         for step in plan.steps:
+            if progress is not None:
+                progress(rows_done, plan.rows, step.summary)
             try:
                 done = conn.execute(step.statement).rowcount
             except psycopg.errors.IntegrityError as exc:
@@ -460,6 +471,9 @@ def revert(
                     f"not {step.rows}; nothing was changed",
                     hint="the rows changed while the revert was being planned: try again",
                 )
+            rows_done += done
+        if progress is not None:
+            progress(rows_done, plan.rows, "committing")
     return plan
 
 
