@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn
 from rich.text import Text
 
 from pgwarden.boundary import user_db_error, write_crash_log
@@ -18,6 +19,18 @@ from pgwarden.errors import PgwardenError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+
+
+def progress_bar(*columns: ProgressColumn) -> Progress:
+    """A bar on stderr that goes away when done (the command's summary line stays)."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        *columns,
+        console=err_console,
+        transient=True,
+    )
+
 
 log = logging.getLogger("pgwarden")
 

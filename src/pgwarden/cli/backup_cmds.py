@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.progress import DownloadColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pgwarden.backup.create import create_backup, create_running, repository, require_running
@@ -25,7 +25,7 @@ from pgwarden.backup.restore import (
     staging_dir,
 )
 from pgwarden.backup.verify import incomplete_of, verify_backups, wal_gap
-from pgwarden.cli.app import err_console, format_option, out
+from pgwarden.cli.app import err_console, format_option, out, progress_bar
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.cli.timeparse import TIME
 from pgwarden.connect import connect
@@ -65,14 +65,7 @@ def create_cmd(app: AppContext, incremental: bool) -> None:
     """
     server = app.server()
     if sys.stderr.isatty():
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
-        ) as bar:
+        with progress_bar(DownloadColumn(), TimeRemainingColumn()) as bar:
             task = bar.add_task("backing up", total=None)
 
             def update(done_kb: int, total_kb: int) -> None:

@@ -11,10 +11,10 @@ from datetime import datetime
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import MofNCompleteColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pgwarden.cli.app import err_console, format_option, out
+from pgwarden.cli.app import err_console, format_option, out, progress_bar
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.cli.timeparse import TIME
 from pgwarden.connect import connect
@@ -304,14 +304,7 @@ def revert_cmd(app: AppContext, tx: int, dry_run: bool, show_sql: bool) -> None:
         if dry_run or not sys.stderr.isatty():
             plan = revert(conn, tx, dry_run=dry_run, schema=_schema(app))
         else:
-            with Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=True,
-            ) as bar:
+            with progress_bar(MofNCompleteColumn(), TimeElapsedColumn()) as bar:
                 task = bar.add_task("reverting", total=None)
 
                 def update(done: int, total: int, summary: str) -> None:
