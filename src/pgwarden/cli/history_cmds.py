@@ -60,6 +60,19 @@ def _cell(value: Any) -> str:
     return value if isinstance(value, str) else dump_json(value)
 
 
+def _csv_field(value: Any) -> str:
+    """One as-of csv field as PostgreSQL's COPY … CSV writes it: NULL (or a column the row did
+    not have then) is an empty field; any value that could be read as one, or that holds a
+    quote, separator or line break, is quoted. Python's csv module (before 3.12) writes ''
+    and None alike."""
+    if value is None:
+        return ""
+    text = _cell(value)
+    if text == "" or any(ch in text for ch in ',"\r\n') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
 def _change_text(event: Event) -> str:
     if event.op in ("INSERT", "SNAPSHOT"):
         return ", ".join(f"{c}={_short(v, quoted=True)}" for c, v in (event.new or {}).items())
@@ -265,12 +278,11 @@ def as_of_cmd(
         click.echo("[" + ",\n ".join(dump_json(r) for r in rows) + "]")
         return
     if fmt == "csv":
-        writer = csv.writer(sys.stdout)
         cols = columns_of(rows)
-        writer.writerow(cols)
+        write = sys.stdout.write
+        write(",".join(_csv_field(c) for c in cols) + "\r\n")
         for row in rows:
-            # A column absent from a row's image (not in the table then) is empty, as null is.
-            writer.writerow(["" if row.get(c) is None else _cell(row.get(c)) for c in cols])
+            write(",".join(_csv_field(row.get(c)) for c in cols) + "\r\n")
         return
     view = Table(header_style="bold")
     cols = columns_of(rows)

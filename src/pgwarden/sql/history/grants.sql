@@ -17,6 +17,7 @@ ALTER FUNCTION {schema}.forbid_change() OWNER TO {owner};
 
 -- Reading: the SQL of an event's JSON columns (read.sql). It reads the column map with the
 -- caller's rights, so only roles that may read history (the auditor) get anything from it.
+GRANT EXECUTE ON FUNCTION {schema}.json_as_text(int2, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.image_sql(int, "char", text, int2[]) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.event_sql(int, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.view_part(int) TO PUBLIC;

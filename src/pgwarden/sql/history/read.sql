@@ -5,6 +5,20 @@
 -- their current names, in the table's column order; `json`, not `jsonb`, so that order and
 -- every number's digits are kept as PostgreSQL wrote them.
 
+-- A json or jsonb column's value goes into an image as a JSON string holding its JSON text
+-- (arrays of them: arrays of such strings), the way Debezium carries them: embedded, a JSON
+-- `null` and an SQL NULL would both be `null`, and a json value's own spelling would be lost.
+-- Columns kept from 0.1's JSON history (attnum < 0) were embedded already and stay so.
+CREATE OR REPLACE FUNCTION {schema}.json_as_text(attnum int2, type text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN attnum < 0 THEN ''
+                WHEN type IN ('json', 'jsonb') THEN '::text'
+                WHEN type IN ('json[]', 'jsonb[]') THEN '::text[]'
+                ELSE '' END
+$$;
+
 -- The SQL expression (text) for one side ('o' old, 'n' new) of the events in history table
 -- alias `alias`, as json; `only` limits it to some columns (the key). Columns come and go at
 -- statement ids (since, until), so the expression picks the column set by the event's
@@ -29,8 +43,9 @@ BEGIN
     bounds := ARRAY[0::bigint] || COALESCE(bounds, '{{}}');
     FOR i IN 1 .. pg_catalog.cardinality(bounds) LOOP
         b := bounds[i];
-        SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I AS %I', alias,
-                   CASE WHEN side = 'o' THEN c.old_col ELSE c.new_col END, c.name),
+        SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I%s AS %I', alias,
+                   CASE WHEN side = 'o' THEN c.old_col ELSE c.new_col END,
+                   {schema}.json_as_text(c.attnum, c.type), c.name),
                    ', ' ORDER BY c.attnum < 0, pg_catalog.abs(c.attnum), c.gen)
         INTO cols
         FROM {schema}.logged_column c
