@@ -71,6 +71,17 @@ def _w1_targets(w1: dict[str, Any]) -> list[tuple[str, str, bool]]:
     for variant in VARIANTS:
         if not variant.startswith("pgwarden"):
             continue
+        if variant == "pgwarden-wal":
+            for statement, limit in zip(STATEMENTS, (0.3, 0.6, 0.3), strict=True):
+                r = w1["R"][variant][statement]
+                rows.append((f"W1 {variant} {statement} R ≤ {limit} (write path)", f"{r:.2f}",
+                             r <= limit))  # fmt: skip
+            speeds = w1["wal_catch_up_events_per_s"]
+            slowest = min(speeds, default=0.0)
+            rows.append(("W1 pgwarden-wal consumer catch-up ≥ 100k events/s",
+                         f"{slowest:,.0f} (of {', '.join(f'{x:,.0f}' for x in speeds)})",
+                         slowest >= 100_000))  # fmt: skip
+            continue
         for statement in STATEMENTS:
             r = w1["R"][variant][statement]
             limit = 2.5 if statement == "UPDATE" else 1.5
@@ -99,6 +110,17 @@ def _w2_targets(w2: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ahead = sum(t >= s + 0.05 for t, s in pairs)
     rows.append(("W2 tracked ≥ seed + 0.05 in each repetition",
                  f"{ahead} of {len(pairs)}", ahead == len(pairs)))  # fmt: skip
+    rows.append(("W2 wal, consumer waiting, TPS ≥ 0.95 × untracked",
+                 f"{w2['wal_waiting_over_untracked']:.2f}",
+                 w2["wal_waiting_over_untracked"] >= 0.95))  # fmt: skip
+    rows.append(("W2 wal, consumer running beside it, TPS ≥ 0.85 × untracked",
+                 f"{w2['wal_live_over_untracked']:.2f}", w2["wal_live_over_untracked"] >= 0.85))  # fmt: skip
+    rate = statistics.median(w2["untracked_events_per_s"])
+    catch = min(w2["catch_up_events_per_s"], default=0.0)
+    rows.append(("W2 consumer catch-up ≥ 2 × untracked event rate",
+                 f"{catch:,.0f} events/s vs {rate:,.0f} ({catch / rate:.1f}×)", catch >= 2 * rate))  # fmt: skip
+    lag = max(w2["lag_p99_s"], default=float("nan"))
+    rows.append(("W2 wal-live lag p99 ≤ 1 s", f"{lag:.2f} s", lag <= 1))
     complete = all(c["missing"] == 0 and c["extra"] == 0 for c in w2["completeness"])
     rows.append(("W2 every change has its event", json.dumps(w2["completeness"]), complete))
     return rows

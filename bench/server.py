@@ -23,7 +23,8 @@ def bench_server(pg_bin: Path | None) -> Iterator[LocalServer]:
     config = Config.model_validate(
         # Default durability (synchronous_commit on, fsync on), as the issue asks; only the
         # checkpoint spacing is widened so that a 100k-row statement does not trigger one.
-        {"server": {"settings": {"max_wal_size": "4GB"}}}
+        # wal_level = logical for every variant alike: W2's WAL capture variants need it.
+        {"server": {"settings": {"max_wal_size": "4GB", "wal_level": "logical"}}}
     )
     server = LocalServer(config, base / ".pgwarden", pg_bin=pg_bin, port=free_port())
     bring_up(server)

@@ -12,14 +12,17 @@ from psycopg import sql
 
 from bench import prototypes
 from pgwarden.config import Config
-from pgwarden.history import install
+from pgwarden.history import install, wal
+from pgwarden.history.catalog import DEFAULT_SCHEMA
 
 VARIANTS = ("untracked", "seed-fail-open", "seed-fail-closed", "pgwarden-fail-closed",
             "pgwarden-fail-open", "pgwarden-plpgsql-fail-closed", "pgwarden-plpgsql-fail-open",
-            "proto-nothing", "proto-json")  # fmt: skip
+            "pgwarden-wal", "proto-nothing", "proto-json")  # fmt: skip
 # pgwarden-*: the default configuration (the compiled capture trigger); pgwarden-plpgsql-*: the
 # PL/pgSQL fallback (history.trigger: plpgsql), which Kubernetes images get. Both write the
-# same history; nothing is deferred, so the statement's time is all the work.
+# same history; nothing is deferred, so the statement's time is all the work. pgwarden-wal:
+# capture from the WAL (history.capture: wal): no trigger, REPLICA IDENTITY FULL; its write path
+# is the statement's time, and the consumer's catch-up afterwards is timed on its own.
 # Prototype capture designs (bench/prototypes.sql), not the product: measured in the same run so
 # that the floor of each design compares with pgwarden. proto-nothing builds the transition
 # tables and writes nothing; proto-json is the leanest JSONB design that can still find a row by
@@ -37,6 +40,7 @@ class W1Result:
     reps: int
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     xids: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    catch_up_events_per_s: list[float] = field(default_factory=list)  # pgwarden-wal
 
     def median(self, variant: str, statement: str) -> float:
         return statistics.median(self.seconds[variant][statement])
@@ -57,6 +61,7 @@ class W1Result:
             "xids_per_statement": {
                 v: {s: min(self.xids[v][s]) for s in STATEMENTS} for v in self.xids
             },
+            "wal_catch_up_events_per_s": self.catch_up_events_per_s,
             "raw_xids": self.xids,
             "raw_seconds": self.seconds,
         }
@@ -77,6 +82,11 @@ def _setup(conn: Conn, variant: str, table: str) -> None:
                 "CREATE TRIGGER user_changes_trigger AFTER INSERT OR UPDATE OR DELETE ON {} "
                 "FOR EACH ROW EXECUTE FUNCTION {}()"
             ).format(ident, sql.Identifier(function))
+        )
+    elif variant == "pgwarden-wal":
+        conn.execute(
+            "SELECT pgwarden.track(%s::regclass, 'fail-closed', '{}', 'rows', 'config', 'wal')",
+            (table,),
         )
     elif variant.startswith("pgwarden"):
         engine = "plpgsql" if variant.startswith("pgwarden-plpgsql") else "compiled"
@@ -112,6 +122,17 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
         conn.execute(SEED_SQL)
         conn.execute(prototypes.SQL)
         install(conn, Config())
+        # WAL capture's slot and its names, as `apply` makes them for history.capture: wal.
+        slot = conn.execute(
+            "SELECT 'pgwarden_' || oid FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+        assert slot is not None
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot[0],))
+        conn.execute(
+            "INSERT INTO pgwarden.meta VALUES ('wal_slot', %s), ('wal_publication', "
+            "'pgwarden_capture') ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (slot[0],),
+        )
         for rep in range(reps):
             # Interleave variants (A B C … then rotated) so drift on a noisy machine hits all.
             order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
@@ -119,6 +140,8 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                 table = f"bench_items_{variant.replace('-', '_')}"
                 ident = sql.Identifier(table)
                 _setup(conn, variant, table)
+                if variant == "pgwarden-wal":
+                    wal.catch_up(conn, DEFAULT_SCHEMA)  # the other variants' WAL, passed over
                 statements = {
                     "INSERT": sql.SQL(
                         "INSERT INTO {} SELECT g, 'name ' || g, 'user' || g || '@example.com', "
@@ -133,6 +156,12 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                     seconds, xids = _timed(conn, statement)
                     result.seconds[variant][name].append(seconds)
                     result.xids[variant][name].append(xids)
+                if variant == "pgwarden-wal":
+                    started = time.perf_counter()
+                    caught = wal.catch_up(conn, DEFAULT_SCHEMA)
+                    spent = time.perf_counter() - started
+                    assert caught.events == 3 * rows, caught  # every row, each statement
+                    result.catch_up_events_per_s.append(caught.events / spent)
                 conn.execute(sql.SQL("DROP TABLE {}").format(ident))
                 log(
                     f"  W1 rep {rep + 1}/{reps} {variant:22s} "  # type: ignore[operator]

@@ -1,10 +1,22 @@
-"""W2: OLTP. pgbench tpcb-like, 4 clients, default durability; the four tables tracked or not."""
+"""W2: OLTP. pgbench tpcb-like, 4 clients, default durability; the four tables tracked or not.
+
+The WAL capture variants (history.capture: wal) send the application's context as pgwarden's
+set_actor does, in the same round trip as BEGIN, so their history has who as well as when:
+wal-waiting runs with the consumer stopped (it catches up after the run, timed), wal-live with
+`pgwarden history follow` running beside pgbench on the same cores (lag sampled).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import statistics
 import subprocess
+import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,14 +25,27 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden.config import Config
-from pgwarden.history import install
+from pgwarden.history import install, wal
 from pgwarden.history.catalog import DEFAULT_SCHEMA
 from pgwarden.history.layout import table_logs
 
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
 # seed: the seed's row trigger (bench/seed.sql, fail-closed form) on the four tables; tracked:
 # pgwarden's default (the compiled capture trigger); tracked-plpgsql: its PL/pgSQL fallback.
-VARIANTS = ("untracked", "seed", "tracked", "tracked-plpgsql")
+VARIANTS = ("untracked", "seed", "tracked", "tracked-plpgsql", "wal-waiting", "wal-live")
+# tpcb-like, with set_actor's message sent with BEGIN (pgbench's \\; sends both at once).
+TAGGED_SCRIPT = """\\set aid random(1, 100000 * :scale)
+\\set bid random(1, 1 * :scale)
+\\set tid random(1, 10 * :scale)
+\\set delta random(-5000, 5000)
+BEGIN \\; SELECT pg_logical_emit_message(true, 'pgwarden', json_build_object('db_user', session_user, 'role', session_user, 'application', current_setting('application_name'), 'actor', 'bench')::text);
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+"""
 SEED_SQL = (Path(__file__).parent / "seed.sql").read_text()
 
 
@@ -33,6 +58,9 @@ class W2Result:
         default_factory=lambda: {variant: [] for variant in VARIANTS}
     )
     completeness: list[dict[str, int]] = field(default_factory=list)
+    catch_up_events_per_s: list[float] = field(default_factory=list)  # wal-waiting
+    untracked_events_per_s: list[float] = field(default_factory=list)  # what untracked makes
+    lag_p99_s: list[float] = field(default_factory=list)  # wal-live
 
     def ratio(self, variant: str) -> float:
         return statistics.median(self.tps[variant]) / statistics.median(self.tps["untracked"])
@@ -56,6 +84,11 @@ class W2Result:
             "seed_over_untracked": self.ratio("seed"),
             "plpgsql_over_untracked": self.ratio("tracked-plpgsql"),
             "per_run": {v: self.per_run_ratios(v) for v in VARIANTS if v != "untracked"},
+            "wal_waiting_over_untracked": self.ratio("wal-waiting"),
+            "wal_live_over_untracked": self.ratio("wal-live"),
+            "catch_up_events_per_s": self.catch_up_events_per_s,
+            "untracked_events_per_s": self.untracked_events_per_s,
+            "lag_p99_s": self.lag_p99_s,
             "completeness": self.completeness,
         }
 
@@ -86,10 +119,33 @@ CAPTURE = ("pgwarden_capture_insert", "pgwarden_capture_update", "pgwarden_captu
            "pgwarden_capture_truncate")  # fmt: skip
 
 
+def _capture(conn: Conn, engine: str) -> None:
+    """Switch the four tracked tables between the triggers and the WAL, as `apply` would with
+    history.capture (no new snapshot: they stay tracked). Leaving the WAL, history takes in
+    what it has first; the trigger variants run with the default replica identity."""
+    have = conn.execute("SELECT DISTINCT capture FROM pgwarden.tracked").fetchall()
+    if have == [(engine,)]:
+        return
+    if engine == "trigger":
+        wal.catch_up(conn, DEFAULT_SCHEMA)
+    for table in TABLES:
+        conn.execute(
+            "SELECT pgwarden.track(%s::regclass, 'fail-closed', '{}', 'rows', 'config', %s)",
+            (table, engine),
+        )
+        if engine == "trigger":
+            conn.execute(
+                sql.SQL("ALTER TABLE {} REPLICA IDENTITY DEFAULT").format(sql.Identifier(table))
+            )
+
+
 def _prepare(conn: Conn, variant: str) -> None:
     """Make the four tables captured as `variant` says, and nothing else. The tables are
     tracked once (one snapshot); pgwarden's triggers are switched off for the other variants
     rather than untracked, which would take a new 1M-row snapshot every time."""
+    _capture(conn, "wal" if variant.startswith("wal") else "trigger")
+    if variant.startswith("wal"):
+        return
     for table in TABLES:
         conn.execute(
             sql.SQL("DROP TRIGGER IF EXISTS user_changes_trigger ON {}").format(
@@ -153,7 +209,20 @@ def run_w2(
         conn.execute(SEED_SQL)
         for table in TABLES:
             conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
+        # WAL capture's slot and its names, as `apply` makes them for history.capture: wal.
+        slot = conn.execute(
+            "SELECT 'pgwarden_' || oid FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+        assert slot is not None
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot[0],))
+        conn.execute(
+            "INSERT INTO pgwarden.meta VALUES ('wal_slot', %s), ('wal_publication', "
+            "'pgwarden_capture')",
+            (slot[0],),
+        )
         conn.execute("VACUUM ANALYZE")
+    script = Path(tempfile.mkdtemp(prefix="pgwarden-w2-")) / "tagged.sql"
+    script.write_text(TAGGED_SCRIPT)
     for rep in range(reps):
         order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
         for variant in order:
@@ -165,11 +234,32 @@ def run_w2(
                 conn.execute("CHECKPOINT")
                 start = conn.execute("SELECT last_value FROM pgwarden.statement_seq").fetchone()
                 began = conn.execute("SELECT clock_timestamp()").fetchone()
-            out = _pgbench(bindir, url, "-n", "-c", "4", "-j", "2", "-T", str(seconds))
+            args = ["-n", "-c", "4", "-j", "2", "-T", str(seconds)]
+            follower = lag = None
+            if variant.startswith("wal"):
+                args += ["-f", str(script)]
+            if variant == "wal-live":
+                follower = _follow(url)
+                lag = _LagSampler(url)
+            out = _pgbench(bindir, url, *args)
+            if lag is not None:
+                result.lag_p99_s.append(lag.stop())
+            if follower is not None:
+                follower.send_signal(signal.SIGTERM)
+                follower.wait(timeout=60)
             tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
             txns = int(re.search(r"actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
             result.tps[variant].append(tps)
-            if variant.startswith("tracked"):
+            if variant == "untracked":
+                result.untracked_events_per_s.append(4 * tps)
+            if variant.startswith("wal"):
+                with psycopg.connect(url, autocommit=True) as conn:
+                    t0 = time.perf_counter()
+                    caught = wal.catch_up(conn, DEFAULT_SCHEMA)
+                    spent = time.perf_counter() - t0
+                if variant == "wal-waiting" and caught.events:
+                    result.catch_up_events_per_s.append(caught.events / spent)
+            if variant.startswith(("tracked", "wal")):
                 with psycopg.connect(url) as conn:
                     assert start is not None and began is not None
                     counts = _counts(conn, int(str(start[0])))
@@ -188,3 +278,63 @@ def run_w2(
                 )  # fmt: skip
             log(f"  W2 rep {rep + 1}/{reps} {variant:16s} tps {tps:.0f} ({txns} txns)")  # type: ignore[operator]
     return result
+
+
+_EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="pgwarden-w2-")) / "pgwarden.yaml"
+_EMPTY_CONFIG.write_text("history: {}\n")
+
+
+def _follow(url: str) -> subprocess.Popen[bytes]:
+    """The consumer as a user runs it: its own process, beside the server on the same cores."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgwarden", "--dsn", url, "history", "follow"],
+        env={**os.environ, "PGWARDEN_CONFIG": str(_EMPTY_CONFIG)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+class _LagSampler:
+    """How long a commit takes to reach history: every 0.1 s the WAL's end is noted, and the
+    time until the slot's confirmed position passes it is that sample's lag."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lags: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pending: list[tuple[float, str]] = []
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.done.is_set():
+                row = conn.execute(
+                    "SELECT pg_current_wal_flush_lsn()::text, confirmed_flush_lsn::text "
+                    "FROM pg_replication_slots WHERE database = current_database()"
+                ).fetchone()
+                assert row is not None
+                now = time.monotonic()
+                pending.append((now, str(row[0])))
+                reached = conn.execute(
+                    "SELECT array_agg(pg_wal_lsn_diff(%s::pg_lsn, l::pg_lsn) >= 0) "
+                    "FROM unnest(%s::text[]) l",
+                    (row[1], [p[1] for p in pending]),
+                ).fetchone()
+                assert reached is not None
+                still = []
+                for (t, lsn), ok in zip(pending, reached[0], strict=True):
+                    if ok:
+                        self.lags.append(now - t)
+                    else:
+                        still.append((t, lsn))
+                pending = still
+                time.sleep(0.1)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        if not self.lags:
+            return float("nan")
+        ordered = sorted(self.lags)
+        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]

@@ -40,7 +40,10 @@ def pg_major(pg_bin: Path) -> int:
 def shared_server(tmp_path_factory: pytest.TempPathFactory, pg_bin: Path) -> Iterator[LocalServer]:
     """One real server for the whole session; tests get their own databases on it."""
     state = tmp_path_factory.mktemp("shared") / ".pgwarden"
-    server = LocalServer(Config(), state, pg_bin=pg_bin, port=free_port())
+    # wal_level = logical, as `up` sets it for history.capture: wal, so that the WAL capture
+    # tests share this server; the trigger engine's tests do not notice.
+    config = Config.model_validate({"server": {"settings": {"wal_level": "logical"}}})
+    server = LocalServer(config, state, pg_bin=pg_bin, port=free_port())
     bring_up(server)
     yield server
     server.purge()
@@ -65,6 +68,12 @@ def database(shared_server: LocalServer) -> Iterator[Database]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield Database(name=name, url=shared_server.url(name), admin_url=admin_url)
     with psycopg.connect(admin_url, autocommit=True) as conn:
+        # A database with a logical slot (WAL capture) cannot be dropped.
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE database = %s",
+            (name,),
+        )
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pgwarden.history import TableName, as_of, as_of_into, native, revert
+from pgwarden.history import TableName, as_of, as_of_into, native, revert, set_actor, wal
+from pgwarden.history.catalog import DEFAULT_SCHEMA
 from tests.conftest import Database
 from tests.history_helpers import history_config, setup_history
 
@@ -79,10 +80,14 @@ def _norm(items: list[tuple[Any, ...]]) -> Counter[str]:
 def _setup(database: Database, engine: str, pg_major: int) -> None:
     if engine == "compiled" and native.library(pg_major) is None:
         pytest.skip(f"no compiled capture trigger was built for PostgreSQL {pg_major}")
+    if engine == "wal":
+        setup_history(database.url, history_config("public.*", capture="wal"))
+        return
     setup_history(database.url, history_config("public.*", trigger=engine))
 
 
-ENGINES = pytest.mark.parametrize("engine", ["compiled", "plpgsql"])
+# The two triggers, and capture from the WAL: one history, the same answers.
+ENGINES = pytest.mark.parametrize("engine", ["compiled", "plpgsql", "wal"])
 
 
 @ENGINES
@@ -123,7 +128,8 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
         for step, op in enumerate(program):
             try:
                 with conn.transaction():
-                    conn.execute("SELECT set_config('pgwarden.context', %s, true)", (str(step),))
+                    # both engines' context (the WAL's reads a message, not the setting)
+                    set_actor(conn, None, context=str(step))
                     conn.execute(_statement(table, op))
                     tx = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
                 assert tx is not None
@@ -135,6 +141,7 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
             assert moment is not None
             states.append((moment[0], [r[0] for r in live]))
 
+        wal.catch_up(conn, DEFAULT_SCHEMA)  # WAL capture writes a moment later
         reference = conn.execute(
             "SELECT step, op, old, new FROM ref_log WHERE tbl = %s", (table,)
         ).fetchall()
@@ -163,6 +170,7 @@ def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
 
         # Reverting every transaction, newest first, walks the table back through each state
         # (a transaction that changed nothing has nothing to revert).
+        wal.catch_up(conn, DEFAULT_SCHEMA)
         recorded_txs = {
             int(r[0])
             for r in conn.execute(
@@ -237,6 +245,7 @@ def test_tables_without_a_key_rebuild_and_revert(
             got = conn.execute(f"SELECT t::text FROM {into.table} t").fetchall()
             assert Counter(str(r[0]) for r in got) == rows
             conn.execute(f"DROP TABLE {into.table}")
+        wal.catch_up(conn, DEFAULT_SCHEMA)
         recorded = {
             int(r[0])
             for r in conn.execute(

@@ -146,10 +146,18 @@ class HistoryMode(StrEnum):
     FAIL_OPEN = "fail-open"
 
 
+class CaptureEngine(StrEnum):
+    TRIGGER = "trigger"
+    WAL = "wal"
+
+
 class TableHistory(_Section):
     """Per-table overrides of the history settings."""
 
     mode: HistoryMode | None = None
+    capture: CaptureEngine | None = Field(
+        None, description="trigger or wal for this table (default: history.capture)."
+    )
     exclude_columns: list[str] = Field(default_factory=list)
     truncate: Literal["rows", "marker"] = Field(
         "rows", description="On TRUNCATE, record every removed row, or only a marker event."
@@ -186,6 +194,22 @@ class HistoryConfig(_Section):
     record_statement: bool = Field(
         False, description="Also store the statement text (off: it can carry secrets)."
     )
+    capture: CaptureEngine = Field(
+        CaptureEngine.TRIGGER,
+        description="How changes reach history: trigger (capture triggers, in the writing "
+        "transaction) or wal (logical decoding of the WAL: no trigger on the write path; needs "
+        "wal_level = logical, which `pgwarden up` sets, and a consumer: `pgwarden up` starts "
+        "one, `pgwarden history follow` runs it). Both write the same history; see "
+        "docs/history.md.",
+    )
+    wal_keep_size: str = Field(
+        "10GB",
+        pattern=r"^[1-9][0-9]*(kB|MB|GB|TB)$",
+        description="With capture: wal and mode: fail-open, the most WAL the replication slot "
+        "may hold back (max_slot_wal_keep_size): past it the slot is dropped by the server, "
+        "history records a gap (verify reports it) and capture resumes with a new snapshot. "
+        "fail-closed keeps every WAL segment until history has it.",
+    )
     trigger: CaptureTrigger = Field(
         CaptureTrigger.AUTO,
         description="Which capture trigger writes history: auto (the compiled one where the "
@@ -200,6 +224,20 @@ class HistoryConfig(_Section):
     )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    @property
+    def wal_keep_limit(self) -> str | None:
+        """max_slot_wal_keep_size for WAL capture in fail-open mode; None: keep everything."""
+        if self.uses_wal and self.mode == HistoryMode.FAIL_OPEN:
+            return self.wal_keep_size
+        return None
+
+    @property
+    def uses_wal(self) -> bool:
+        """Whether any table is captured from the WAL (the server needs wal_level = logical)."""
+        return self.capture == CaptureEngine.WAL or any(
+            o.capture == CaptureEngine.WAL for o in self.overrides.values()
+        )
 
     @field_validator("schema_name")
     @classmethod

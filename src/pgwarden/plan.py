@@ -20,8 +20,10 @@ class Operation:
     domain: str  # "server", "history", "access", …
     description: str
     statement: sql.Composed | sql.SQL
-    # Statements such as CREATE DATABASE cannot run inside a transaction block.
+    # Statements such as CREATE DATABASE cannot run inside a transaction block: they run
+    # before the transaction, or after it commits with after_commit.
     transactional: bool = True
+    after_commit: bool = False
     # What to print instead of the SQL when it carries a secret.
     display: str | None = None
     # Statements sent separately just before, e.g. `SET LOCAL log_statement = 'none'`: in the
@@ -57,8 +59,9 @@ def apply_plan(
     conn: psycopg.Connection[tuple[object, ...]], operations: Sequence[Operation]
 ) -> int:
     """Run non-transactional operations one by one, then the rest in a single transaction."""
-    outside = [op for op in operations if not op.transactional]
+    outside = [op for op in operations if not op.transactional and not op.after_commit]
     inside = [op for op in operations if op.transactional]
+    after = [op for op in operations if not op.transactional and op.after_commit]
     previous = conn.autocommit
     current: Operation | None = None
     try:
@@ -71,6 +74,9 @@ def apply_plan(
                 for setup in current.prelude:
                     conn.execute(setup)
                 conn.execute(current.statement)
+        conn.autocommit = True
+        for current in after:
+            conn.execute(current.statement)
     except psycopg.Error as exc:
         step = current.description if current else "?"
         detail = (exc.diag.message_primary or str(exc)).strip()

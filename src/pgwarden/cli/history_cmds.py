@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -32,6 +34,7 @@ from pgwarden.history import (
     track,
     untrack,
     verify,
+    wal,
 )
 from pgwarden.history.layout import dump_json
 from pgwarden.history.names import TableName, parse_key
@@ -151,6 +154,13 @@ def _render_csv(rows: Iterable[Event]) -> int:
 @click.option(
     "--all", "show_all", is_flag=True, help="Every matching event, in the table format too."
 )
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=wal.BATCH_CHANGES,
+    show_default=True,
+    help="With `history follow`: changes decoded per batch.",
+)
 @format_option("table", "json", "csv")
 @pass_app
 def history_cmd(
@@ -164,6 +174,7 @@ def history_cmd(
     tx: int | None,
     limit: int | None,
     show_all: bool,
+    batch: int,
     fmt: str,
 ) -> None:
     """Show recorded changes: who changed what, when, before → after.
@@ -171,12 +182,20 @@ def history_cmd(
     The table format shows the newest events (a page, oldest of them first), as `git log`
     would in a pager; json and csv stream every matching event in constant memory.
 
+    `pgwarden history follow` runs the consumer of WAL capture (history.capture: wal) in the
+    foreground until interrupted: it writes decoded changes into history as they commit
+    (`pgwarden up` runs one beside the local server). A table named follow: public.follow.
+
     \b
     Example:
       pgwarden history public.test_table --key id=1
       pgwarden history --since 2h --actor alice --format json
       pgwarden history --tx 7791 --format csv > tx.csv
+      pgwarden history follow
     """
+    if table == "follow":
+        _follow(app, batch)
+        return
     page = limit is None and not show_all and fmt == "table"
     if page:
         limit = TABLE_PAGE + 1  # one more than shown: whether there is more
@@ -190,16 +209,18 @@ def history_cmd(
         tx=tx,
         limit=limit,
     )
-    with connect(app.target()) as conn, conn.transaction():
-        rows: Iterable[Event] = events(conn, flt, schema=_schema(app), newest_first=bool(limit))
-        more = False
-        if limit:
-            newest = list(rows)  # at most `limit`
-            more = page and len(newest) > TABLE_PAGE
-            rows = sorted(newest[:TABLE_PAGE] if page else newest, key=lambda e: e.stmt_id)
-        renderer = {"table": _render_table, "json": _render_json, "csv": _render_csv}[fmt]
-        count = renderer(rows)
-        note = completeness_note(conn, _schema(app), flt.table) if flt.table else None
+    with connect(app.target()) as conn:
+        _catch_up(conn, app)
+        with conn.transaction():
+            rows: Iterable[Event] = events(conn, flt, schema=_schema(app), newest_first=bool(limit))
+            more = False
+            if limit:
+                newest = list(rows)  # at most `limit`
+                more = page and len(newest) > TABLE_PAGE
+                rows = sorted(newest[:TABLE_PAGE] if page else newest, key=lambda e: e.stmt_id)
+            renderer = {"table": _render_table, "json": _render_json, "csv": _render_csv}[fmt]
+            count = renderer(rows)
+            note = completeness_note(conn, _schema(app), flt.table) if flt.table else None
     if note:
         err_console.print(note)
     if fmt == "table":
@@ -447,6 +468,41 @@ def verify_cmd(ctx: click.Context, quick: bool, fmt: str, as_json: bool) -> None
             out.print("history intact")
     if not report.ok:
         ctx.exit(1)
+
+
+def _catch_up(conn: Any, app: AppContext) -> None:
+    """WAL capture: history first takes in what was committed before this command (outside
+    the command's own transaction, so that the slot may move on)."""
+    wal.catch_up(conn, _schema(app))
+
+
+def _follow(app: AppContext, batch: int) -> None:
+    schema = _schema(app)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    with connect(app.target()) as conn:
+        conn.autocommit = True
+        if wal.setup(conn, schema) is None:
+            raise UserError(
+                "no table is captured from the WAL in this database",
+                hint="set history.capture: wal in pgwarden.yaml and run `pgwarden apply`",
+            )
+        err_console.print("following the WAL into history (Ctrl-C stops)")
+
+        def report(step: wal.BatchResult) -> None:
+            err_console.print(
+                f"{step.transactions} transaction(s), {step.events} event(s) up to "
+                f"{wal.lsn_text(step.lsn or 0)}"
+                + (f", {step.skipped} already recorded" if step.skipped else "")
+            )
+
+        with contextlib.suppress(KeyboardInterrupt):
+            wal.follow(conn, schema, batch=batch, stop=lambda: stopping, report=report)
 
 
 COMMANDS = [history_cmd, as_of_cmd, revert_cmd, retention_cmd, track_cmd, untrack_cmd, verify_cmd]

@@ -16,6 +16,7 @@ from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.backup_cmds import archiver_lines, archiver_of
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.errors import ServerError, UserError
+from pgwarden.server import consumer
 from pgwarden.server.cluster import ServerState, StartOutcome, StopOutcome, mask_url
 from pgwarden.server.local import bring_up
 
@@ -70,6 +71,12 @@ def up_cmd(app: AppContext, pg_bin: Path | None, port: int | None) -> None:
             "archiving among them when backup.location was just set): "
             "`pgwarden down && pgwarden up`"
         )
+    if server.config.history.uses_wal:
+        pid, fresh = consumer.start(server.state, result.url, app.loaded.path)
+        err_console.print(
+            f"WAL capture consumer {'started' if fresh else 'running'} (pid {pid}; log "
+            f"{consumer.log_file(server.state)})"
+        )
     # The URL (with password) goes to stdout alone so `$(pgwarden up)` is usable as-is.
     click.echo(result.url)
 
@@ -87,6 +94,8 @@ def down_cmd(app: AppContext, purge: bool, yes: bool) -> None:
       pgwarden down --purge --yes   # deletes every database in the local cluster
     """
     server = app.server()
+    if consumer.stop(server.state):
+        err_console.print("stopped the WAL capture consumer")
     if purge:
         data = server.state.data_dir
         if not yes:
@@ -144,6 +153,15 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     if status.last_start:
         last = status.last_start
         table.add_row("last start", f"{last.get('at')} ({last.get('outcome')})")
+    if server.config.history.uses_wal:
+        pid = consumer.running_pid(server.state)
+        table.add_row(
+            "wal capture",
+            f"consumer running (pid {pid})"
+            if pid
+            else "consumer not running: `pgwarden up` "
+            "starts it; history catches up when read, and the slot keeps WAL until then",
+        )
     out.print(table)
     if archiving is not None:
         for line in archiver_lines(archiving):

@@ -1,5 +1,6 @@
 """Change history: capture (SQL in pgwarden/sql/), plan, and the Python API the CLI uses."""
 
+from pgwarden.history import wal
 from pgwarden.history.actor import set_actor
 from pgwarden.history.catalog import HistorySchema
 from pgwarden.history.names import TableName, parse_table
@@ -27,4 +28,5 @@ __all__ = [
     "track",
     "untrack",
     "verify",
+    "wal",
 ]

@@ -27,7 +27,7 @@ from pgwarden.history.read import (
     events,
     locate,
     logs_of,
-    require_installed,
+    ready,
 )
 
 EXACT_COUNT_BELOW = 1_000_000  # above this, the planner's estimate (shown as such)
@@ -47,7 +47,7 @@ class TableStat:
 
 
 def table_stats(conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[TableStat]:
-    require_installed(conn, schema)
+    ready(conn, schema)
     tracked = {t.oid: t for t in catalog.tracked_tables(conn, schema)}
     stats = []
     for log in table_logs(conn, schema):
@@ -80,7 +80,7 @@ def table_stats(conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[T
 
 def table_names(conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[str]:
     """Every table with history, by name (no counting: for a filter's choices)."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     return sorted({str(log.name) for log in table_logs(conn, schema)})
 
 
@@ -105,7 +105,7 @@ def activity(
 ) -> list[Activity]:
     if unit not in ("hour", "day", "week"):
         raise ValueError(unit)
-    require_installed(conn, schema)
+    ready(conn, schema)
     logs = logs_of(conn, schema, table) if table is not None else table_logs(conn, schema)
     found: list[Activity] = []
     for log in logs:
@@ -146,7 +146,7 @@ def capture_failures(
     conn: Conn, *, limit: int = 20, schema: HistorySchema = DEFAULT_SCHEMA
 ) -> list[CaptureFailure]:
     """Fail-open capture's failures, newest first: changes that were made but not recorded."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     rows = _rows(
         conn,
         sql.SQL(
@@ -188,7 +188,7 @@ def schema_changes(
     schema: HistorySchema = DEFAULT_SCHEMA,
 ) -> list[SchemaChange]:
     """The DDL log, newest first, a page at a time (`before`: the last id shown)."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     where = sql.SQL("d.id < {}").format(sql.Literal(before)) if before else sql.SQL("TRUE")
     rows = _rows(
         conn,
@@ -263,7 +263,7 @@ def transactions(
     """Transactions newest first with their (matching) events, `limit` at most, keyed by
     context id; a page looks at SCAN_PER_PAGE transactions at most, so a filter that matches
     rarely returns a short page with a cursor instead of scanning all history at once."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     clauses: list[sql.Composable] = []
     for column, value in (("db_user", flt.db_user), ("app_user", flt.app_user)):
         if value:
@@ -323,7 +323,7 @@ def _group(r: Mapping[str, Any]) -> TxGroup:
 
 def transaction(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> list[TxGroup]:
     """Every event of one transaction, by context."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     rows = _rows(
         conn,
         sql.SQL("{} WHERE x.tx = {} ORDER BY x.id").format(

@@ -68,6 +68,8 @@ class TrackedTable:
     truncate_mode: str
     source: str
     triggers_ok: bool  # all four capture triggers present, ENABLE ALWAYS, arguments current
+    # (WAL capture: in the publication, REPLICA IDENTITY FULL, no capture trigger)
+    capture: str = "trigger"  # or "wal"
 
 
 CAPTURE_TRIGGERS = (
@@ -133,7 +135,9 @@ def tracked_tables(conn: Conn, schema: HistorySchema) -> list[TrackedTable]:
         """
         SELECT t.table_oid, t.schema_name, t.table_name, t.mode, t.exclude_columns,
                t.truncate_mode, t.source,
-               {state}(t.table_oid) = 'ok' AS triggers_ok
+               {state}(t.table_oid) = 'ok' AS triggers_ok,
+               -- (a history from before migration 0003 has no capture column yet)
+               COALESCE(pg_catalog.to_jsonb(t) ->> 'capture', 'trigger') AS capture
         FROM {} t ORDER BY t.schema_name, t.table_name
         """
     ).format(schema.table("tracked"), state=schema.func("trigger_state"))
@@ -148,6 +152,7 @@ def tracked_tables(conn: Conn, schema: HistorySchema) -> list[TrackedTable]:
             truncate_mode=r["truncate_mode"],
             source=r["source"],
             triggers_ok=bool(r["triggers_ok"]),
+            capture=str(r["capture"]),
         )
         for r in rows
     ]
@@ -164,6 +169,21 @@ def database_setting(conn: Conn, name: str) -> str | None:
         (name, name),
     ).fetchone()
     return str(row[0]) if row else None
+
+
+def setting(conn: Conn, name: str) -> str:
+    row = conn.execute("SELECT pg_catalog.current_setting(%s)", (name,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def slot_exists(conn: Conn, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = %s", (name,)
+        ).fetchone()
+        is not None
+    )
 
 
 def is_superuser(conn: Conn) -> bool:

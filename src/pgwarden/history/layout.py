@@ -78,12 +78,19 @@ class TableLog:
 
 
 def table_logs(
-    conn: Conn, schema: HistorySchema, *, name: TableName | None = None, oid: int | None = None
+    conn: Conn,
+    schema: HistorySchema,
+    *,
+    name: TableName | None = None,
+    oid: int | None = None,
+    log_id: int | None = None,
 ) -> list[TableLog]:
     """The history of every table, or of one (by its current oid, or by name: a dropped
-    table's history is found by the name it last had)."""
+    table's history is found by the name it last had; or by its id)."""
     where: sql.Composable = sql.SQL("TRUE")
-    if oid is not None:
+    if log_id is not None:
+        where = sql.SQL("t.id = {}").format(sql.Literal(log_id))
+    elif oid is not None:
         where = sql.SQL("t.table_oid = {}").format(sql.Literal(oid))
     elif name is not None:
         where = sql.SQL("t.schema_name = {} AND t.table_name = {}").format(
@@ -101,10 +108,10 @@ def table_logs(
         )
     ).fetchall()
     logs = []
-    for log_id, table_oid, nsp, rel, shadow, key, slots in rows:
+    for found_id, table_oid, nsp, rel, shadow, key, slots in rows:
         logs.append(
             TableLog(
-                id=int(str(log_id)),
+                id=int(str(found_id)),
                 oid=int(str(table_oid)) if table_oid is not None else None,
                 name=TableName(str(nsp), str(rel)),
                 shadow=str(shadow),

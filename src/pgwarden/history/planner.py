@@ -20,6 +20,7 @@ class TableSettings:
     mode: str
     exclude_columns: tuple[str, ...]
     truncate_mode: str
+    capture: str = "trigger"
 
 
 def settings_by_table(history: HistoryConfig) -> dict[TableName, TableSettings]:
@@ -43,6 +44,7 @@ def settings_by_table(history: HistoryConfig) -> dict[TableName, TableSettings]:
             mode=str((found.mode if found and found.mode else history.mode).value),
             exclude_columns=tuple(sorted(set(excluded.get(name, [])))),
             truncate_mode=found.truncate if found else "rows",
+            capture=str((found.capture if found and found.capture else history.capture).value),
         )
     return result
 
@@ -65,7 +67,9 @@ def patterns(history: HistoryConfig) -> list[TablePattern]:
 
 
 def desired_settings(history: HistoryConfig, name: TableName) -> TableSettings:
-    return settings_by_table(history).get(name, TableSettings(str(history.mode.value), (), "rows"))
+    return settings_by_table(history).get(
+        name, TableSettings(str(history.mode.value), (), "rows", str(history.capture.value))
+    )
 
 
 def install_operations(conn: Conn, schema: HistorySchema, engine: str) -> list[Operation]:
@@ -96,13 +100,14 @@ def track_operation(
     return Operation(
         DOMAIN,
         description,
-        sql.SQL("SELECT {}({}, {}, {}::text[], {}, {})").format(
+        sql.SQL("SELECT {}({}, {}, {}::text[], {}, {}, {})").format(
             schema.func("track"),
             regclass(name),
             sql.Literal(settings.mode),
             sql.Literal(list(settings.exclude_columns)),
             sql.Literal(settings.truncate_mode),
             sql.Literal(source),
+            sql.Literal(settings.capture),
         ),
     )
 
@@ -166,7 +171,8 @@ def _table_setting_operations(
     if catalog.is_installed(conn, schema):
         rows = conn.execute(
             sql.SQL(
-                "SELECT schema_name, table_name, mode, exclude_columns, truncate_mode FROM {}"
+                "SELECT schema_name, table_name, mode, exclude_columns, truncate_mode, "
+                "pg_catalog.to_jsonb(s) ->> 'capture' FROM {} s"
             ).format(schema.table("table_setting"))
         ).fetchall()
         current = {
@@ -174,6 +180,7 @@ def _table_setting_operations(
                 str(r[2]),
                 tuple(r[3]),  # type: ignore[arg-type]
                 str(r[4]),
+                str(r[5] or "trigger"),
             )
             for r in rows
         }
@@ -186,10 +193,10 @@ def _table_setting_operations(
                     f"remember history settings for {name} (applied when it is created)",
                     sql.SQL(
                         "INSERT INTO {} (schema_name, table_name, mode, exclude_columns, "
-                        "truncate_mode) VALUES ({}, {}, {}, {}::text[], {}) "
+                        "truncate_mode, capture) VALUES ({}, {}, {}, {}::text[], {}, {}) "
                         "ON CONFLICT (schema_name, table_name) DO UPDATE SET mode = EXCLUDED.mode,"
                         " exclude_columns = EXCLUDED.exclude_columns,"
-                        " truncate_mode = EXCLUDED.truncate_mode"
+                        " truncate_mode = EXCLUDED.truncate_mode, capture = EXCLUDED.capture"
                     ).format(
                         schema.table("table_setting"),
                         sql.Literal(name.schema),
@@ -197,6 +204,7 @@ def _table_setting_operations(
                         sql.Literal(settings.mode),
                         sql.Literal(list(settings.exclude_columns)),
                         sql.Literal(settings.truncate_mode),
+                        sql.Literal(settings.capture),
                     ),
                 )
             )
@@ -242,6 +250,87 @@ def _meta_operations(conn: Conn, schema: HistorySchema, history: HistoryConfig) 
     ]
 
 
+def _capture_operations(
+    conn: Conn, schema: HistorySchema, history: HistoryConfig, tracked: list[TrackedTable]
+) -> list[Operation]:
+    """What new tables get (history.capture), and what WAL capture needs: a logical slot on
+    pgoutput (made before the transaction that tracks tables, so that it holds every change
+    they make from then on) and its names in meta. With no table captured from the WAL any
+    more, the slot goes after that transaction: left behind it would keep WAL forever."""
+    current = catalog.meta(conn, schema)
+    ops = []
+    default = str(history.capture.value)
+    if current.get("capture", "trigger") != default:
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"capture tables tracked from now on with {default}",
+                set_meta(schema, "capture", default),
+            )
+        )
+    slot = wal_slot_name(conn, schema)
+    exists = catalog.slot_exists(conn, slot)
+    if history.uses_wal:
+        level = catalog.setting(conn, "wal_level")
+        if level != "logical":
+            raise ConfigError(
+                f"history.capture: wal needs wal_level = logical, and this server runs with "
+                f"wal_level = {level}",
+                hint="pgwarden's own server: `pgwarden down && pgwarden up` (up sets it from "
+                "history.capture); another server: ALTER SYSTEM SET wal_level = logical, "
+                "then restart it",
+            )
+        if not exists:
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"create the logical replication slot {slot} (pgoutput) that WAL capture "
+                    "reads from",
+                    sql.SQL("SELECT pg_catalog.pg_create_logical_replication_slot({}, {})").format(
+                        sql.Literal(slot), sql.Literal("pgoutput")
+                    ),
+                    transactional=False,
+                )
+            )
+        publication = f"{schema.name}_capture"
+        if (current.get("wal_slot"), current.get("wal_publication")) != (slot, publication):
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"read WAL capture from slot {slot}, publication {publication}",
+                    sql.Composed(
+                        [
+                            set_meta(schema, "wal_slot", slot),
+                            set_meta(schema, "wal_publication", publication),
+                        ]
+                    ),
+                )
+            )
+    elif exists and not any(t.capture == "wal" for t in tracked):
+        ops.append(
+            Operation(
+                DOMAIN,
+                f"drop the logical replication slot {slot}: no table is captured from the WAL",
+                sql.SQL(
+                    "SELECT pg_catalog.pg_drop_replication_slot(slot_name) "
+                    "FROM pg_catalog.pg_replication_slots WHERE slot_name = {}"
+                ).format(sql.Literal(slot)),
+                transactional=False,
+                after_commit=True,
+            )
+        )
+    return ops
+
+
+def wal_slot_name(conn: Conn, schema: HistorySchema) -> str:
+    """One slot per database and history schema (slot names are cluster-wide)."""
+    row = conn.execute(
+        "SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    return f"{schema.name}_{row[0]}"
+
+
 @dataclass(frozen=True)
 class HistoryPlan:
     operations: list[Operation]
@@ -262,6 +351,7 @@ def plan_history(conn: Conn, config: Config) -> HistoryPlan:
     ops = install_operations(conn, schema, history.trigger.value)
     meta_ops = _meta_operations(conn, schema, history)
     ops.extend(meta_ops)
+    ops.extend(_capture_operations(conn, schema, history, catalog.tracked_tables(conn, schema)))
     ops.extend(_legacy_operations(conn))
     ops.extend(_rule_operations(conn, schema, history))
     ops.extend(_table_setting_operations(conn, schema, history))
@@ -298,11 +388,13 @@ def plan_history(conn: Conn, config: Config) -> HistoryPlan:
                 have.mode,
                 tuple(sorted(have.exclude_columns)),
                 have.truncate_mode,
+                have.capture,
             )
             != (
                 settings.mode,
                 settings.exclude_columns,
                 settings.truncate_mode,
+                settings.capture,
             )
             or not have.triggers_ok
         ):

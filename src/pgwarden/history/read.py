@@ -20,22 +20,20 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from pgwarden.errors import UserError
-from pgwarden.history import catalog
+from pgwarden.history import catalog, wal
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.layout import (
-    NEW_SIDE,
     OLD_SIDE,
     OP_NAMES,
     TableLog,
     event_sql,
     key_sql,
-    key_type,
     load_json,
     table_logs,
-    taken_sql,
     value_sql,
 )
 from pgwarden.history.names import TableName
+from pgwarden.history.replay import replay_sql
 
 OPS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")
 OP_CODES = {"INSERT": ("I",), "UPDATE": ("U",), "DELETE": ("D",), "TRUNCATE": ("T", "X"),
@@ -103,6 +101,14 @@ class EventFilter:
     rows: Mapping[int, Sequence[str]] | None = None
 
 
+def ready(conn: Conn, schema: HistorySchema) -> None:
+    """Before reading: history is installed, and has every change committed before now (WAL
+    capture writes it a moment later; the reader catches up first, so it sees its own
+    writes)."""
+    require_installed(conn, schema)
+    wal.catch_up(conn, schema)
+
+
 def require_installed(conn: Conn, schema: HistorySchema) -> None:
     if catalog.is_installed(conn, schema):
         return
@@ -160,7 +166,7 @@ def completeness_note(conn: Conn, schema: HistorySchema, table: TableName) -> st
 
 def transaction_began(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> datetime:
     """When transaction `tx` began, from history; a clear error when history never saw it."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     row = conn.execute(
         sql.SQL("SELECT min(x.at) FROM {} x WHERE x.tx = {}").format(
             schema.table("tx"), sql.Literal(tx)
@@ -310,7 +316,7 @@ def locate(
     """Per transaction context, how many events match and where the first `cap` are, in one
     scan per history table that builds no image: a context of a million rows costs a count;
     `events(rows=…)` then builds the images of those rows only, by TID."""
-    require_installed(conn, schema)
+    ready(conn, schema)
     logs = logs_of(conn, schema, flt.table) if flt.table is not None else table_logs(conn, schema)
     found: dict[int, Located] = {}
     for log in logs:
@@ -340,7 +346,7 @@ def events(
 
     Must run inside a transaction (psycopg opens one unless the connection is autocommit).
     """
-    require_installed(conn, schema)
+    ready(conn, schema)
     if flt.table is not None:
         logs = logs_of(conn, schema, flt.table)
     else:
@@ -383,27 +389,6 @@ def events(
 # --- tables as of a time -----------------------------------------------------------------
 
 
-def _visible(schema: HistorySchema, log: TableLog, at: datetime, alias: str = "h") -> sql.Composed:
-    """Events of transactions started at or before `at`, since the table's history last
-    restarted at or before it: tracking began again (that statement's snapshot rows count), or
-    a TRUNCATE (the table is empty after it: the rows it removed do not count)."""
-    names = {
-        "a": sql.Identifier(alias),
-        "tx": schema.table("tx"),
-        "reset": schema.table("reset"),
-        "at": sql.Literal(at),
-        "log": sql.Literal(log.id),
-    }
-    restart = sql.SQL(
-        "(SELECT COALESCE(pg_catalog.max(r.stmt), 0) FROM {reset} r JOIN {tx} x ON x.id = r.ctx "
-        "WHERE r.log_id = {log} AND x.at <= {at})"
-    ).format(**names)
-    return sql.SQL(
-        "{a}.ctx IN (SELECT x.id FROM {tx} x WHERE x.at <= {at}) AND {a}.stmt >= {restart} "
-        "AND NOT ({a}.op IN ('T', 'X') AND {a}.stmt = {restart})"
-    ).format(restart=restart, **names)
-
-
 @dataclass(frozen=True)
 class Column:
     attnum: int
@@ -421,103 +406,8 @@ def live_columns(conn: Conn, oid: int) -> list[Column]:
     return [Column(int(str(a)), str(n), str(t)) for a, n, t in rows]
 
 
-def replay_sql(
-    schema: HistorySchema, log: TableLog, at: datetime, outputs: Sequence[tuple[str, Any]]
-) -> sql.Composed:
-    """The rows of a table as of `at`, from its history alone. `outputs`: (name, f) pairs, f
-    giving an expression for a side ('o'/'n') over the history table alias `h`.
-
-    Per key the last word wins; an UPDATE that moved a row to a new key also vacates the old
-    one, and inside one statement a key being taken beats it being vacated (a multi-row key
-    shift vacates and retakes keys in any order). A table without a key: every row counted in
-    (insert, update's new row, snapshot) and out (delete, update's old row, truncate), and what
-    remains, duplicates included.
-    """
-    visible = _visible(schema, log, at)
-    shadow = log.table(schema)
-    out_names = [sql.Identifier(f"c{i}") for i in range(len(outputs))]
-
-    def values(side: str) -> sql.Composable:
-        return sql.SQL(", ").join(
-            sql.SQL("{} AS {}").format(f(side), name)
-            for (_, f), name in zip(outputs, out_names, strict=True)
-        )
-
-    final = sql.SQL(", ").join(
-        sql.SQL("w.{} AS {}").format(name, sql.Identifier(label))
-        for (label, _), name in zip(outputs, out_names, strict=True)
-    )
-    if log.keyless:
-        # Rows are told apart by their whole content, compared as text (every type has one).
-        text = {
-            side: sql.SQL("ROW({})::text").format(
-                sql.SQL(", ").join(f(side) for _, f in outputs) if outputs else sql.SQL("NULL")
-            )
-            for side in ("o", "n")
-        }
-        return sql.SQL(
-            "SELECT {final} FROM (SELECT DISTINCT ON (e.t) e.*, "
-            "pg_catalog.sum(e.d) OVER (PARTITION BY e.t) AS n FROM ("
-            "SELECT {tn} AS t, 1 AS d, {vn} FROM {shadow} h "
-            "WHERE {visible} AND h.op = ANY ({newside}) "
-            "UNION ALL "
-            "SELECT {to} AS t, -1 AS d, {vo} FROM {shadow} h "
-            "WHERE {visible} AND h.op = ANY ({oldside})"
-            ") e ORDER BY e.t) w CROSS JOIN LATERAL pg_catalog.generate_series(1, w.n::int) "
-            "WHERE w.n > 0"
-        ).format(
-            final=final,
-            tn=text["n"],
-            to=text["o"],
-            vn=values("n"),
-            vo=values("o"),
-            shadow=shadow,
-            visible=visible,
-            newside=sql.Literal(list(NEW_SIDE)),
-            oldside=sql.Literal(list(OLD_SIDE)),
-        )
-    keys = [(attnum, key_type(log, attnum)) for attnum in log.key_attnums or ()]
-    k_names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
-
-    def key_values(side: str) -> sql.Composable:
-        if side == "taken":
-            return sql.SQL(", ").join(
-                sql.SQL("{} AS {}").format(taken_sql(log, a, "h", t), k)
-                for (a, t), k in zip(keys, k_names, strict=True)
-            )
-        return sql.SQL(", ").join(
-            sql.SQL("{} AS {}").format(value_sql(log, "o", a, "h", t), k)
-            for (a, t), k in zip(keys, k_names, strict=True)
-        )
-
-    old_key = sql.SQL(", ").join(value_sql(log, "o", a, "h", t) for a, t in keys)
-    new_key = sql.SQL(", ").join(value_sql(log, "n", a, "h", t) for a, t in keys)
-    nulls = sql.SQL(", ").join(sql.SQL("NULL AS {}").format(name) for name in out_names)
-    return sql.SQL(
-        "SELECT {final} FROM (SELECT DISTINCT ON ({ks}) e.* FROM ("
-        "SELECT {taken}, h.stmt, 1 AS prio, h.op, {vn} FROM {shadow} h WHERE {visible} "
-        "UNION ALL "
-        "SELECT {vacated}, h.stmt, 0 AS prio, h.op, {nulls} FROM {shadow} h WHERE {visible} "
-        "AND h.op = 'U' AND ROW({old_key}) IS DISTINCT FROM ROW({new_key})"
-        ") e ORDER BY {ks}, e.stmt DESC, e.prio DESC) w "
-        "WHERE w.prio = 1 AND w.op = ANY ({newside})"
-    ).format(
-        final=final,
-        ks=sql.SQL(", ").join(sql.SQL("e.{}").format(k) for k in k_names),
-        taken=key_values("taken"),
-        vacated=key_values("vacated"),
-        vn=values("n"),
-        nulls=nulls,
-        shadow=shadow,
-        visible=visible,
-        old_key=old_key,
-        new_key=new_key,
-        newside=sql.Literal(list(NEW_SIDE)),
-    )
-
-
 def _single_log(conn: Conn, schema: HistorySchema, table: TableName) -> TableLog:
-    require_installed(conn, schema)
+    ready(conn, schema)
     return logs_of(conn, schema, table)[0]
 
 

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from pgwarden.errors import UserError
 from pgwarden.history import catalog
+from pgwarden.history.actor import set_context
 from pgwarden.history.catalog import DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.layout import (
     TableLog,
@@ -26,7 +27,7 @@ from pgwarden.history.layout import (
     taken_sql,
     value_sql,
 )
-from pgwarden.history.read import Column, live_columns, require_installed
+from pgwarden.history.read import Column, live_columns, ready
 
 REVERT_CONTEXT = "revert of tx {}"
 
@@ -374,7 +375,7 @@ def _compensation(conn: Conn, schema: HistorySchema, s: _Statement) -> Step | No
 
 def plan_revert(conn: Conn, tx: int, *, schema: HistorySchema = DEFAULT_SCHEMA) -> RevertPlan:
     with conn.transaction():
-        require_installed(conn, schema)
+        ready(conn, schema)
         ctxs = _contexts(conn, schema, tx)
         if not ctxs:
             raise UserError(
@@ -447,10 +448,7 @@ def revert(
     if dry_run:
         return plan
     with conn.transaction():
-        conn.execute(
-            "SELECT pg_catalog.set_config('pgwarden.context', %s, true)",
-            (REVERT_CONTEXT.format(tx),),
-        )
+        set_context(conn, REVERT_CONTEXT.format(tx))
         # Undoing a multi-row key shift passes through transient duplicates; keys declared
         # DEFERRABLE are then checked at commit, as the original statement was.
         conn.execute("SET CONSTRAINTS ALL DEFERRED")

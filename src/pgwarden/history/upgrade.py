@@ -21,6 +21,7 @@ FUNCTION_FILES = (
     "history/common.sql",
     "history/capture.sql",
     "history/track.sql",
+    "history/wal.sql",
     "history/read.sql",
     "history/grants.sql",
 )

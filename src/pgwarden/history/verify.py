@@ -8,11 +8,12 @@ from typing import Any
 
 from psycopg import sql
 
-from pgwarden.history import catalog, native
+from pgwarden.history import catalog, native, wal
 from pgwarden.history.catalog import CAPTURE_TRIGGERS, DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.layout import table_logs, value_sql
 from pgwarden.history.names import TableName
-from pgwarden.history.read import live_columns, replay_sql
+from pgwarden.history.read import live_columns
+from pgwarden.history.replay import replay_sql
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,31 @@ _TRIGGER_STATE = {"O": "enabled (not ALWAYS: session_replication_role=replica sk
                   "D": "disabled", "R": "enabled only for replicas"}  # fmt: skip
 
 
+_WAL_STATE = {
+    "missing": "wal-capture-off",
+    "disabled": "wal-capture-partial",
+    "stale": "stale-trigger",
+}
+_WAL_DETAIL = {
+    "missing": "captured from the WAL, but it is not in the publication or the replication "
+    "slot is gone: its changes are not recorded; run `pgwarden apply`",
+    "disabled": "captured from the WAL, but its REPLICA IDENTITY is not FULL: the WAL lacks "
+    "complete before-images; run `pgwarden apply`",
+    "stale": "captured from the WAL, but capture triggers are left on it: run `pgwarden apply`",
+}
+
+
 def _trigger_problems(
     conn: Conn, schema: HistorySchema, table: catalog.TrackedTable
 ) -> list[Problem]:
+    if table.capture == "wal":
+        row = conn.execute(
+            sql.SQL("SELECT {}(%s)").format(schema.func("trigger_state")), (table.oid,)
+        ).fetchone()
+        wal_state = str(row[0]) if row else "missing"
+        if wal_state == "ok":
+            return []
+        return [Problem(str(table.name), _WAL_STATE[wal_state], _WAL_DETAIL[wal_state])]
     rows = conn.execute(
         "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger "
         "WHERE tgrelid = %s AND tgname = ANY (%s)",
@@ -141,10 +164,43 @@ def _engine_problem(conn: Conn, schema: HistorySchema) -> Problem | None:
     return None
 
 
+def _wal_problems(conn: Conn, schema: HistorySchema) -> list[Problem]:
+    """WAL capture: the slot is there and usable, and no stretch of WAL was lost to history."""
+    setup = wal.setup(conn, schema)
+    if setup is None:
+        return []
+    problems = []
+    row = conn.execute(
+        "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+        (setup.slot,),
+    ).fetchone()
+    if row is not None and row[0] == "lost":
+        problems.append(
+            Problem(
+                None,
+                "wal-slot-lost",
+                f"the replication slot {setup.slot} was invalidated (max_slot_wal_keep_size): "
+                "changes since it fell behind are not in history",
+            )
+        )
+    gaps = conn.execute(
+        sql.SQL("SELECT from_lsn::text, to_lsn::text, at::text, reason FROM {} ORDER BY id").format(
+            schema.table("wal_gap")
+        )
+    ).fetchall()
+    for start, end, at, reason in gaps:
+        problems.append(
+            Problem(None, "wal-gap", f"no history from WAL {start} to {end} ({reason}, at {at})")
+        )
+    return problems
+
+
 def verify(
     conn: Conn, *, schema: HistorySchema = DEFAULT_SCHEMA, deep: bool = True
 ) -> VerifyReport:
     report = VerifyReport()
+    if catalog.is_installed(conn, schema):
+        wal.catch_up(conn, schema)
     with conn.transaction():
         if not catalog.is_installed(conn, schema):
             detail = (
@@ -226,6 +282,7 @@ def verify(
                     "while the DDL event trigger was missing): run `pgwarden apply`",
                 )
             )
+        report.problems.extend(_wal_problems(conn, schema))
         if catalog.is_superuser(conn) and not catalog.event_triggers_ok(conn):
             report.problems.append(
                 Problem(None, "ddl-log", "the DDL log event triggers are missing or disabled")

@@ -218,6 +218,8 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
         # The backup volume: basic_archive never overwrites a different file of a name.
         archive_dir=backups.WAL_DIR if config.backup.volume is not None else None,
         archive_timeout=config.backup.archive_timeout,
+        logical_decoding=config.history.uses_wal,
+        slot_wal_keep=config.history.wal_keep_limit,
     )
     files = pgconf.render_all(config.server, placement)
     objects: list[Manifest] = [*storage_objects(k8s)]

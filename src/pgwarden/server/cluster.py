@@ -589,6 +589,8 @@ class LocalServer:
             ),
             archive_timeout=self.config.backup.archive_timeout,
             summarize_wal=self.binaries.major >= 17,
+            logical_decoding=self.config.history.uses_wal,
+            slot_wal_keep=self.config.history.wal_keep_limit,
         )
 
     def _write_config(self) -> None:

@@ -29,6 +29,8 @@ class Placement:
     archive_command: str | None = None  # or through this command (an object store)
     archive_timeout: int = 60
     summarize_wal: bool = False  # PostgreSQL 17+: what incremental backups need
+    logical_decoding: bool = False  # history.capture: wal reads the WAL through a logical slot
+    slot_wal_keep: str | None = None  # its fail-open limit (max_slot_wal_keep_size)
 
 
 # Settings pgwarden always wants: durability on, SCRAM only, logs that help after an incident.
@@ -83,6 +85,10 @@ def settings_for(server: ServerConfig, placement: Placement) -> dict[str, Settin
         settings["archive_timeout"] = placement.archive_timeout
         if placement.summarize_wal:
             settings["summarize_wal"] = True
+    if placement.logical_decoding:
+        settings["wal_level"] = "logical"
+    if placement.slot_wal_keep is not None:
+        settings["max_slot_wal_keep_size"] = placement.slot_wal_keep
     settings.update(server.settings)  # the user's word wins over our defaults
     return settings
 

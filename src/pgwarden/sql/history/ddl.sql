@@ -52,7 +52,7 @@ BEGIN
             COALESCE(setting.mode, r.mode),
             COALESCE(setting.exclude_columns, '{{}}'::text[]),
             COALESCE(setting.truncate_mode, r.truncate_mode),
-            'rule');
+            'rule', setting.capture);
     END LOOP;
 END
 $body$;

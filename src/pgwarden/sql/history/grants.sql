@@ -25,6 +25,8 @@ GRANT EXECUTE ON FUNCTION {schema}.events(int) TO PUBLIC;
 -- Checking capture (`verify`, the UI's overview): catalog reads and history's own tables, with
 -- the caller's rights, so an auditor can tell that capture is off without any other right.
 GRANT EXECUTE ON FUNCTION {schema}.trigger_state(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.wal_slot() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.wal_publication() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.capture_source(int) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.capture_args(int) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {schema}.live_slots(int) TO PUBLIC;

@@ -117,7 +117,7 @@ BEGIN
         END IF;
         IF a.attname = ANY (COALESCE(excluded, '{{}}')) THEN
             IF cur.gen IS NOT NULL THEN
-                boundary := COALESCE(boundary, since_all, pg_catalog.nextval('{schema}.statement_seq'));
+                boundary := COALESCE(boundary, since_all, {schema}.boundary(log));
                 UPDATE {schema}.logged_column c SET until = boundary
                 WHERE c.log_id = log AND c.attnum = a.attnum AND c.gen = cur.gen;
                 changed := true;
@@ -125,7 +125,7 @@ BEGIN
             CONTINUE;
         END IF;
         CONTINUE WHEN cur.gen IS NOT NULL AND cur.type = a.stype;
-        boundary := COALESCE(boundary, since_all, pg_catalog.nextval('{schema}.statement_seq'));
+        boundary := COALESCE(boundary, since_all, {schema}.boundary(log));
         IF cur.gen IS NOT NULL THEN
             UPDATE {schema}.logged_column c SET until = boundary
             WHERE c.log_id = log AND c.attnum = a.attnum AND c.gen = cur.gen;
@@ -149,12 +149,12 @@ BEGIN
                           WHERE att.attrelid = t.table_oid AND att.attnum = c.attnum
                             AND NOT att.attisdropped)
     LOOP
-        boundary := COALESCE(boundary, since_all, pg_catalog.nextval('{schema}.statement_seq'));
+        boundary := COALESCE(boundary, since_all, {schema}.boundary(log));
         UPDATE {schema}.logged_column c SET until = boundary
         WHERE c.log_id = log AND c.attnum = cur.attnum AND c.gen = cur.gen;
         changed := true;
     END LOOP;
-    IF boundary > 0 THEN
+    IF boundary <> 0 THEN
         INSERT INTO {schema}.shape_change (log_id, stmt) VALUES (log, boundary);
     END IF;
     IF changed THEN
@@ -204,8 +204,7 @@ BEGIN
     UPDATE {schema}.logged_table l SET key_attnums = want, key_slots = slots, view_sql = NULL
     WHERE l.id = log;
     IF t.key_slots IS NOT NULL OR want IS DISTINCT FROM t.key_attnums THEN
-        INSERT INTO {schema}.shape_change (log_id, stmt)
-        VALUES (log, pg_catalog.nextval('{schema}.statement_seq'));
+        INSERT INTO {schema}.shape_change (log_id, stmt) VALUES (log, {schema}.boundary(log));
     END IF;
     RETURN true;
 END
@@ -290,6 +289,25 @@ DECLARE
     want text[];
     found_count int;
 BEGIN
+    IF EXISTS (SELECT 1 FROM {schema}.tracked k WHERE k.table_oid = relid AND k.capture = 'wal') THEN
+        -- Captured from the WAL: in the publication, with complete before-images, and no
+        -- capture trigger left over.
+        IF log IS NULL OR NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p
+               ON p.oid = r.prpubid WHERE p.pubname = {schema}.wal_publication() AND r.prrelid = relid)
+           OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                          WHERE s.slot_name = {schema}.wal_slot()) THEN
+            RETURN 'missing';
+        END IF;
+        IF (SELECT c.relreplident FROM pg_catalog.pg_class c WHERE c.oid = relid) <> 'f' THEN
+            RETURN 'disabled';
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                   WHERE g.tgrelid = relid AND g.tgname LIKE 'pgwarden\_capture\_%') THEN
+            RETURN 'stale';
+        END IF;
+        RETURN 'ok';
+    END IF;
     SELECT pg_catalog.count(*) INTO found_count FROM pg_catalog.pg_trigger g
     WHERE g.tgrelid = relid AND g.tgname IN ('pgwarden_capture_insert', 'pgwarden_capture_update',
           'pgwarden_capture_delete', 'pgwarden_capture_truncate');
@@ -330,7 +348,8 @@ CREATE OR REPLACE FUNCTION {schema}.track(
     track_mode text DEFAULT 'fail-closed',
     excluded text[] DEFAULT '{{}}',
     truncate_how text DEFAULT 'rows',
-    requested_by text DEFAULT 'config'
+    requested_by text DEFAULT 'config',
+    how text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -345,6 +364,9 @@ DECLARE
     snapshot bigint := 0;
     bad text;
     s bigint;
+    was_wal boolean;
+    capture text := COALESCE(how, (SELECT m.value FROM {schema}.meta m WHERE m.key = 'capture'),
+                             'trigger');
 BEGIN
     SELECT n.nspname, c.relname, c.relkind INTO nsp, rel, kind
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -371,14 +393,17 @@ BEGIN
     -- auto-tracking and the DDL guard let it through.
     PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
     was_tracked := EXISTS (SELECT 1 FROM {schema}.tracked t WHERE t.table_oid = relid);
+    was_wal := EXISTS (SELECT 1 FROM {schema}.tracked t WHERE t.table_oid = relid AND t.capture = 'wal');
     log := {schema}.register(relid);
     INSERT INTO {schema}.tracked AS t
-        (table_oid, schema_name, table_name, mode, exclude_columns, truncate_mode, source, log_id)
-    VALUES (relid, nsp, rel, track_mode, excluded, truncate_how, requested_by, log)
+        (table_oid, schema_name, table_name, mode, exclude_columns, truncate_mode, source, log_id,
+         capture)
+    VALUES (relid, nsp, rel, track_mode, excluded, truncate_how, requested_by, log, capture)
     ON CONFLICT (table_oid) DO UPDATE
         SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
             mode = EXCLUDED.mode, exclude_columns = EXCLUDED.exclude_columns,
             truncate_mode = EXCLUDED.truncate_mode, log_id = EXCLUDED.log_id,
+            capture = EXCLUDED.capture,
             source = CASE WHEN t.source = 'manual' AND EXCLUDED.source <> 'manual'
                           THEN t.source ELSE EXCLUDED.source END;
     PERFORM {schema}.sync_columns(log, excluded);
@@ -387,7 +412,21 @@ BEGIN
     -- The history owner reads the table for snapshots and TRUNCATE rows.
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA %I TO {owner}', nsp);
     EXECUTE pg_catalog.format('GRANT SELECT ON %I.%I TO {owner}', nsp, rel);
-    PERFORM {schema}.install_capture(log);
+    IF capture = 'wal' THEN
+        PERFORM {schema}.wal_attach(log);
+        -- Settings changed on a table already captured from the WAL (placeholders): the
+        -- consumer switches at this transaction's place in the stream.
+        IF EXISTS (SELECT 1 FROM {schema}.logged_column c
+                   WHERE c.log_id = log AND (c.since < 0 OR c.until < 0))
+           OR EXISTS (SELECT 1 FROM {schema}.shape_change sc WHERE sc.log_id = log AND sc.stmt < 0) THEN
+            PERFORM {schema}.wal_shape_changed(log, {schema}.wal_attnums(relid));
+        END IF;
+    ELSE
+        IF was_wal THEN
+            PERFORM {schema}.wal_detach(relid);
+        END IF;
+        PERFORM {schema}.install_capture(log);
+    END IF;
 
     IF NOT was_tracked THEN
         -- CREATE TRIGGER holds a lock that blocks writers until commit, so this snapshot and
@@ -417,6 +456,7 @@ BEGIN
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = relid;
     PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
+    PERFORM {schema}.wal_detach(relid);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_insert ON %I.%I', nsp, rel);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_update ON %I.%I', nsp, rel);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_delete ON %I.%I', nsp, rel);
@@ -460,7 +500,15 @@ BEGIN
     changed := {schema}.refresh_keys(log) OR changed;
     -- Disabled or dropped triggers are not quietly put back here: `verify`, `plan` and the DDL
     -- guard deal with those.
-    IF changed OR {schema}.trigger_state(relid) = 'stale' THEN
+    IF tr.capture = 'wal' THEN
+        IF {schema}.trigger_state(relid) = 'stale' THEN
+            PERFORM {schema}.wal_attach(log);
+        END IF;
+        IF changed THEN
+            PERFORM {schema}.wal_shape_changed(log, {schema}.wal_attnums(relid));
+            PERFORM {schema}.set_view_part(log);
+        END IF;
+    ELSIF changed OR {schema}.trigger_state(relid) = 'stale' THEN
         PERFORM {schema}.install_capture(log);
         PERFORM {schema}.set_view_part(log);
         changed := true;
@@ -478,16 +526,25 @@ SET search_path = pg_catalog, pg_temp
 AS $body$
 DECLARE
     log int := (SELECT l.id FROM {schema}.logged_table l WHERE l.table_oid = relid);
+    wal boolean := {schema}.is_wal(log);
+    b bigint;
 BEGIN
+    IF log IS NOT NULL THEN
+        b := {schema}.boundary(log);
+    END IF;
     DELETE FROM {schema}.tracked t WHERE t.table_oid = relid;
     IF log IS NULL THEN
         RETURN;
     END IF;
     PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
     UPDATE {schema}.logged_table l
-    SET table_oid = NULL, dropped_stmt = pg_catalog.nextval('{schema}.statement_seq'),
-        view_sql = NULL
+    SET table_oid = NULL, dropped_stmt = b, view_sql = NULL
     WHERE l.id = log;
+    IF wal THEN
+        -- Its changes before the DROP may still be on their way: the consumer closes its
+        -- columns when it gets here.
+        PERFORM {schema}.wal_shape_changed(log, NULL);
+    END IF;
     UPDATE {schema}.logged_column c
     SET until = (SELECT l.dropped_stmt FROM {schema}.logged_table l WHERE l.id = log)
     WHERE c.log_id = log AND c.until IS NULL;

@@ -1,0 +1,744 @@
+"""Capture from the WAL: the consumer that turns logical decoding into history.
+
+A table with `history.capture: wal` has no trigger on its write path. Its changes reach
+history through a logical replication slot read with the built-in `pgoutput` plugin, over plain
+SQL (`pg_logical_slot_peek_binary_changes`; psycopg has no replication protocol). Each batch is
+whole transactions in commit order; the consumer writes their events into the same history
+tables the triggers write (one COPY per history table), and the commit LSN it reached into
+`wal_progress`, **in the same transaction**. Only then is the slot advanced. A crash between the
+two redelivers transactions that history already has: they are skipped by their LSN, so every
+change is written exactly once.
+
+Statement ids come from the same sequence as the triggers', taken in commit order. The WAL has no
+statement boundaries: a new statement starts with each run of changes of one table and
+operation, and again when a row comes back within a run (a change whose old image is a new
+image of the run), so that no statement changes a row twice (revert and as-of rely on it).
+Who: the WAL has the transaction id and the commit time; the role, application, actor and
+context come from the transactional message that `set_actor` sends (prefix `pgwarden`), or
+stay NULL.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from pgwarden.errors import UserError
+from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.history.layout import table_logs, value_sql
+from pgwarden.history.replay import Before, replay_sql
+
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+CONTEXT_PREFIX = "pgwarden"
+SHAPE_PREFIX = "pgwarden.shape"
+# Changes decoded per batch (whole transactions: a batch can run over by one transaction).
+BATCH_CHANGES = 20_000
+_LOCK_KEY = 0x7067_7761  # "pgwa": one consumer at a time per database (advisory lock)
+
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
+
+Value = bytes | None  # a column's text, None for NULL
+UNCHANGED = b"\x00unchanged-toast"  # pgoutput's 'u': a TOASTed value the UPDATE left alone
+
+
+# -- pgoutput, protocol version 1 ------------------------------------------------------------
+
+
+@dataclass
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    columns: list[tuple[str, int]]  # name, type oid
+
+
+@dataclass
+class Change:
+    relid: int
+    op: str  # I, U, D
+    old: list[Value] | None
+    new: list[Value] | None
+
+
+@dataclass
+class Truncate:
+    relids: list[int]
+
+
+@dataclass
+class Message:
+    prefix: str
+    content: bytes
+
+
+Item = Change | Truncate | Message
+
+
+@dataclass
+class Transaction:
+    xid: int
+    commit_lsn: int  # the commit record's LSN
+    end_lsn: int  # the end of the commit record: progress, and where the slot may advance to
+    commit_time: datetime
+    items: list[Item] = field(default_factory=list)
+    relations: dict[int, Relation] = field(default_factory=dict)
+
+
+def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
+    end = buf.index(b"\x00", pos)
+    return buf[pos:end].decode(), end + 1
+
+
+def _tuple(buf: bytes, pos: int) -> tuple[list[Value], int]:
+    (n,) = _I16.unpack_from(buf, pos)
+    pos += 2
+    values: list[Value] = []
+    append = values.append
+    for _ in range(n):
+        kind = buf[pos]
+        pos += 1
+        if kind == 0x74:  # 't': text
+            (length,) = _I32.unpack_from(buf, pos)
+            pos += 4
+            append(buf[pos : pos + length])
+            pos += length
+        elif kind == 0x6E:  # 'n': null
+            append(None)
+        elif kind == 0x75:  # 'u': unchanged TOAST
+            append(UNCHANGED)
+        else:
+            raise ValueError(f"pgoutput: unexpected tuple column kind {chr(kind)!r}")
+    return values, pos
+
+
+def _timestamp(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
+
+
+def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction]:
+    """Whole transactions from pg_logical_slot_peek_binary_changes rows (lsn, xid, data)."""
+    current: Transaction | None = None
+    relations: dict[int, Relation] = {}
+    for _lsn, _xid, data in rows:
+        buf = bytes(data)
+        kind = buf[0]
+        if kind == 0x42:  # B: begin
+            (final_lsn,) = _U64.unpack_from(buf, 1)
+            (ts,) = _I64.unpack_from(buf, 9)
+            (xid,) = _U32.unpack_from(buf, 17)
+            current = Transaction(xid, final_lsn, 0, _timestamp(ts))
+        elif current is None:
+            raise ValueError(f"pgoutput: message {chr(kind)!r} outside a transaction")
+        elif kind == 0x43:  # C: commit
+            (commit_lsn,) = _U64.unpack_from(buf, 2)
+            (end_lsn,) = _U64.unpack_from(buf, 10)
+            current.commit_lsn = commit_lsn
+            current.end_lsn = end_lsn
+            current.relations = dict(relations)
+            yield current
+            current = None
+        elif kind == 0x52:  # R: relation
+            (oid,) = _U32.unpack_from(buf, 1)
+            nsp, pos = _cstring(buf, 5)
+            rel, pos = _cstring(buf, pos)
+            pos += 1  # replica identity
+            (ncols,) = _I16.unpack_from(buf, pos)
+            pos += 2
+            cols = []
+            for _ in range(ncols):
+                pos += 1  # flags
+                name, pos = _cstring(buf, pos)
+                (typoid,) = _U32.unpack_from(buf, pos)
+                pos += 8  # type oid, typmod
+                cols.append((name, typoid))
+            relations[oid] = Relation(oid, nsp, rel, cols)
+        elif kind == 0x49:  # I: insert
+            (relid,) = _U32.unpack_from(buf, 1)
+            new, _ = _tuple(buf, 6)
+            current.items.append(Change(relid, "I", None, new))
+        elif kind == 0x55:  # U: update
+            (relid,) = _U32.unpack_from(buf, 1)
+            pos = 5
+            old = None
+            if buf[pos] in (0x4B, 0x4F):  # K (key) or O (old tuple)
+                old, pos = _tuple(buf, pos + 1)
+            new, _ = _tuple(buf, pos + 1)
+            current.items.append(Change(relid, "U", old, new))
+        elif kind == 0x44:  # D: delete
+            (relid,) = _U32.unpack_from(buf, 1)
+            old, _ = _tuple(buf, 6)
+            current.items.append(Change(relid, "D", old, None))
+        elif kind == 0x54:  # T: truncate
+            (n,) = _I32.unpack_from(buf, 1)
+            current.items.append(Truncate([_U32.unpack_from(buf, 6 + 4 * i)[0] for i in range(n)]))
+        elif kind == 0x4D:  # M: message (transactional: within its transaction)
+            prefix, pos = _cstring(buf, 10)
+            (length,) = _I32.unpack_from(buf, pos)
+            current.items.append(Message(prefix, buf[pos + 4 : pos + 4 + length]))
+        # Y (type) and O (origin) carry nothing history needs.
+
+
+# -- writing history -------------------------------------------------------------------------
+
+
+def _copy_text(value: Value) -> bytes:
+    """A value as a field of COPY's text format."""
+    if value is None:
+        return b"\\N"
+    if b"\\" in value or b"\t" in value or b"\n" in value or b"\r" in value:
+        return (
+            value.replace(b"\\", b"\\\\")
+            .replace(b"\t", b"\\t")
+            .replace(b"\n", b"\\n")
+            .replace(b"\r", b"\\r")
+        )
+    return value
+
+
+@dataclass
+class _Table:
+    """A history table as the consumer writes it at its place in the stream."""
+
+    log: int
+    shadow: str
+    wal_from: int | None
+    positions: list[int]  # positions in the stream's tuple that are captured
+    old_cols: list[str]
+    new_cols: list[str]
+    attnums: list[int]  # of the captured positions
+    types: list[str]  # their history columns' types
+    width: int  # columns the stream sends
+    truncate_rows: bool  # TRUNCATE keeps the rows it removed (else a marker)
+    rows: list[bytes] = field(default_factory=list)
+
+
+def _lsn_int(text: object) -> int | None:
+    if text is None:
+        return None
+    high, low = str(text).split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+class _Ids:
+    """Statement ids from the history sequence, fetched in blocks (one round trip each)."""
+
+    def __init__(self, conn: Conn, schema: HistorySchema) -> None:
+        self.conn = conn
+        self.query = sql.SQL(
+            "SELECT pg_catalog.nextval({}) FROM pg_catalog.generate_series(1, %s)"
+        ).format(sql.Literal(f"{schema.name}.statement_seq"))
+        self.free: list[int] = []
+        self.block = 64
+
+    def take(self) -> int:
+        if not self.free:
+            rows = self.conn.execute(self.query, (self.block,)).fetchall()
+            self.free = sorted((int(str(r[0])) for r in rows), reverse=True)
+            self.block = min(self.block * 4, 65_536)
+        return self.free.pop()
+
+
+@dataclass
+class BatchResult:
+    transactions: int = 0
+    events: int = 0
+    skipped: int = 0  # transactions history already had (redelivered after a crash)
+    lsn: int | None = None  # the end of the last transaction written
+    resumed: bool = False  # the slot was lost: a gap recorded, new snapshots taken
+
+
+class _Writer:
+    """One batch: its transactions' events, written in one database transaction."""
+
+    def __init__(self, conn: Conn, schema: HistorySchema) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.ids = _Ids(conn, schema)
+        self.tables: dict[int, _Table | None] = {}  # by relation oid
+        self.tx_rows: list[bytes] = []
+        self.events = 0
+
+    def _table(self, relid: int, relation: Relation | None) -> _Table | None:
+        if relid in self.tables:
+            return self.tables[relid]
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT l.id, l.shadow, l.wal_from::text, pg_catalog.cardinality(l.wal_attnums), "
+                "COALESCE((SELECT k.truncate_mode FROM {tracked} k "
+                "WHERE k.table_oid = l.table_oid), 'rows') "
+                "FROM {tables} l WHERE l.wal_relid = %s ORDER BY l.id DESC LIMIT 1"
+            ).format(
+                tables=self.schema.table("logged_table"), tracked=self.schema.table("tracked")
+            ),
+            (relid,),
+        ).fetchone()
+        if row is None:
+            self.tables[relid] = None
+            return None
+        log = int(str(row[0]))
+        slots = self.conn.execute(
+            sql.SQL("SELECT pos, old_col, new_col, is_key, attnum, type FROM {}(%s)").format(
+                self.schema.func("wal_slots")
+            ),
+            (log,),
+        ).fetchall()
+        table = _Table(
+            log=log,
+            shadow=str(row[1]),
+            wal_from=_lsn_int(row[2]),
+            positions=[int(str(s[0])) - 1 for s in slots if s[1] is not None],
+            old_cols=[str(s[1]) for s in slots if s[1] is not None],
+            new_cols=[str(s[2]) for s in slots if s[1] is not None],
+            attnums=[int(str(s[4])) for s in slots if s[1] is not None],
+            types=[str(s[5]) for s in slots if s[1] is not None],
+            width=int(str(row[3] or 0)),
+            truncate_rows=row[4] == "rows",
+        )
+        if relation is not None and len(relation.columns) != table.width:
+            raise UserError(
+                f"pgwarden: the WAL sends {len(relation.columns)} columns for "
+                f"{relation.schema}.{relation.name} where history expects {table.width}",
+                hint="history would be written wrong, so capture stopped here; "
+                "please report it with the table's recent DDL (pgwarden history's ddl log)",
+            )
+        self.tables[relid] = table
+        return table
+
+    def flush(self, only: _Table | None = None) -> None:
+        for table in [only] if only else [t for t in self.tables.values() if t]:
+            if table is None or not table.rows:
+                continue
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                self.schema.table(table.shadow),
+                sql.SQL(", ").join(
+                    sql.Identifier(c)
+                    for c in ("ctx", "stmt", "op", *table.old_cols, *table.new_cols)
+                ),
+            )
+            with self.conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                copy.write(b"".join(table.rows))
+            table.rows.clear()
+        if only is None and self.tx_rows:
+            copy_sql = sql.SQL(
+                "COPY {} (id, tx, at, db_user, role_name, application, client_addr, app_user, "
+                "context) FROM STDIN"
+            ).format(self.schema.table("tx"))
+            with self.conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                copy.write(b"".join(self.tx_rows))
+            self.tx_rows.clear()
+
+    def transaction(self, tx: Transaction) -> None:
+        who: dict[str, Any] = {}
+        ctx: int | None = None
+        run: tuple[int, str] | None = None
+        stmt = 0
+        made: set[tuple[bytes | None, ...]] = set()
+        for item in tx.items:
+            if isinstance(item, Message):
+                if item.prefix == CONTEXT_PREFIX:
+                    who = _context(item.content)
+                    ctx = None  # a new context row from the next change on
+                elif item.prefix == SHAPE_PREFIX:
+                    self._shape(item.content)
+                    run = None
+                continue
+            if isinstance(item, Truncate):
+                for relid in item.relids:
+                    table = self._table(relid, tx.relations.get(relid))
+                    if table is None or _before(tx, table):
+                        continue
+                    stmt = self.ids.take()
+                    if ctx is None:
+                        ctx = self._context_row(tx, who, stmt)
+                    self.flush(table)
+                    self.events += self._truncate(table, ctx, stmt)
+                run = None
+                continue
+            table = self._table(item.relid, tx.relations.get(item.relid))
+            if table is None or _before(tx, table):
+                continue
+            old, new = item.old, item.new
+            if new is not None and old is not None and UNCHANGED in new:
+                new = [o if n is UNCHANGED else n for o, n in zip(old, new, strict=True)]
+            if (
+                old is not None
+                and new is not None
+                and all(old[p] == new[p] for p in table.positions)
+            ):
+                continue  # an UPDATE that changed nothing history keeps
+            # The same row again (its old image is what this run made of a row): a statement
+            # changes a row once. Keys alone cannot tell: a key shift inside one statement
+            # (deferrable key) takes a key before it vacates it, with two different rows.
+            if run != (table.log, item.op) or (old is not None and tuple(old) in made):
+                stmt = self.ids.take()
+                run = (table.log, item.op)
+                made = set()
+            if new is not None:
+                made.add(tuple(new))
+            if ctx is None:
+                ctx = self._context_row(tx, who, stmt)
+            fields = [str(ctx).encode(), str(stmt).encode(), item.op.encode()]
+            nulls = [b"\\N"] * len(table.positions)
+            fields += [_copy_text(old[p]) for p in table.positions] if old else nulls
+            fields += [_copy_text(new[p]) for p in table.positions] if new else nulls
+            table.rows.append(b"\t".join(fields) + b"\n")
+            self.events += 1
+
+    def _truncate(self, table: _Table, ctx: int, stmt: int) -> int:
+        """TRUNCATE leaves no rows in the WAL: the rows it removed are the table's state just
+        before it, rebuilt from its history (as `as-of` does), recorded as the triggers do."""
+        if not table.truncate_rows:
+            self.conn.execute(
+                sql.SQL("SELECT {}(%s, 'X', %s, %s)").format(self.schema.func("write_rows")),
+                (table.log, ctx, stmt),
+            )
+            return 1
+        self.conn.execute(
+            sql.SQL("INSERT INTO {} (log_id, stmt, ctx, kind) VALUES (%s, %s, %s, 'T')").format(
+                self.schema.table("reset")
+            ),
+            (table.log, stmt, ctx),
+        )
+        log = table_logs(self.conn, self.schema, log_id=table.log)[0]
+        outputs = [
+            (f"c{i}", lambda side, a=attnum, t=type_: value_sql(log, side, a, "h", t))
+            for i, (attnum, type_) in enumerate(zip(table.attnums, table.types, strict=True))
+        ]
+        rows = replay_sql(self.schema, log, Before(stmt), outputs)
+        cur = self.conn.execute(
+            sql.SQL("INSERT INTO {} (ctx, stmt, op{}) SELECT {}, {}, 'T'{} FROM ({}) r").format(
+                self.schema.table(table.shadow),
+                sql.SQL("").join(sql.SQL(", {}").format(sql.Identifier(c)) for c in table.old_cols),
+                sql.Literal(ctx),
+                sql.Literal(stmt),
+                sql.SQL("").join(
+                    sql.SQL(", r.{}").format(sql.Identifier(f"c{i}"))
+                    for i in range(len(table.old_cols))
+                ),
+                rows,
+            )
+        )
+        return max(cur.rowcount, 0)
+
+    def _context_row(self, tx: Transaction, who: dict[str, Any], stmt: int) -> int:
+        fields = [
+            str(stmt).encode(),
+            str(tx.xid).encode(),
+            tx.commit_time.isoformat().encode(),
+            *(
+                _copy_text(None if who.get(k) is None else str(who[k]).encode())
+                for k in ("db_user", "role", "application", "client_addr", "actor", "context")
+            ),
+        ]
+        self.tx_rows.append(b"\t".join(fields) + b"\n")
+        return stmt
+
+    def _shape(self, content: bytes) -> None:
+        """A schema change of a table, at its place in the stream: what came before is
+        written in the old shape, and the history table switches here (wal.sql, wal_resolve)."""
+        shape = json.loads(content)
+        log = int(shape["log"])
+        for relid, table in list(self.tables.items()):
+            if table is not None and table.log == log:
+                self.flush(table)
+                del self.tables[relid]
+        self.conn.execute(
+            sql.SQL("SELECT {}(%s, %s::int2[], %s)").format(self.schema.func("wal_resolve")),
+            (log, shape.get("attnums"), self.ids.take()),
+        )
+
+
+def _before(tx: Transaction, table: _Table) -> bool:
+    """Committed before capture started (the snapshot or the triggers have it)."""
+    return table.wal_from is not None and tx.commit_lsn < table.wal_from
+
+
+def _context(content: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# -- the slot --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WalSetup:
+    slot: str
+    publication: str
+
+
+def setup(conn: Conn, schema: HistorySchema) -> WalSetup | None:
+    """The slot and publication of this database's history, when any table uses WAL capture."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT (SELECT value FROM {meta} WHERE key = 'wal_slot'), "
+            "(SELECT value FROM {meta} WHERE key = 'wal_publication')"
+        ).format(meta=schema.table("meta"))
+    ).fetchone()
+    if row is None or row[0] is None or row[1] is None:
+        return None
+    return WalSetup(str(row[0]), str(row[1]))
+
+
+def consume(
+    conn: Conn,
+    schema: HistorySchema,
+    *,
+    upto_lsn: int | None = None,
+    batch: int | None = BATCH_CHANGES,
+) -> BatchResult:
+    """Write one batch of decoded transactions into history, exactly once. `conn` must not be
+    in a transaction. Consumers take turns (an advisory lock), so readers can catch up inline
+    beside a running `history follow`."""
+    wal = setup(conn, schema)
+    if wal is None:
+        return BatchResult()
+    result = BatchResult()
+    if _slot_lost(conn, wal):
+        resume(conn, schema, "the replication slot was invalidated (max_slot_wal_keep_size)")
+        result.resumed = True
+    drained = False
+    # Inside a caller's transaction the events commit (or roll back) with it: the slot, which
+    # is not transactional, must not move until they are committed. They are delivered again
+    # until a consumer outside any transaction advances it (and skipped then by their LSN).
+    nested = conn.info.transaction_status != pq.TransactionStatus.IDLE
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_KEY, wal.slot)
+        )
+        row = conn.execute(
+            sql.SQL("SELECT lsn::text FROM {} WHERE slot = %s").format(
+                schema.table("wal_progress")
+            ),
+            (wal.slot,),
+        ).fetchone()
+        done = _lsn_int(row[0]) if row else None
+        rows = conn.execute(
+            "SELECT lsn, xid, data FROM pg_catalog.pg_logical_slot_peek_binary_changes("
+            "%s, %s::pg_lsn, %s, 'proto_version', '1', 'publication_names', %s, "
+            "'messages', 'true')",
+            (
+                wal.slot,
+                lsn_text(upto_lsn) if upto_lsn is not None else None,
+                batch,
+                _quote_publication(wal.publication),
+            ),
+        ).fetchall()
+        drained = batch is None or len(rows) < batch
+        writer = _Writer(conn, schema)
+        for tx in parse(rows):
+            if done is not None and tx.end_lsn <= done:
+                result.skipped += 1
+                result.lsn = tx.end_lsn
+                continue
+            writer.transaction(tx)
+            result.transactions += 1
+            result.lsn = tx.end_lsn
+        writer.flush()
+        result.events = writer.events
+        if result.lsn is not None and (done is None or result.lsn > done):
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (slot, lsn) VALUES (%s, %s::pg_lsn) ON CONFLICT (slot) "
+                    "DO UPDATE SET lsn = EXCLUDED.lsn, at = pg_catalog.clock_timestamp()"
+                ).format(schema.table("wal_progress")),
+                (wal.slot, lsn_text(result.lsn)),
+            )
+    # History has them: the slot may let that WAL go. When the batch read everything up to
+    # `upto_lsn`, nothing before it is left for history either.
+    target = upto_lsn if drained and upto_lsn is not None else result.lsn
+    if target is not None and not nested:
+        _advance(conn, wal.slot, target)
+    return result
+
+
+def _slot_lost(conn: Conn, wal: WalSetup) -> bool:
+    row = conn.execute(
+        "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+        (wal.slot,),
+    ).fetchone()
+    return row is None or row[0] == "lost"
+
+
+def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
+    """Capture after the slot was lost (fail-open: the server dropped the WAL it held): the
+    stretch of WAL history did not get is recorded as a gap, from where history stopped to
+    where a fresh slot starts, never silently; then every table captured from the WAL gets a
+    new snapshot (as when tracking starts), so history is whole again from there. Returns the
+    gap's bounds."""
+    wal = setup(conn, schema)
+    assert wal is not None
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise UserError(
+            f"history's replication slot {wal.slot} is lost and capture must start again",
+            hint="run `pgwarden history follow` (or any reader outside a transaction): it "
+            "records the gap and takes new snapshots",
+        )
+    progress = conn.execute(
+        sql.SQL("SELECT lsn::text FROM {} WHERE slot = %s").format(schema.table("wal_progress")),
+        (wal.slot,),
+    ).fetchone()
+    old = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots "
+        "WHERE slot_name = %s",
+        (wal.slot,),
+    ).fetchone()
+    start = max(
+        (_lsn_int(r[0]) or 0 for r in (progress, old) if r is not None and r[0] is not None),
+        default=0,
+    )
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) "
+            "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+            (wal.slot,),
+        )
+    row = conn.execute(
+        "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')",
+        (wal.slot,),
+    ).fetchone()
+    assert row is not None
+    end = _lsn_int(row[0]) or 0
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (slot, from_lsn, to_lsn, reason) "
+                "VALUES (%s, %s::pg_lsn, %s::pg_lsn, %s)"
+            ).format(schema.table("wal_gap")),
+            (wal.slot, lsn_text(start), lsn_text(end), reason),
+        )
+        conn.execute(
+            sql.SQL("SELECT {}(l.id) FROM {} l WHERE {}(l.id) ORDER BY l.id").format(
+                schema.func("wal_resnapshot"), schema.table("logged_table"), schema.func("is_wal")
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (slot, lsn) VALUES (%s, %s::pg_lsn) ON CONFLICT (slot) "
+                "DO UPDATE SET lsn = EXCLUDED.lsn, at = pg_catalog.clock_timestamp()"
+            ).format(schema.table("wal_progress")),
+            (wal.slot, lsn_text(end)),
+        )
+    return start, end
+
+
+def _quote_publication(name: str) -> str:
+    # pgoutput splits publication_names as an identifier list.
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _advance(conn: Conn, slot: str, lsn: int) -> None:
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_catalog.pg_replication_slot_advance(s.slot_name, %s::pg_lsn) "
+            "FROM pg_catalog.pg_replication_slots s "
+            "WHERE s.slot_name = %s AND s.confirmed_flush_lsn < %s::pg_lsn",
+            (lsn_text(lsn), slot, lsn_text(lsn)),
+        )
+
+
+def current_lsn(conn: Conn) -> int:
+    """The end of the WAL that decoding can read (flushed): what has been committed."""
+    row = conn.execute("SELECT pg_catalog.pg_current_wal_flush_lsn()::text").fetchone()
+    assert row is not None
+    value = _lsn_int(row[0])
+    assert value is not None
+    return value
+
+
+def catch_up(conn: Conn, schema: HistorySchema, *, wait: float = 5.0) -> BatchResult:
+    """Bring history up to everything committed before this call: a reader's own writes are
+    there when it reads. Consumes inline (taking turns with a running consumer); a role that
+    may not read the slot waits for the consumer instead, and is told when it does not come."""
+    total = BatchResult()
+    if setup(conn, schema) is None:
+        return total
+    nested = conn.info.transaction_status != pq.TransactionStatus.IDLE
+    if nested and _has_written(conn):
+        # Logical decoding in a transaction that has written does not come back (it spins
+        # in the server): what was there before this transaction wrote is what it reads.
+        return total
+    target = current_lsn(conn)
+    while True:
+        try:
+            # Inside a caller's transaction: one pass, unbounded, for the same reason.
+            step = consume(conn, schema, upto_lsn=target, batch=None if nested else BATCH_CHANGES)
+            if step.resumed:  # capture started again: catch up to now in the new stream
+                target = max(target, current_lsn(conn))
+        except psycopg.errors.InsufficientPrivilege:
+            _wait_for_consumer(conn, schema, target, wait)
+            return total
+        total.transactions += step.transactions
+        total.events += step.events
+        total.skipped += step.skipped
+        total.lsn = step.lsn or total.lsn
+        total.resumed = total.resumed or step.resumed
+        if nested or (step.transactions == 0 and step.skipped == 0 and not step.resumed):
+            return total
+
+
+def _has_written(conn: Conn) -> bool:
+    row = conn.execute("SELECT pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
+def _wait_for_consumer(conn: Conn, schema: HistorySchema, target: int, wait: float) -> None:
+    wal = setup(conn, schema)
+    assert wal is not None
+    deadline = time.monotonic() + wait
+    while True:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots "
+            "WHERE slot_name = %s",
+            (wal.slot,),
+        ).fetchone()
+        reached = _lsn_int(row[0]) if row else None
+        if reached is not None and reached >= target:
+            return
+        if time.monotonic() >= deadline:
+            behind = target - (reached or 0)
+            raise UserError(
+                f"history is {behind:,} bytes of WAL behind the database, and role "
+                f"{conn.info.user} may not read the replication slot {wal.slot} to catch up",
+                hint="start the consumer (`pgwarden up` does, or `pgwarden history follow`), "
+                "or read history as a role with REPLICATION",
+            )
+        time.sleep(0.1)
+
+
+def follow(
+    conn: Conn,
+    schema: HistorySchema,
+    *,
+    interval: float = 0.2,
+    batch: int = BATCH_CHANGES,
+    stop: Callable[[], bool] = lambda: False,
+    report: Callable[[BatchResult], None] | None = None,
+) -> None:
+    """Consume until `stop()` says so: batches back to back while there is work, a short
+    sleep when there is none."""
+    while not stop():
+        step = consume(conn, schema, upto_lsn=current_lsn(conn), batch=batch)
+        if report is not None and (step.transactions or step.skipped):
+            report(step)
+        if step.transactions == 0 and step.skipped == 0:
+            time.sleep(interval)
