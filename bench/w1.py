@@ -127,6 +127,8 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
             "SELECT 'pgwarden_' || oid FROM pg_database WHERE datname = current_database()"
         ).fetchone()
         assert slot is not None
+        # The publication first: pgoutput looks it up as of each change (15 fails otherwise).
+        conn.execute("CREATE PUBLICATION pgwarden_capture WITH (publish_via_partition_root = true)")
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot[0],))
         conn.execute(
             "INSERT INTO pgwarden.meta VALUES ('wal_slot', %s), ('wal_publication', "

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pgwarden.config import Config
-from pgwarden.history import TableName, as_of, revert, set_actor, verify, wal
+from pgwarden.history import TableName, as_of, as_of_into, revert, set_actor, verify, wal
 from pgwarden.history.catalog import DEFAULT_SCHEMA
 from pgwarden.server import consumer
 from pgwarden.server.cluster import LocalServer, free_port
@@ -355,3 +355,36 @@ def test_fail_open_records_the_gap_of_a_lost_slot_and_resumes(tmp_path: Path, pg
             )
     finally:
         server.purge()
+
+
+def test_values_come_through_exactly(database: Database) -> None:
+    """Every value as PostgreSQL holds it: text that COPY would read as something else (tab,
+    line breaks, backslashes, a literal \\N, empty), NULL, exact numbers, bytes, JSON null."""
+    tricky = ["a\tb", "line1\nline2\r\n", "back\\slash", "\\N", "", "\\u", None]
+    with database.connect(autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE v (id int PRIMARY KEY, t text, n numeric, b bytea, j jsonb, f float8)"
+        )
+    _wal(database)
+    with database.connect(autocommit=True) as conn:
+        for i, text in enumerate(tricky):
+            conn.execute(
+                "INSERT INTO v VALUES (%s, %s, 12345678901234567.0123456789, '\\x00ff5c', "
+                "CASE WHEN %s THEN 'null'::jsonb END, 1.5e300)",
+                (i, text, i % 2 == 0),
+            )
+        now = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        rows = {r["id"]: r for r in as_of(conn, TableName("public", "v"), now)}
+        for i, text in enumerate(tricky):
+            assert rows[i]["t"] == text, i
+            assert str(rows[i]["n"]) == "12345678901234567.0123456789"
+            assert rows[i]["b"] == "\\x00ff5c"
+            assert rows[i]["j"] == ("null" if i % 2 == 0 else None)
+        into = TableName("public", "v_then")
+        as_of_into(conn, TableName("public", "v"), now, into)
+        same = conn.execute(
+            "SELECT count(*) FROM v JOIN v_then w USING (id) "
+            "WHERE v.t IS NOT DISTINCT FROM w.t AND v.n = w.n AND v.b = w.b "
+            "AND v.j IS NOT DISTINCT FROM w.j AND v.f = w.f"
+        ).fetchone()
+        assert same == (len(tricky),)

@@ -177,6 +177,19 @@ def setting(conn: Conn, name: str) -> str:
     return str(row[0])
 
 
+def server_version(conn: Conn) -> int:
+    return int(setting(conn, "server_version_num"))
+
+
+def publication_exists(conn: Conn, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s", (name,)
+        ).fetchone()
+        is not None
+    )
+
+
 def slot_exists(conn: Conn, name: str) -> bool:
     return (
         conn.execute(

@@ -280,6 +280,28 @@ def _capture_operations(
                 "history.capture); another server: ALTER SYSTEM SET wal_level = logical, "
                 "then restart it",
             )
+        publication = f"{schema.name}_capture"
+        if not catalog.publication_exists(conn, publication):
+            # Before the slot: pgoutput looks publications up as of each change it decodes,
+            # and PostgreSQL 15 fails on changes from before the publication existed.
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"create the publication {publication} that lists the tables captured from "
+                    "the WAL",
+                    sql.SQL("CREATE PUBLICATION {} WITH ({})").format(
+                        sql.Identifier(publication),
+                        sql.SQL(
+                            "publish = 'insert, update, delete, truncate', "
+                            "publish_via_partition_root = true"
+                            # 18 can send stored generated columns (15-17: such tables refused)
+                            + (", publish_generated_columns = stored"
+                               if catalog.server_version(conn) >= 180000 else "")
+                        ),
+                    ),
+                    transactional=False,
+                )
+            )  # fmt: skip
         if not exists:
             ops.append(
                 Operation(
@@ -292,7 +314,6 @@ def _capture_operations(
                     transactional=False,
                 )
             )
-        publication = f"{schema.name}_capture"
         if (current.get("wal_slot"), current.get("wal_publication")) != (slot, publication):
             ops.append(
                 Operation(

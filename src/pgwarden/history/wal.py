@@ -49,8 +49,13 @@ _U32 = struct.Struct(">I")
 _I64 = struct.Struct(">q")
 _U64 = struct.Struct(">Q")
 
-Value = bytes | None  # a column's text, None for NULL
-UNCHANGED = b"\x00unchanged-toast"  # pgoutput's 'u': a TOASTed value the UPDATE left alone
+# A column's value as a field of COPY's text format, ready to write: its text escaped, NULL as
+# \N. Parsing straight into that form spares a pass over every value (the consumer's hot path).
+Value = bytes
+NULL = b"\\N"
+# pgoutput's 'u': a TOASTed value the UPDATE left alone. No escaped text can read \u (a
+# backslash in the text is doubled), so it is told apart from every value.
+UNCHANGED = b"\\u"
 
 
 # -- pgoutput, protocol version 1 ------------------------------------------------------------
@@ -64,7 +69,7 @@ class Relation:
     columns: list[tuple[str, int]]  # name, type oid
 
 
-@dataclass
+@dataclass(slots=True)
 class Change:
     relid: int
     op: str  # I, U, D
@@ -106,20 +111,25 @@ def _tuple(buf: bytes, pos: int) -> tuple[list[Value], int]:
     pos += 2
     values: list[Value] = []
     append = values.append
+    length_at = _I32.unpack_from
     for _ in range(n):
         kind = buf[pos]
-        pos += 1
         if kind == 0x74:  # 't': text
-            (length,) = _I32.unpack_from(buf, pos)
-            pos += 4
-            append(buf[pos : pos + length])
-            pos += length
-        elif kind == 0x6E:  # 'n': null
-            append(None)
+            length = length_at(buf, pos + 1)[0]
+            pos += 5 + length
+            append(buf[pos - length : pos])
+            continue
+        pos += 1
+        if kind == 0x6E:  # 'n': null
+            append(NULL)
         elif kind == 0x75:  # 'u': unchanged TOAST
             append(UNCHANGED)
         else:
             raise ValueError(f"pgoutput: unexpected tuple column kind {chr(kind)!r}")
+    # Escaped for COPY; one scan of the whole tuple finds the (rare) values that need it.
+    whole = b"".join(values)
+    if 92 in whole or 9 in whole or 10 in whole or 13 in whole:  # \ \t \n \r
+        values = [v if v is NULL or v is UNCHANGED else _escape(v) for v in values]
     return values, pos
 
 
@@ -127,13 +137,31 @@ def _timestamp(micros: int) -> datetime:
     return EPOCH + timedelta(microseconds=micros)
 
 
+_CHANGE_KINDS = frozenset(b"IUD")
+
+
 def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction]:
     """Whole transactions from pg_logical_slot_peek_binary_changes rows (lsn, xid, data)."""
     current: Transaction | None = None
     relations: dict[int, Relation] = {}
+    relid_at = _U32.unpack_from
     for _lsn, _xid, data in rows:
         buf = bytes(data)
         kind = buf[0]
+        if current is not None and kind in _CHANGE_KINDS:
+            # Changes first: nearly every message is one.
+            relid = relid_at(buf, 1)[0]
+            if kind == 0x49:  # I: insert
+                current.items.append(Change(relid, "I", None, _tuple(buf, 6)[0]))
+            elif kind == 0x44:  # D: delete
+                current.items.append(Change(relid, "D", _tuple(buf, 6)[0], None))
+            else:  # U: update, with the old tuple (K key or O old) when there is one
+                old = None
+                pos = 5
+                if buf[pos] in (0x4B, 0x4F):
+                    old, pos = _tuple(buf, pos + 1)
+                current.items.append(Change(relid, "U", old, _tuple(buf, pos + 1)[0]))
+            continue
         if kind == 0x42:  # B: begin
             (final_lsn,) = _U64.unpack_from(buf, 1)
             (ts,) = _I64.unpack_from(buf, 9)
@@ -164,22 +192,6 @@ def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction]:
                 pos += 8  # type oid, typmod
                 cols.append((name, typoid))
             relations[oid] = Relation(oid, nsp, rel, cols)
-        elif kind == 0x49:  # I: insert
-            (relid,) = _U32.unpack_from(buf, 1)
-            new, _ = _tuple(buf, 6)
-            current.items.append(Change(relid, "I", None, new))
-        elif kind == 0x55:  # U: update
-            (relid,) = _U32.unpack_from(buf, 1)
-            pos = 5
-            old = None
-            if buf[pos] in (0x4B, 0x4F):  # K (key) or O (old tuple)
-                old, pos = _tuple(buf, pos + 1)
-            new, _ = _tuple(buf, pos + 1)
-            current.items.append(Change(relid, "U", old, new))
-        elif kind == 0x44:  # D: delete
-            (relid,) = _U32.unpack_from(buf, 1)
-            old, _ = _tuple(buf, 6)
-            current.items.append(Change(relid, "D", old, None))
         elif kind == 0x54:  # T: truncate
             (n,) = _I32.unpack_from(buf, 1)
             current.items.append(Truncate([_U32.unpack_from(buf, 6 + 4 * i)[0] for i in range(n)]))
@@ -193,18 +205,18 @@ def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction]:
 # -- writing history -------------------------------------------------------------------------
 
 
-def _copy_text(value: Value) -> bytes:
-    """A value as a field of COPY's text format."""
-    if value is None:
-        return b"\\N"
-    if b"\\" in value or b"\t" in value or b"\n" in value or b"\r" in value:
-        return (
-            value.replace(b"\\", b"\\\\")
-            .replace(b"\t", b"\\t")
-            .replace(b"\n", b"\\n")
-            .replace(b"\r", b"\\r")
-        )
-    return value
+def _escape(value: bytes) -> bytes:
+    """Text as a field of COPY's text format."""
+    return (
+        value.replace(b"\\", b"\\\\")
+        .replace(b"\t", b"\\t")
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+    )
+
+
+def _copy_text(value: str | None) -> bytes:
+    return NULL if value is None else _escape(value.encode())
 
 
 @dataclass
@@ -222,6 +234,14 @@ class _Table:
     width: int  # columns the stream sends
     truncate_rows: bool  # TRUNCATE keeps the rows it removed (else a marker)
     rows: list[bytes] = field(default_factory=list)
+    # Every column the stream sends is captured, in its order (no excluded column): the
+    # stream's tuples are written as they are.
+    whole: bool = field(init=False)
+    nulls: tuple[bytes, ...] = field(init=False)  # one side of an image that is not there
+
+    def __post_init__(self) -> None:
+        self.whole = self.positions == list(range(self.width))
+        self.nulls = (NULL,) * len(self.positions)
 
 
 def _lsn_int(text: object) -> int | None:
@@ -261,6 +281,7 @@ class BatchResult:
     skipped: int = 0  # transactions history already had (redelivered after a crash)
     lsn: int | None = None  # the end of the last transaction written
     resumed: bool = False  # the slot was lost: a gap recorded, new snapshots taken
+    full: bool = False  # the batch stopped at its size: more is waiting
 
 
 class _Writer:
@@ -348,7 +369,8 @@ class _Writer:
         ctx: int | None = None
         run: tuple[int, str] | None = None
         stmt = 0
-        made: set[tuple[bytes | None, ...]] = set()
+        made: set[tuple[bytes, ...]] = set()
+        prefix = b""  # ctx, stmt, op: the same for every row of a statement
         for item in tx.items:
             if isinstance(item, Message):
                 if item.prefix == CONTEXT_PREFIX:
@@ -375,12 +397,11 @@ class _Writer:
                 continue
             old, new = item.old, item.new
             if new is not None and old is not None and UNCHANGED in new:
-                new = [o if n is UNCHANGED else n for o, n in zip(old, new, strict=True)]
-            if (
-                old is not None
-                and new is not None
-                and all(old[p] == new[p] for p in table.positions)
-            ):
+                new = [o if n == UNCHANGED else n for o, n in zip(old, new, strict=True)]
+            if not table.whole:
+                old = [old[p] for p in table.positions] if old is not None else None
+                new = [new[p] for p in table.positions] if new is not None else None
+            if old is not None and old == new:
                 continue  # an UPDATE that changed nothing history keeps
             # The same row again (its old image is what this run made of a row): a statement
             # changes a row once. Keys alone cannot tell: a key shift inside one statement
@@ -389,15 +410,16 @@ class _Writer:
                 stmt = self.ids.take()
                 run = (table.log, item.op)
                 made = set()
-            if new is not None:
-                made.add(tuple(new))
+                prefix = b""
+            if item.op == "U":
+                made.add(tuple(new))  # type: ignore[arg-type]
             if ctx is None:
                 ctx = self._context_row(tx, who, stmt)
-            fields = [str(ctx).encode(), str(stmt).encode(), item.op.encode()]
-            nulls = [b"\\N"] * len(table.positions)
-            fields += [_copy_text(old[p]) for p in table.positions] if old else nulls
-            fields += [_copy_text(new[p]) for p in table.positions] if new else nulls
-            table.rows.append(b"\t".join(fields) + b"\n")
+                prefix = b""
+            if not prefix:
+                prefix = b"%d\t%d\t%s\t" % (ctx, stmt, item.op.encode())
+            nulls = table.nulls
+            table.rows.append(prefix + b"\t".join((*(old or nulls), *(new or nulls))) + b"\n")
             self.events += 1
 
     def _truncate(self, table: _Table, ctx: int, stmt: int) -> int:
@@ -442,7 +464,7 @@ class _Writer:
             str(tx.xid).encode(),
             tx.commit_time.isoformat().encode(),
             *(
-                _copy_text(None if who.get(k) is None else str(who[k]).encode())
+                _copy_text(None if who.get(k) is None else str(who[k]))
                 for k in ("db_user", "role", "application", "client_addr", "actor", "context")
             ),
         ]
@@ -544,6 +566,7 @@ def consume(
             ),
         ).fetchall()
         drained = batch is None or len(rows) < batch
+        result.full = not drained
         writer = _Writer(conn, schema)
         for tx in parse(rows):
             if done is not None and tx.end_lsn <= done:
@@ -734,11 +757,14 @@ def follow(
     stop: Callable[[], bool] = lambda: False,
     report: Callable[[BatchResult], None] | None = None,
 ) -> None:
-    """Consume until `stop()` says so: batches back to back while there is work, a short
-    sleep when there is none."""
+    """Consume until `stop()` says so: batches back to back while a batch comes back full,
+    else a short sleep first. Each batch has fixed costs (decoding starts again from the slot's
+    restart point, a few round trips), so under a steady trickle of small transactions a
+    consumer that polled without pause would spend the cores the writers need; `interval`
+    bounds the lag it adds instead."""
     while not stop():
         step = consume(conn, schema, upto_lsn=current_lsn(conn), batch=batch)
         if report is not None and (step.transactions or step.skipped):
             report(step)
-        if step.transactions == 0 and step.skipped == 0:
+        if not step.full:
             time.sleep(interval)

@@ -104,14 +104,9 @@ BEGIN
         EXECUTE pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', t.schema_name, t.table_name);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication p WHERE p.pubname = pub) THEN
-        IF pg_catalog.current_setting('server_version_num')::int >= 180000 THEN
-            EXECUTE pg_catalog.format('CREATE PUBLICATION %I WITH (publish = %L, '
-                'publish_via_partition_root = true, publish_generated_columns = stored)',
-                pub, 'insert, update, delete, truncate');
-        ELSE
-            EXECUTE pg_catalog.format('CREATE PUBLICATION %I WITH (publish = %L, '
-                'publish_via_partition_root = true)', pub, 'insert, update, delete, truncate');
-        END IF;
+        RAISE EXCEPTION 'pgwarden: history.capture is wal but the publication % does not exist', pub
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'run `pgwarden apply`, which creates it';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p
                    ON p.oid = r.prpubid WHERE p.pubname = pub AND r.prrelid = t.table_oid) THEN
