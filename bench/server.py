@@ -52,3 +52,20 @@ def drop_database(server: LocalServer, name: str) -> None:
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
         conn.execute("CHECKPOINT")
+
+
+def prepare_wal_capture(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """WAL capture's publication, slot and their names in pgwarden.meta, as `apply` makes them
+    for history.capture: wal (the publication first: pgoutput looks it up as of each change it
+    decodes, and PostgreSQL 15 fails on changes from before it existed)."""
+    row = conn.execute(
+        "SELECT 'pgwarden_' || oid FROM pg_database WHERE datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    conn.execute("CREATE PUBLICATION pgwarden_capture WITH (publish_via_partition_root = true)")
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (row[0],))
+    conn.execute(
+        "INSERT INTO pgwarden.meta VALUES ('wal_slot', %s), ('wal_publication', "
+        "'pgwarden_capture') ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        (row[0],),
+    )

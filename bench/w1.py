@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from bench import prototypes
+from bench.server import prepare_wal_capture
 from pgwarden.config import Config
 from pgwarden.history import install, wal
 from pgwarden.history.catalog import DEFAULT_SCHEMA
@@ -122,19 +123,7 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
         conn.execute(SEED_SQL)
         conn.execute(prototypes.SQL)
         install(conn, Config())
-        # WAL capture's slot and its names, as `apply` makes them for history.capture: wal.
-        slot = conn.execute(
-            "SELECT 'pgwarden_' || oid FROM pg_database WHERE datname = current_database()"
-        ).fetchone()
-        assert slot is not None
-        # The publication first: pgoutput looks it up as of each change (15 fails otherwise).
-        conn.execute("CREATE PUBLICATION pgwarden_capture WITH (publish_via_partition_root = true)")
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot[0],))
-        conn.execute(
-            "INSERT INTO pgwarden.meta VALUES ('wal_slot', %s), ('wal_publication', "
-            "'pgwarden_capture') ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            (slot[0],),
-        )
+        prepare_wal_capture(conn)
         for rep in range(reps):
             # Interleave variants (A B C … then rotated) so drift on a noisy machine hits all.
             order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]

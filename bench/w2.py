@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from bench.server import prepare_wal_capture
 from pgwarden.config import Config
 from pgwarden.history import install, wal
 from pgwarden.history.catalog import DEFAULT_SCHEMA
@@ -209,19 +210,7 @@ def run_w2(
         conn.execute(SEED_SQL)
         for table in TABLES:
             conn.execute("SELECT pgwarden.track(%s::regclass)", (table,))
-        # WAL capture's slot and its names, as `apply` makes them for history.capture: wal.
-        slot = conn.execute(
-            "SELECT 'pgwarden_' || oid FROM pg_database WHERE datname = current_database()"
-        ).fetchone()
-        assert slot is not None
-        # The publication first: pgoutput looks it up as of each change (15 fails otherwise).
-        conn.execute("CREATE PUBLICATION pgwarden_capture WITH (publish_via_partition_root = true)")
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot[0],))
-        conn.execute(
-            "INSERT INTO pgwarden.meta VALUES ('wal_slot', %s), ('wal_publication', "
-            "'pgwarden_capture')",
-            (slot[0],),
-        )
+        prepare_wal_capture(conn)
         conn.execute("VACUUM ANALYZE")
     script = Path(tempfile.mkdtemp(prefix="pgwarden-w2-")) / "tagged.sql"
     script.write_text(TAGGED_SCRIPT)

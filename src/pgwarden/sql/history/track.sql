@@ -442,6 +442,23 @@ BEGIN
 END
 $body$;
 
+-- The capture triggers of a table and its PL/pgSQL capture function (log: NULL when it has
+-- none), gone: untracked, or captured from the WAL from now on.
+CREATE OR REPLACE FUNCTION {schema}.drop_capture(nsp text, rel text, log int) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+BEGIN
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_insert ON %I.%I', nsp, rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_update ON %I.%I', nsp, rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_delete ON %I.%I', nsp, rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_truncate ON %I.%I', nsp, rel);
+    IF log IS NOT NULL THEN
+        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS {schema}.%I()', 'capture_' || log);
+    END IF;
+END
+$body$;
+
 -- Stop tracking a table; its history stays.
 CREATE OR REPLACE FUNCTION {schema}.untrack(relid regclass) RETURNS void
 LANGUAGE plpgsql
@@ -457,13 +474,7 @@ BEGIN
     WHERE c.oid = relid;
     PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
     PERFORM {schema}.wal_detach(relid);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_insert ON %I.%I', nsp, rel);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_update ON %I.%I', nsp, rel);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_delete ON %I.%I', nsp, rel);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_truncate ON %I.%I', nsp, rel);
-    IF log IS NOT NULL THEN
-        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS {schema}.%I()', 'capture_' || log);
-    END IF;
+    PERFORM {schema}.drop_capture(nsp, rel, log);
     DELETE FROM {schema}.tracked t WHERE t.table_oid = relid;
     PERFORM pg_catalog.set_config('pgwarden.in_track', '', true);
 END

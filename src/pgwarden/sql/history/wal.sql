@@ -95,11 +95,7 @@ BEGIN
                   HINT = 'capture this table with triggers (history.overrides: {{capture: trigger}})';
     END IF;
     EXECUTE pg_catalog.format('LOCK TABLE %I.%I IN SHARE MODE', t.schema_name, t.table_name);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_insert ON %I.%I', t.schema_name, t.table_name);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_update ON %I.%I', t.schema_name, t.table_name);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_delete ON %I.%I', t.schema_name, t.table_name);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgwarden_capture_truncate ON %I.%I', t.schema_name, t.table_name);
-    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS {schema}.%I()', 'capture_' || log);
+    PERFORM {schema}.drop_capture(t.schema_name, t.table_name, log);
     IF (SELECT c.relreplident FROM pg_catalog.pg_class c WHERE c.oid = t.table_oid) <> 'f' THEN
         EXECUTE pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', t.schema_name, t.table_name);
     END IF;
