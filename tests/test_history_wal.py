@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from pgwarden.config import Config
+from pgwarden.converge import apply_config
 from pgwarden.history import TableName, as_of, as_of_into, revert, set_actor, verify, wal
 from pgwarden.history.catalog import DEFAULT_SCHEMA
 from pgwarden.server import consumer
@@ -388,3 +389,62 @@ def test_values_come_through_exactly(database: Database) -> None:
             "AND v.j IS NOT DISTINCT FROM w.j AND v.f = w.f"
         ).fetchone()
         assert same == (len(tricky),)
+
+
+def test_the_slot_moves_on_past_other_writes(database: Database) -> None:
+    """While the tracked tables are quiet, other writes still fill the WAL: a tick lets the
+    slot follow (it moves only to records it has decoded, never past a commit it has not)."""
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE quiet (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE busy (id int)")  # matches public.* too: excluded below
+    _wal(database, "public.quiet")
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO busy SELECT generate_series(1, 50000)")
+        before = _confirmed(conn)
+        mark = wal.tick(conn)
+        conn.execute("CHECKPOINT")  # flushed, as the walwriter would soon
+        _catch_up(conn)
+        assert _confirmed(conn) >= mark > before
+
+
+def _confirmed(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint FROM pg_replication_slots "
+        "WHERE database = current_database()"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_switching_engines_keeps_every_change_in_order(database: Database) -> None:
+    """trigger → wal → trigger through the config: each change recorded once, in order, and
+    the slot dropped by the apply that switched the last table back (nothing left in it)."""
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE sw (id int PRIMARY KEY, v int)")
+    setup_history(database.url, history_config())
+    with database.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO sw VALUES (1, 0)")  # by the trigger
+    _wal(database)
+    with database.connect(autocommit=True) as conn:
+        assert _triggers(conn, "sw") == []
+        conn.execute("UPDATE sw SET v = 1")  # from the WAL; nobody reads it before the switch
+    setup_history(database.url, history_config())
+    with database.connect(autocommit=True) as conn:
+        conn.execute("UPDATE sw SET v = 2")  # by the trigger again
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+        got = [(e["op"], (e["new_row"] or {}).get("v")) for e in events(conn, "sw")]
+        assert got == [("INSERT", 0), ("UPDATE", 1), ("UPDATE", 2)]
+
+
+def test_apply_converges_and_check_sees_drift(database: Database) -> None:
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE cv (id int PRIMARY KEY)")
+    config = history_config(capture="wal")
+    setup_history(database.url, config)
+    with database.connect() as conn:
+        assert not apply_config(conn, config)  # nothing left to do
+        conn.execute("ALTER TABLE cv REPLICA IDENTITY DEFAULT")
+        conn.commit()
+        again = apply_config(conn, config)
+        assert [op.description for op in again] == ["repair its triggers on public.cv"]
+        row = conn.execute("SELECT relreplident FROM pg_class WHERE relname = 'cv'").fetchone()
+        assert row == ("f",)

@@ -8,6 +8,9 @@ import psycopg
 
 from pgwarden.access.planner import plan_access
 from pgwarden.config import Config
+from pgwarden.history import catalog as history_catalog
+from pgwarden.history import wal
+from pgwarden.history.catalog import HistorySchema
 from pgwarden.history.planner import plan_history
 from pgwarden.plan import Plan, apply_plan
 
@@ -40,7 +43,22 @@ def build_plan(conn: Conn, config: Config) -> Plan:
 
 def apply_config(conn: Conn, config: Config) -> Plan:
     """Converge the database to the config; returns what was done (empty when nothing was)."""
-    plan = build_plan(conn, config)
-    if plan:
+    done = Plan()
+    # A second pass only for what the first made possible: the WAL capture slot is dropped
+    # once the tables that used it are switched back, and what it still held is in history.
+    for _ in range(2):
+        # WAL capture first takes in every change committed so far: a table switched back to
+        # the triggers must not have changes still on their way (they would come after its
+        # newer ones), and a slot is dropped only once nothing is left in it.
+        schema = HistorySchema(config.history.schema_name)
+        with conn.transaction():
+            installed = history_catalog.is_installed(conn, schema)
+        if installed:
+            wal.catch_up(conn, schema)
+        plan = build_plan(conn, config)
+        if not plan:
+            break
         apply_plan(conn, plan.operations)
-    return plan
+        done.extend(plan.operations)
+        done.warnings.extend(w for w in plan.warnings if w not in done.warnings)
+    return done

@@ -255,8 +255,9 @@ def _capture_operations(
 ) -> list[Operation]:
     """What new tables get (history.capture), and what WAL capture needs: a logical slot on
     pgoutput (made before the transaction that tracks tables, so that it holds every change
-    they make from then on) and its names in meta. With no table captured from the WAL any
-    more, the slot goes after that transaction: left behind it would keep WAL forever."""
+    they make from then on) and its names in meta. Once no table is captured from the WAL
+    (observed: `apply` plans again after switching the last one back, having taken in what
+    the slot still held), the slot goes: left behind it would keep WAL forever."""
     current = catalog.meta(conn, schema)
     ops = []
     default = str(history.capture.value)

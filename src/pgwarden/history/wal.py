@@ -39,6 +39,12 @@ from pgwarden.history.replay import Before, replay_sql
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 CONTEXT_PREFIX = "pgwarden"
 SHAPE_PREFIX = "pgwarden.shape"
+# A non-transactional message whose only purpose is its place in the WAL: once the consumer has
+# decoded past it, every transaction that committed before it is in history, and the slot may
+# move there (see consume). The consumer sends one now and then while idle; a reader that may
+# not read the slot sends one and waits for the slot to pass it.
+TICK_PREFIX = "pgwarden.tick"
+TICK_EVERY = 10.0  # seconds, while `follow` is idle
 # Changes decoded per batch (whole transactions: a batch can run over by one transaction).
 BATCH_CHANGES = 20_000
 _LOCK_KEY = 0x7067_7761  # "pgwa": one consumer at a time per database (advisory lock)
@@ -92,6 +98,11 @@ Item = Change | Truncate | Message
 
 
 @dataclass
+class Tick:
+    lsn: int  # the end of the tick's record
+
+
+@dataclass
 class Transaction:
     xid: int
     commit_lsn: int  # the commit record's LSN
@@ -140,8 +151,9 @@ def _timestamp(micros: int) -> datetime:
 _CHANGE_KINDS = frozenset(b"IUD")
 
 
-def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction]:
-    """Whole transactions from pg_logical_slot_peek_binary_changes rows (lsn, xid, data)."""
+def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction | Tick]:
+    """Whole transactions from pg_logical_slot_peek_binary_changes rows (lsn, xid, data), and
+    pgwarden's ticks between them."""
     current: Transaction | None = None
     relations: dict[int, Relation] = {}
     relid_at = _U32.unpack_from
@@ -167,6 +179,9 @@ def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction]:
             (ts,) = _I64.unpack_from(buf, 9)
             (xid,) = _U32.unpack_from(buf, 17)
             current = Transaction(xid, final_lsn, 0, _timestamp(ts))
+        elif current is None and kind == 0x4D:  # M outside a transaction: non-transactional
+            if _cstring(buf, 10)[0] == TICK_PREFIX:
+                yield Tick(_U64.unpack_from(buf, 2)[0])
         elif current is None:
             raise ValueError(f"pgoutput: message {chr(kind)!r} outside a transaction")
         elif kind == 0x43:  # C: commit
@@ -538,11 +553,11 @@ def consume(
     if _slot_lost(conn, wal):
         resume(conn, schema, "the replication slot was invalidated (max_slot_wal_keep_size)")
         result.resumed = True
-    drained = False
     # Inside a caller's transaction the events commit (or roll back) with it: the slot, which
     # is not transactional, must not move until they are committed. They are delivered again
     # until a consumer outside any transaction advances it (and skipped then by their LSN).
     nested = conn.info.transaction_status != pq.TransactionStatus.IDLE
+    safe = 0  # where the slot may move: the end of a transaction or tick decoded
     with conn.transaction():
         conn.execute(
             "SELECT pg_catalog.pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_KEY, wal.slot)
@@ -565,10 +580,13 @@ def consume(
                 _quote_publication(wal.publication),
             ),
         ).fetchall()
-        drained = batch is None or len(rows) < batch
-        result.full = not drained
+        result.full = batch is not None and len(rows) >= batch
         writer = _Writer(conn, schema)
         for tx in parse(rows):
+            if isinstance(tx, Tick):
+                safe = max(safe, tx.lsn)
+                continue
+            safe = max(safe, tx.end_lsn)
             if done is not None and tx.end_lsn <= done:
                 result.skipped += 1
                 result.lsn = tx.end_lsn
@@ -586,12 +604,23 @@ def consume(
                 ).format(schema.table("wal_progress")),
                 (wal.slot, lsn_text(result.lsn)),
             )
-    # History has them: the slot may let that WAL go. When the batch read everything up to
-    # `upto_lsn`, nothing before it is left for history either.
-    target = upto_lsn if drained and upto_lsn is not None else result.lsn
-    if target is not None and not nested:
-        _advance(conn, wal.slot, target)
+    # History has them: the slot may let that WAL go, up to the end of the last record decoded
+    # (a transaction's commit, or a tick). Not to `upto_lsn`: a commit record that straddles
+    # the flushed end of the WAL was not decoded, and a slot moved past its start would skip it.
+    if safe and not nested:
+        _advance(conn, wal.slot, safe)
     return result
+
+
+def tick(conn: Conn) -> int:
+    """Mark the WAL here (a non-transactional message); its end LSN."""
+    row = conn.execute(
+        "SELECT pg_catalog.pg_logical_emit_message(false, %s, '')::text", (TICK_PREFIX,)
+    ).fetchone()
+    assert row is not None
+    value = _lsn_int(row[0])
+    assert value is not None
+    return value
 
 
 def _slot_lost(conn: Conn, wal: WalSetup) -> bool:
@@ -692,10 +721,18 @@ def catch_up(conn: Conn, schema: HistorySchema, *, wait: float = 5.0) -> BatchRe
     """Bring history up to everything committed before this call: a reader's own writes are
     there when it reads. Consumes inline (taking turns with a running consumer); a role that
     may not read the slot waits for the consumer instead, and is told when it does not come."""
+    nested = conn.info.transaction_status != pq.TransactionStatus.IDLE
+    if not nested and not conn.autocommit:
+        # A connection outside any transaction but not in autocommit: every query would open
+        # one, and the slot could never move. Autocommit for the while, as it was after.
+        conn.autocommit = True
+        try:
+            return catch_up(conn, schema, wait=wait)
+        finally:
+            conn.autocommit = False
     total = BatchResult()
     if setup(conn, schema) is None:
         return total
-    nested = conn.info.transaction_status != pq.TransactionStatus.IDLE
     if nested and _has_written(conn):
         # Logical decoding in a transaction that has written does not come back (it spins
         # in the server): what was there before this transaction wrote is what it reads.
@@ -727,6 +764,8 @@ def _has_written(conn: Conn) -> bool:
 def _wait_for_consumer(conn: Conn, schema: HistorySchema, target: int, wait: float) -> None:
     wal = setup(conn, schema)
     assert wal is not None
+    # The consumer moves the slot to records it decoded: a tick after `target` is one.
+    target = max(target, tick(conn))
     deadline = time.monotonic() + wait
     while True:
         row = conn.execute(
@@ -762,9 +801,15 @@ def follow(
     restart point, a few round trips), so under a steady trickle of small transactions a
     consumer that polled without pause would spend the cores the writers need; `interval`
     bounds the lag it adds instead."""
+    ticked = time.monotonic()
     while not stop():
         step = consume(conn, schema, upto_lsn=current_lsn(conn), batch=batch)
         if report is not None and (step.transactions or step.skipped):
             report(step)
         if not step.full:
+            if time.monotonic() - ticked > TICK_EVERY:
+                # While the tracked tables are quiet, other writes still fill the WAL: a tick
+                # lets the slot follow, so that it does not hold that WAL.
+                tick(conn)
+                ticked = time.monotonic()
             time.sleep(interval)
