@@ -132,7 +132,11 @@ def run_w1(url: str, rows: int, reps: int, log: object = print) -> W1Result:
                 ident = sql.Identifier(table)
                 _setup(conn, variant, table)
                 if variant == "pgwarden-wal":
-                    wal.catch_up(conn, DEFAULT_SCHEMA)  # the other variants' WAL, passed over
+                    # The other variants' WAL, passed over: a tick, flushed, lets the slot
+                    # move past it (as `history follow` does while the tables are quiet).
+                    wal.tick(conn)
+                    conn.execute("CHECKPOINT")
+                    wal.catch_up(conn, DEFAULT_SCHEMA)
                 statements = {
                     "INSERT": sql.SQL(
                         "INSERT INTO {} SELECT g, 'name ' || g, 'user' || g || '@example.com', "

@@ -45,6 +45,7 @@ SHAPE_PREFIX = "pgwarden.shape"
 # not read the slot sends one and waits for the slot to pass it.
 TICK_PREFIX = "pgwarden.tick"
 TICK_EVERY = 10.0  # seconds, while `follow` is idle
+TICK_BEHIND = 16 << 20  # bytes of WAL the slot holds past its last record before a reader ticks
 # Changes decoded per batch (whole transactions: a batch can run over by one transaction).
 BATCH_CHANGES = 20_000
 _LOCK_KEY = 0x7067_7761  # "pgwa": one consumer at a time per database (advisory lock)
@@ -731,7 +732,8 @@ def catch_up(conn: Conn, schema: HistorySchema, *, wait: float = 5.0) -> BatchRe
         finally:
             conn.autocommit = False
     total = BatchResult()
-    if setup(conn, schema) is None:
+    setup_of = setup(conn, schema)
+    if setup_of is None:
         return total
     if nested and _has_written(conn):
         # Logical decoding in a transaction that has written does not come back (it spins
@@ -753,7 +755,18 @@ def catch_up(conn: Conn, schema: HistorySchema, *, wait: float = 5.0) -> BatchRe
         total.lsn = step.lsn or total.lsn
         total.resumed = total.resumed or step.resumed
         if nested or (step.transactions == 0 and step.skipped == 0 and not step.resumed):
+            if not nested and _behind(conn, setup_of) > TICK_BEHIND:
+                tick(conn)  # the next consumer moves the slot past the WAL others wrote
             return total
+
+
+def _behind(conn: Conn, wal: WalSetup) -> int:
+    row = conn.execute(
+        "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_flush_lsn(), "
+        "confirmed_flush_lsn)::bigint FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+        (wal.slot,),
+    ).fetchone()
+    return int(str(row[0])) if row and row[0] is not None else 0
 
 
 def _has_written(conn: Conn) -> bool:
