@@ -44,13 +44,13 @@ def build_plan(conn: Conn, config: Config) -> Plan:
 def apply_config(conn: Conn, config: Config) -> Plan:
     """Converge the database to the config; returns what was done (empty when nothing was)."""
     done = Plan()
+    schema = HistorySchema(config.history.schema_name)
     # A second pass only for what the first made possible: the WAL capture slot is dropped
     # once the tables that used it are switched back, and what it still held is in history.
     for _ in range(2):
         # WAL capture first takes in every change committed so far: a table switched back to
         # the triggers must not have changes still on their way (they would come after its
         # newer ones), and a slot is dropped only once nothing is left in it.
-        schema = HistorySchema(config.history.schema_name)
         with conn.transaction():
             installed = history_catalog.is_installed(conn, schema)
         if installed:

@@ -23,9 +23,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgwarden.backup.observe import archiver, cluster_identity
 from pgwarden.backup.repo import BACKUP_FILE, BackupInfo, Cluster, Repository
-from pgwarden.backup.wal import parse_lsn
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
+from pgwarden.lsn import parse_lsn
 from pgwarden.server.cluster import LocalServer
 from pgwarden.server.osuser import clean_env
 

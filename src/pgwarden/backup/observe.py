@@ -9,7 +9,8 @@ from typing import Any
 import psycopg
 
 from pgwarden.backup.repo import Cluster
-from pgwarden.backup.wal import parse_lsn, parse_segment
+from pgwarden.backup.wal import parse_segment
+from pgwarden.lsn import parse_lsn
 
 Conn = psycopg.Connection[Any]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pgwarden.backup.repo import BackupInfo, Contents, Repository
-from pgwarden.backup.wal import parse_lsn
 from pgwarden.errors import UserError
+from pgwarden.lsn import parse_lsn
 
 
 @dataclass(frozen=True)

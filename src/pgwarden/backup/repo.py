@@ -27,11 +27,11 @@ from pgwarden.backup.wal import (
     HISTORY_RE,
     Segment,
     first_gap,
-    parse_lsn,
     parse_segment,
     segment_of,
 )
 from pgwarden.errors import UserError
+from pgwarden.lsn import parse_lsn
 
 REPO_FILE = "pgwarden-backups.json"
 BACKUP_FILE = "pgwarden-backup.json"

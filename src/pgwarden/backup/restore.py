@@ -23,9 +23,9 @@ from typing import Literal
 import psycopg
 
 from pgwarden.backup.repo import BackupInfo, Cluster, Contents, Repository, check_same_cluster
-from pgwarden.backup.wal import parse_lsn
 from pgwarden.config import SettingValue
 from pgwarden.errors import ServerError, UserError
+from pgwarden.lsn import parse_lsn
 from pgwarden.server import pgconf
 from pgwarden.server.cluster import CONF_INCLUDE, INCLUDE_LINE, LocalServer, file_tail, free_port
 

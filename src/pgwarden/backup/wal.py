@@ -39,16 +39,6 @@ def parse_segment(name: str, segment_size: int) -> Segment | None:
     return Segment(number=log * per_log + seg, timeline=timeline)
 
 
-def parse_lsn(text: str) -> int:
-    """'0/3000028' → 50331688."""
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
 def segment_of(lsn: int, timeline: int, segment_size: int) -> Segment:
     """The segment holding the byte at `lsn`."""
     return Segment(number=lsn // segment_size, timeline=timeline)

@@ -39,6 +39,7 @@ from pgwarden.history import (
 from pgwarden.history.layout import dump_json
 from pgwarden.history.names import TableName, parse_key
 from pgwarden.history.read import OPS, AsOfMethod, columns_of, completeness_note
+from pgwarden.lsn import format_lsn
 
 TABLE_PAGE = 50  # events the table format shows by default
 
@@ -497,7 +498,7 @@ def _follow(app: AppContext, batch: int) -> None:
         def report(step: wal.BatchResult) -> None:
             err_console.print(
                 f"{step.transactions} transaction(s), {step.events} event(s) up to "
-                f"{wal.lsn_text(step.lsn or 0)}"
+                f"{format_lsn(step.lsn or 0)}"
                 + (f", {step.skipped} already recorded" if step.skipped else "")
             )
 

@@ -35,6 +35,7 @@ from pgwarden.errors import UserError
 from pgwarden.history.catalog import Conn, HistorySchema
 from pgwarden.history.layout import table_logs, value_sql
 from pgwarden.history.replay import Before, replay_sql
+from pgwarden.lsn import format_lsn, parse_lsn
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 CONTEXT_PREFIX = "pgwarden"
@@ -261,14 +262,8 @@ class _Table:
 
 
 def _lsn_int(text: object) -> int | None:
-    if text is None:
-        return None
-    high, low = str(text).split("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def lsn_text(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+    """An LSN column's value (NULL stays None)."""
+    return None if text is None else parse_lsn(str(text))
 
 
 class _Ids:
@@ -330,7 +325,7 @@ class _Writer:
             return None
         log = int(str(row[0]))
         slots = self.conn.execute(
-            sql.SQL("SELECT pos, old_col, new_col, is_key, attnum, type FROM {}(%s)").format(
+            sql.SQL("SELECT pos, old_col, new_col, attnum, type FROM {}(%s)").format(
                 self.schema.func("wal_slots")
             ),
             (log,),
@@ -342,8 +337,8 @@ class _Writer:
             positions=[int(str(s[0])) - 1 for s in slots if s[1] is not None],
             old_cols=[str(s[1]) for s in slots if s[1] is not None],
             new_cols=[str(s[2]) for s in slots if s[1] is not None],
-            attnums=[int(str(s[4])) for s in slots if s[1] is not None],
-            types=[str(s[5]) for s in slots if s[1] is not None],
+            attnums=[int(str(s[3])) for s in slots if s[1] is not None],
+            types=[str(s[4]) for s in slots if s[1] is not None],
             width=int(str(row[3] or 0)),
             truncate_rows=row[4] == "rows",
         )
@@ -576,7 +571,7 @@ def consume(
             "'messages', 'true')",
             (
                 wal.slot,
-                lsn_text(upto_lsn) if upto_lsn is not None else None,
+                format_lsn(upto_lsn) if upto_lsn is not None else None,
                 batch,
                 _quote_publication(wal.publication),
             ),
@@ -603,7 +598,7 @@ def consume(
                     "INSERT INTO {} (slot, lsn) VALUES (%s, %s::pg_lsn) ON CONFLICT (slot) "
                     "DO UPDATE SET lsn = EXCLUDED.lsn, at = pg_catalog.clock_timestamp()"
                 ).format(schema.table("wal_progress")),
-                (wal.slot, lsn_text(result.lsn)),
+                (wal.slot, format_lsn(result.lsn)),
             )
     # History has them: the slot may let that WAL go, up to the end of the last record decoded
     # (a transaction's commit, or a tick). Not to `upto_lsn`: a commit record that straddles
@@ -677,7 +672,7 @@ def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
                 "INSERT INTO {} (slot, from_lsn, to_lsn, reason) "
                 "VALUES (%s, %s::pg_lsn, %s::pg_lsn, %s)"
             ).format(schema.table("wal_gap")),
-            (wal.slot, lsn_text(start), lsn_text(end), reason),
+            (wal.slot, format_lsn(start), format_lsn(end), reason),
         )
         conn.execute(
             sql.SQL("SELECT {}(l.id) FROM {} l WHERE {}(l.id) ORDER BY l.id").format(
@@ -689,7 +684,7 @@ def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
                 "INSERT INTO {} (slot, lsn) VALUES (%s, %s::pg_lsn) ON CONFLICT (slot) "
                 "DO UPDATE SET lsn = EXCLUDED.lsn, at = pg_catalog.clock_timestamp()"
             ).format(schema.table("wal_progress")),
-            (wal.slot, lsn_text(end)),
+            (wal.slot, format_lsn(end)),
         )
     return start, end
 
@@ -705,7 +700,7 @@ def _advance(conn: Conn, slot: str, lsn: int) -> None:
             "SELECT pg_catalog.pg_replication_slot_advance(s.slot_name, %s::pg_lsn) "
             "FROM pg_catalog.pg_replication_slots s "
             "WHERE s.slot_name = %s AND s.confirmed_flush_lsn < %s::pg_lsn",
-            (lsn_text(lsn), slot, lsn_text(lsn)),
+            (format_lsn(lsn), slot, format_lsn(lsn)),
         )
 
 

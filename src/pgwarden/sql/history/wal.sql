@@ -170,12 +170,11 @@ $body$;
 -- since a resolved boundary, not yet closed by a resolved one); NULL for a column not captured
 -- (excluded).
 CREATE OR REPLACE FUNCTION {schema}.wal_slots(log int)
-RETURNS TABLE (pos int, attnum int2, old_col text, new_col text, is_key boolean, type text)
+RETURNS TABLE (pos int, attnum int2, old_col text, new_col text, type text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT a.pos::int, a.attnum, c.old_col, c.new_col,
-           a.attnum = ANY (COALESCE(l.key_attnums, '{{}}')), c.type
+    SELECT a.pos::int, a.attnum, c.old_col, c.new_col, c.type
     FROM {schema}.logged_table l
     CROSS JOIN LATERAL pg_catalog.unnest(l.wal_attnums) WITH ORDINALITY AS a(attnum, pos)
     LEFT JOIN {schema}.logged_column c
