@@ -4,6 +4,7 @@ triggers are not (session_replication_role = replica, a superuser's DISABLE TRIG
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,16 @@ import pytest
 
 from pgwarden.config import Config
 from pgwarden.converge import apply_config
-from pgwarden.history import TableName, as_of, as_of_into, revert, set_actor, verify, wal
+from pgwarden.history import (
+    TableName,
+    as_of,
+    as_of_into,
+    revert,
+    set_actor,
+    verify,
+    wal,
+    walstate,
+)
 from pgwarden.history.catalog import DEFAULT_SCHEMA
 from pgwarden.server import consumer
 from pgwarden.server.cluster import LocalServer, free_port
@@ -276,7 +286,9 @@ def _written(conn: psycopg.Connection[Any]) -> int:
 def test_up_runs_the_consumer_and_down_stops_it(run: Run, tmp_path: Path, pg_bin: Path) -> None:
     """`up` with history.capture: wal sets wal_level = logical and starts the consumer beside
     the server: history fills without any reader; `down` stops the consumer first."""
-    (tmp_path / "pgwarden.yaml").write_text("history:\n  tables: ['public.*']\n  capture: wal\n")
+    (tmp_path / "pgwarden.yaml").write_text(
+        "history:\n  tables: ['public.*']\n  capture: wal\n  wal_lag_alarm: 1MB\n"
+    )
     port = free_port()
     result = run("up", "--port", str(port), "--pg-bin", str(pg_bin))
     try:
@@ -299,6 +311,30 @@ def test_up_runs_the_consumer_and_down_stops_it(run: Run, tmp_path: Path, pg_bin
             assert written == 2  # by the consumer: nothing here read history
         status = run("status")
         assert f"consumer running (pid {pid})" in status.out
+        assert "warns at 1.0 MB" in status.out
+        assert "over history.wal_lag_alarm" not in status.out
+
+        # fail-closed with the consumer down: the WAL the slot holds grows, and status and
+        # verify say so once it passes history.wal_lag_alarm, before any disk fills.
+        assert consumer.stop(state)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bulk (id int PRIMARY KEY, pad text)")
+            conn.execute(
+                "INSERT INTO bulk SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g"
+            )
+        status = run("status")
+        assert "over history.wal_lag_alarm (1.0 MB)" in status.out
+        assert "fail-closed: writes stop when the disk is full" in status.out
+        data = json.loads(run("status", "-o", "json").out)
+        slot = data["wal_capture"]["slot"]
+        assert slot["alarming"]
+        assert slot["retained_bytes"] > slot["alarm_bytes"] == 1 << 20
+        assert data["wal_capture"]["consumer_pid"] is None
+        checked = run("verify", "--quick")
+        assert checked.code == 1
+        assert "over history.wal_lag_alarm" in checked.out
+        again = run("up", "--port", str(port), "--pg-bin", str(pg_bin))
+        assert "WAL capture consumer started" in again.err  # up brings a dead consumer back
     finally:
         down = run("down")
     assert "stopped the WAL capture consumer" in down.err
@@ -327,6 +363,10 @@ def test_fail_open_records_the_gap_of_a_lost_slot_and_resumes(tmp_path: Path, pg
             conn.execute("CREATE TABLE g (id int PRIMARY KEY, v text)")
             conn.execute("INSERT INTO g VALUES (1, 'before')")
             wal.catch_up(conn, DEFAULT_SCHEMA)
+            held = walstate.lag(conn, DEFAULT_SCHEMA)
+            assert held is not None
+            assert held.safe is not None
+            assert "before fail-open drops it" in held.summary()
             conn.execute("INSERT INTO g VALUES (2, 'lost')")  # never read before the slot goes
             for _ in range(4):  # move past the slot's allowance, segment by segment
                 conn.execute("CREATE TABLE IF NOT EXISTS filler (x int)")

@@ -15,6 +15,8 @@ import yaml
 from psycopg import sql
 
 from pgwarden.config import Config, parse_config_text
+from pgwarden.history import wal
+from pgwarden.history.catalog import DEFAULT_SCHEMA
 from pgwarden.kube.cnpg import RestoreRequest
 from pgwarden.kube.service import render
 from pgwarden.kube.validate import SUPPORTED, validate_objects
@@ -278,13 +280,16 @@ def test_kubectl_missing_or_no_cluster(
     assert "failed" in result.err
 
 
+@pytest.mark.parametrize("capture", ["trigger", "wal"])
 def test_rendered_settings_and_bootstrap_run_a_real_postgres(
-    tmp_path: Path, pg_bin: Path, pg_major: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_bin: Path, pg_major: int, monkeypatch: pytest.MonkeyPatch, capture: str
 ) -> None:
     """Start PostgreSQL on the rendered postgresql.conf / pg_hba.conf / pg_ident.conf, run the
-    bootstrap SQL on an empty database, then the seed's history and manager scenarios."""
+    bootstrap SQL files in their order on an empty database, then the seed's history and
+    manager scenarios. With WAL capture the publication and the slot come from files of their
+    own, and the slot is named after the database it runs in (not the one it was planned on)."""
     text = (
-        "history: {tables: ['public.*']}\n"
+        f"history: {{tables: ['public.*'], capture: {capture}}}\n"
         "access: {managers: [alice], roles: {alice: {login: true}, bob: {login: true, "
         "schemas: [public], tables: {'public.*': [SELECT, INSERT, UPDATE, DELETE]}}}}\n"
         "kubernetes: {allowed_cidrs: [127.0.0.1/32]}\n"
@@ -293,7 +298,8 @@ def test_rendered_settings_and_bootstrap_run_a_real_postgres(
     # Planned with the binaries of this leg: the SQL must fit the server it runs on.
     objects = _render(text, tmp_path, pg_bin).objects
     cms = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
-    files, bootstrap = cms["postgres-config"], cms["postgres-bootstrap"]["010-pgwarden.sql"]
+    files, bootstrap = cms["postgres-config"], cms["postgres-bootstrap"]
+    assert ("005-pgwarden-02.sql" in bootstrap) == (capture == "wal")
 
     server = LocalServer(
         Config(), tmp_path / "local" / ".pgwarden", pg_bin=pg_bin, port=free_port()
@@ -329,7 +335,8 @@ def test_rendered_settings_and_bootstrap_run_a_real_postgres(
             assert conn.execute("SHOW password_encryption").fetchone() == ("scram-sha-256",)
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(config.database)))
         with psycopg.connect(f"{admin}/{config.database}", autocommit=True) as conn:
-            conn.execute(bootstrap)
+            for name in sorted(bootstrap):  # as the image's entrypoint runs them
+                conn.execute(bootstrap[name])
             for role in ("alice", "bob"):
                 conn.execute(sql.SQL("ALTER ROLE {} PASSWORD 'pw'").format(sql.Identifier(role)))
             conn.execute("SET ROLE manager")  # as a manager would: tables belong to manager
@@ -338,6 +345,14 @@ def test_rendered_settings_and_bootstrap_run_a_real_postgres(
             conn.execute("INSERT INTO test_table VALUES (1, 'Test Data')")
             conn.execute("UPDATE test_table SET name = 'Changed'")
             conn.execute("DELETE FROM test_table")
+            if capture == "wal":
+                wal.catch_up(conn, DEFAULT_SCHEMA)
+                (oid,) = conn.execute(
+                    "SELECT oid FROM pg_database WHERE datname = current_database()"
+                ).fetchone() or (None,)
+                assert wal.setup(conn, DEFAULT_SCHEMA) == wal.WalSetup(
+                    f"pgwarden_{oid}", "pgwarden_capture"
+                )
             ops = [r[0] for r in conn.execute("SELECT op FROM pgwarden.event ORDER BY stmt_id")]
             assert ops == ["INSERT", "UPDATE", "DELETE"]
         with psycopg.connect(

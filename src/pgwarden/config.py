@@ -72,6 +72,18 @@ def parse_duration(value: object) -> timedelta:
     raise ValueError(f"expected a duration such as '400d', '12h' or '2w', got {value!r}")
 
 
+_SIZE = re.compile(r"^([1-9][0-9]*)(kB|MB|GB|TB)$")
+_UNIT_BYTES = {"kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def size_bytes(value: str) -> int:
+    """A size as PostgreSQL writes it ('10GB', units of 1024, as in postgresql.conf)."""
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (write it as 512MB, 10GB, …)")
+    return int(match.group(1)) * _UNIT_BYTES[match.group(2)]
+
+
 def _format_duration(value: timedelta) -> str:
     seconds = int(value.total_seconds())
     for unit in ("w", "d", "h", "m"):
@@ -210,6 +222,14 @@ class HistoryConfig(_Section):
         "history records a gap (verify reports it) and capture resumes with a new snapshot. "
         "fail-closed keeps every WAL segment until history has it.",
     )
+    wal_lag_alarm: str = Field(
+        "1GB",
+        pattern=r"^[1-9][0-9]*(kB|MB|GB|TB)$",
+        description="With capture: wal, how much WAL the replication slot may hold back before "
+        "`pgwarden status` and `pgwarden verify` warn (verify then exits 1): the consumer is "
+        "down or behind, and in fail-closed the WAL grows until history has it. Set it well "
+        "below the free space of the WAL's disk (and below wal_keep_size in fail-open).",
+    )
     trigger: CaptureTrigger = Field(
         CaptureTrigger.AUTO,
         description="Which capture trigger writes history: auto (the compiled one where the "
@@ -231,6 +251,10 @@ class HistoryConfig(_Section):
         if self.uses_wal and self.mode == HistoryMode.FAIL_OPEN:
             return self.wal_keep_size
         return None
+
+    @property
+    def wal_lag_alarm_bytes(self) -> int:
+        return size_bytes(self.wal_lag_alarm)
 
     @property
     def uses_wal(self) -> bool:

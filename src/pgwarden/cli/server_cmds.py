@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -15,9 +19,12 @@ from rich.table import Table
 from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.backup_cmds import archiver_lines, archiver_of
 from pgwarden.cli.context import AppContext, pass_app
+from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
+from pgwarden.history import HistorySchema, catalog, walstate
+from pgwarden.history.walstate import SlotLag, human_size
 from pgwarden.server import consumer
-from pgwarden.server.cluster import ServerState, StartOutcome, StopOutcome, mask_url
+from pgwarden.server.cluster import LocalServer, ServerState, StartOutcome, StopOutcome, mask_url
 from pgwarden.server.local import bring_up
 
 _OUTCOME_TEXT = {
@@ -133,9 +140,11 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     status = server.status()
     code = 0 if status.state is ServerState.RUNNING else 3
     archiving = archiver_of(server) if server.backup_root is not None else None
+    capture = _wal_capture(server) if server.config.history.uses_wal else None
     if as_json or fmt == "json":
         data = status.to_json()
         data["archiver"] = archiving.to_json() if archiving is not None else None
+        data["wal_capture"] = capture.to_json() if capture is not None else None
         click.echo(json.dumps(data, indent=2))
         ctx.exit(code)
     table = Table(show_header=False, box=None)
@@ -153,20 +162,68 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     if status.last_start:
         last = status.last_start
         table.add_row("last start", f"{last.get('at')} ({last.get('outcome')})")
-    if server.config.history.uses_wal:
-        pid = consumer.running_pid(server.state)
+    if capture is not None:
         table.add_row(
             "wal capture",
-            f"consumer running (pid {pid})"
-            if pid
+            f"consumer running (pid {capture.consumer_pid})"
+            if capture.consumer_pid
             else "consumer not running: `pgwarden up` "
             "starts it; history catches up when read, and the slot keeps WAL until then",
         )
+        if capture.lag is not None:
+            table.add_row("wal slot", capture.lag.summary())
+        if capture.disk_free is not None:
+            table.add_row("wal disk", f"{human_size(capture.disk_free)} free")
     out.print(table)
+    if capture is not None:
+        for line in capture.warnings():
+            out.print(f"[red]{line}[/red]")
     if archiving is not None:
         for line in archiver_lines(archiving):
             out.print(line)
     ctx.exit(code)
+
+
+@dataclass(frozen=True)
+class _WalCapture:
+    consumer_pid: int | None
+    lag: SlotLag | None  # None: the server is not running or history is not applied yet
+    disk_free: int | None  # bytes free where the server's WAL lives
+
+    def warnings(self) -> list[str]:
+        lines = []
+        if self.lag is not None and self.lag.alarming:
+            lines.append(self.lag.warning())
+        if self.lag is not None and self.disk_free is not None and self.disk_free < self.lag.alarm:
+            # The alarm would come after the disk is full: say so now.
+            lines.append(
+                f"the WAL's disk has {human_size(self.disk_free)} free, less than "
+                f"history.wal_lag_alarm ({human_size(self.lag.alarm)}): free space or lower the "
+                "alarm, or the disk fills before it warns"
+            )
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "consumer_pid": self.consumer_pid,
+            "slot": self.lag.to_json() if self.lag is not None else None,
+            "disk_free_bytes": self.disk_free,
+            "warnings": self.warnings(),
+        }
+
+
+def _wal_capture(server: LocalServer) -> _WalCapture:
+    """The consumer, the slot's lag and the WAL disk's free space, for `status`."""
+    lag = None
+    disk_free = None
+    if server.is_running():
+        schema = HistorySchema(server.config.history.schema_name)
+        with connect(Target(server.url(), "the local server"), autocommit=True) as conn:
+            if catalog.is_installed(conn, schema):
+                lag = walstate.lag(conn, schema)
+        with contextlib.suppress(OSError):
+            disk_free = shutil.disk_usage(server.state.data_dir / "pg_wal").free
+    return _WalCapture(consumer.running_pid(server.state), lag, disk_free)
 
 
 def _running_server(app: AppContext):  # type: ignore[no-untyped-def]

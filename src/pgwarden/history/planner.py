@@ -310,7 +310,7 @@ def _capture_operations(
                     f"create the logical replication slot {slot} (pgoutput) that WAL capture "
                     "reads from",
                     sql.SQL("SELECT pg_catalog.pg_create_logical_replication_slot({}, {})").format(
-                        sql.Literal(slot), sql.Literal("pgoutput")
+                        _slot_name_sql(schema), sql.Literal("pgoutput")
                     ),
                     transactional=False,
                 )
@@ -320,12 +320,25 @@ def _capture_operations(
                 Operation(
                     DOMAIN,
                     f"read WAL capture from slot {slot}, publication {publication}",
-                    sql.Composed(
-                        [
-                            set_meta(schema, "wal_slot", slot),
-                            set_meta(schema, "wal_publication", publication),
-                        ]
+                    sql.SQL(
+                        "INSERT INTO {meta} (key, value) VALUES ('wal_slot', {slot}), "
+                        "('wal_publication', {publication}) "
+                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                    ).format(
+                        meta=schema.table("meta"),
+                        slot=_slot_name_sql(schema),
+                        publication=sql.Literal(publication),
                     ),
+                )
+            )
+        alarm = str(history.wal_lag_alarm_bytes)
+        if current.get("wal_lag_alarm") != alarm:
+            # In the database, so that `verify` from anywhere warns at the configured size.
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"warn when the slot holds more than {history.wal_lag_alarm} of WAL",
+                    set_meta(schema, "wal_lag_alarm", alarm),
                 )
             )
     elif exists and not any(t.capture == "wal" for t in tracked):
@@ -344,13 +357,20 @@ def _capture_operations(
     return ops
 
 
+def _slot_name_sql(schema: HistorySchema) -> sql.Composable:
+    """One slot per database and history schema (slot names are cluster-wide): the schema's
+    name and the database's oid. Computed where the SQL runs, not where it was planned: the
+    Kubernetes bootstrap is planned on a throwaway server, whose database has another oid."""
+    return sql.SQL(
+        "{} || '_' || (SELECT d.oid FROM pg_catalog.pg_database d "
+        "WHERE d.datname = pg_catalog.current_database())::text"
+    ).format(sql.Literal(schema.name))
+
+
 def wal_slot_name(conn: Conn, schema: HistorySchema) -> str:
-    """One slot per database and history schema (slot names are cluster-wide)."""
-    row = conn.execute(
-        "SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()"
-    ).fetchone()
+    row = conn.execute(sql.SQL("SELECT {}").format(_slot_name_sql(schema))).fetchone()
     assert row is not None
-    return f"{schema.name}_{row[0]}"
+    return str(row[0])
 
 
 @dataclass(frozen=True)

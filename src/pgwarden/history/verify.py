@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg import sql
 
-from pgwarden.history import catalog, native, wal
+from pgwarden.history import catalog, native, wal, walstate
 from pgwarden.history.catalog import CAPTURE_TRIGGERS, DEFAULT_SCHEMA, Conn, HistorySchema
 from pgwarden.history.layout import table_logs, value_sql
 from pgwarden.history.names import TableName
@@ -200,6 +200,11 @@ def verify(
 ) -> VerifyReport:
     report = VerifyReport()
     if catalog.is_installed(conn, schema):
+        # Measured before this check catches up (which hides it): the slot holding more WAL
+        # than history.wal_lag_alarm means nothing has been consuming it.
+        behind = walstate.lag(conn, schema)
+        if behind is not None and behind.alarming:
+            report.problems.append(Problem(None, "wal-lag", behind.warning()))
         wal.catch_up(conn, schema)
     with conn.transaction():
         if not catalog.is_installed(conn, schema):

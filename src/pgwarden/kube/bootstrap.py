@@ -17,6 +17,7 @@ from psycopg import sql
 
 from pgwarden.config import Config
 from pgwarden.converge import build_plan
+from pgwarden.plan import Operation
 from pgwarden.server.binaries import embedded_bindir
 from pgwarden.server.cluster import LocalServer, free_port
 from pgwarden.server.local import ensure_database
@@ -37,10 +38,21 @@ def _without_passwords(config: Config) -> Config:
     return Config.model_validate(data)
 
 
-def bootstrap_sql(
+MAIN_FILE = "010-pgwarden.sql"
+
+
+def bootstrap_files(
     config: Config, pg_bin: Path | None = None, *, existing_roles: list[str] | None = None
-) -> str:
-    """Plan on the embedded PostgreSQL 18 by default: the same major as the default image, since
+) -> dict[str, str]:
+    """The bootstrap as SQL files, in the order they run (by name, as the postgres image's
+    entrypoint runs /docker-entrypoint-initdb.d; in list order, as CloudNativePG runs
+    postInitApplicationSQLRefs). The transactional operations make one file, in one
+    transaction, as `apply` runs them. Each operation that may not run inside a transaction
+    (WAL capture's publication and replication slot) gets a file of its own before it, or after
+    it when it must follow the commit: a file with several statements would be one implicit
+    transaction where CloudNativePG sends it in one query.
+
+    Plan on the embedded PostgreSQL 18 by default: the same major as the default image, since
     some SQL differs by version (sudo-like memberships need 16+)."""
     pg_bin = pg_bin or embedded_bindir()
     planned = _without_passwords(config)
@@ -61,11 +73,21 @@ def bootstrap_sql(
                     )
             with psycopg.connect(server.url()) as conn:
                 plan = build_plan(conn, planned)
-                statements = [
-                    f"-- {op.domain}: {op.description}\n{op.statement.as_string(conn)};\n"
-                    for op in plan
-                ]
+
+                def text(op: Operation) -> str:
+                    return f"-- {op.domain}: {op.description}\n{op.statement.as_string(conn)};\n"
+
+                before = [text(op) for op in plan if not op.transactional and not op.after_commit]
+                inside = [text(op) for op in plan if op.transactional]
+                after = [text(op) for op in plan if not op.transactional and op.after_commit]
         finally:
             server.purge()
+    files = {f"005-pgwarden-{n:02d}.sql": HEADER + "\n" + op for n, op in enumerate(before, 1)}
     # One transaction, as `apply` runs it (history.sql also relies on SET LOCAL ROLE).
-    return HEADER + "\nBEGIN;\n\n" + "\n".join(statements) + "\nCOMMIT;\n"
+    files[MAIN_FILE] = HEADER + "\nBEGIN;\n\n" + "\n".join(inside) + "\nCOMMIT;\n"
+    files.update({f"090-pgwarden-{n:02d}.sql": HEADER + "\n" + op for n, op in enumerate(after, 1)})
+    return files
+
+
+def is_bootstrap_file(key: str) -> bool:
+    return key.startswith(("005-pgwarden-", "090-pgwarden-")) or key == MAIN_FILE

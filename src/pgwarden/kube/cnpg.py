@@ -193,7 +193,9 @@ def check_cnpg(config: Config) -> None:
         )
 
 
-def render_cnpg(config: Config, bootstrap: str, restore: RestoreRequest | None = None) -> Rendered:
+def render_cnpg(
+    config: Config, bootstrap: dict[str, str], restore: RestoreRequest | None = None
+) -> Rendered:
     check_cnpg(config)
     if restore is not None:
         return _render_restore(config, restore)
@@ -212,7 +214,7 @@ def render_cnpg(config: Config, bootstrap: str, restore: RestoreRequest | None =
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta(k8s, bootstrap_name),
-            "data": {"010-pgwarden.sql": bootstrap},
+            "data": bootstrap,
         }
     )
     hba = [f"host all all {cidr} scram-sha-256" for cidr in k8s.allowed_cidrs]
@@ -233,7 +235,9 @@ def render_cnpg(config: Config, bootstrap: str, restore: RestoreRequest | None =
                 database=config.database,
                 owner=OWNER,
                 post_init_application_sql_refs=SqlRefs(
-                    config_map_refs=[ConfigMapKeyRef(name=bootstrap_name, key="010-pgwarden.sql")]
+                    config_map_refs=[
+                        ConfigMapKeyRef(name=bootstrap_name, key=key) for key in bootstrap
+                    ]
                 ),
             )
         },

@@ -204,7 +204,7 @@ def k8s_password(state_dir: Path) -> str:
     return value
 
 
-def render_statefulset(config: Config, bootstrap: str, password: str | None) -> Rendered:
+def render_statefulset(config: Config, bootstrap: dict[str, str], password: str | None) -> Rendered:
     k8s = config.kubernetes
     warnings = check_config(config)
     secret_name = k8s.existing_secret or f"{k8s.name}-credentials"
@@ -272,7 +272,7 @@ def render_statefulset(config: Config, bootstrap: str, password: str | None) -> 
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta(k8s, f"{k8s.name}-bootstrap"),
-            "data": {"010-pgwarden.sql": bootstrap},
+            "data": bootstrap,
         }
     )
     service_port = {

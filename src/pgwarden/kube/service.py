@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pgwarden.config import Config
 from pgwarden.errors import UserError
-from pgwarden.kube.bootstrap import bootstrap_sql
+from pgwarden.kube.bootstrap import bootstrap_files
 from pgwarden.kube.cnpg import OWNER, RestoreRequest, check_cnpg, render_cnpg
 from pgwarden.kube.render import Rendered, check_config, k8s_password, render_statefulset
 from pgwarden.kube.validate import validate_objects
@@ -29,15 +29,15 @@ def render(
                 hint="mount the backup volume where pgwarden runs, set backup.location to it, "
                 "and run `pgwarden backup restore --to-time T --target-dir DIR`",
             )
-        rendered = render_cnpg(config, "", restore)
+        rendered = render_cnpg(config, {}, restore)
     elif k8s.flavor == "cloudnative-pg":
         check_cnpg(config)
         # CloudNativePG's initdb creates the database owner itself: plan with it present.
-        rendered = render_cnpg(config, bootstrap_sql(config, pg_bin, existing_roles=[OWNER]))
+        rendered = render_cnpg(config, bootstrap_files(config, pg_bin, existing_roles=[OWNER]))
     else:
         check_config(config)  # refuse bad settings before starting anything
         password = None if k8s.existing_secret else k8s_password(state_dir)
-        rendered = render_statefulset(config, bootstrap_sql(config, pg_bin), password)
+        rendered = render_statefulset(config, bootstrap_files(config, pg_bin), password)
     report = validate_objects(rendered.objects, version or k8s.kubernetes_version)
     if not report.ok:
         raise UserError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgwarden.errors import UserError
+from pgwarden.kube.bootstrap import is_bootstrap_file
 
 SUPPORTED = ("1.29", "1.30", "1.31", "1.32", "1.33")
 DEFAULT_VERSION = "1.33"
@@ -140,7 +141,7 @@ def semantic_checks(objects: list[dict[str, Any]]) -> Report:
                 if fields and not line.lstrip().startswith("#") and fields[-1] == "trust":
                     report.errors.append(f"{_name(cm)}: pg_hba.conf allows trust: {line.strip()}")
         for key, value in cm.get("data", {}).items():
-            if re.search(r"(?i)password\s*[:=]", value) and key != "010-pgwarden.sql":
+            if re.search(r"(?i)password\s*[:=]", value) and not is_bootstrap_file(key):
                 report.errors.append(f"{_name(cm)}: {key} seems to hold a password")
     return report
 
