@@ -29,6 +29,7 @@ from pgwarden.history import (
     walstate,
 )
 from pgwarden.history.catalog import DEFAULT_SCHEMA
+from pgwarden.kube import consumer as kube_consumer
 from pgwarden.server import consumer
 from pgwarden.server.cluster import LocalServer, free_port
 from pgwarden.server.local import bring_up
@@ -488,3 +489,54 @@ def test_apply_converges_and_check_sees_drift(database: Database) -> None:
         assert [op.description for op in again] == ["repair its triggers on public.cv"]
         row = conn.execute("SELECT relreplident FROM pg_class WHERE relname = 'cv'").fetchone()
         assert row == ("f",)
+
+
+def test_the_kubernetes_consumer_waits_for_setup_then_follows(
+    database: Database, tmp_path: Path
+) -> None:
+    """The consumer as Kubernetes runs it (the rendered command, config file and environment):
+    started before the server has WAL capture set up, it waits instead of exiting, then follows
+    once `apply` (or the bootstrap SQL) has made the slot, and stops cleanly on SIGTERM."""
+    config = Config.model_validate(
+        {
+            "database": database.name,
+            "history": {"tables": ["public.*"], "capture": "wal"},
+            "kubernetes": {"tools_image": "registry.example/pgwarden:test"},
+        }
+    )
+    container = kube_consumer.sidecar(config, security={})
+    (tmp_path / "consumer").mkdir()
+    config_file = tmp_path / "consumer" / "pgwarden.yaml"
+    config_file.write_text(kube_consumer.config_map(config)["data"]["pgwarden.yaml"])
+    command = [
+        arg.replace(kube_consumer.CONFIG_MOUNT, str(config_file.parent))
+        for arg in container["command"]
+    ]
+    assert command[0] == "pgwarden"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "password" not in env["PGWARDEN_DSN"]  # peer authentication over the pod's socket
+    env["PGWARDEN_DSN"] = database.url  # here: the test server, over TCP
+    env["HOME"] = str(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pgwarden", *command[1:]],
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)
+        assert process.poll() is None  # waiting, not failed
+        _wal(database)
+        with database.connect(autocommit=True) as conn:
+            conn.execute("CREATE TABLE k (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO k VALUES (1), (2), (3)")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _written(conn) < 3:
+                time.sleep(0.2)
+            assert _written(conn) == 3  # the consumer wrote them: nothing here read history
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "waiting for WAL capture to be set up" in err
+    assert "following the WAL into history" in err

@@ -40,6 +40,11 @@ CONFIGS = {
     "efs-backup": "kubernetes:\n  storage: {kind: ebs}\n"
     "backup: {volume: {size: 200Gi, efs: {file_system_id: fs-0123456789abcdef0}}, "
     "schedule: '0 30 1 * * *', archive_timeout: 30}\n",
+    "ebs-wal": "history: {tables: ['public.*'], capture: wal, wal_lag_alarm: 2GB}\n"
+    "kubernetes: {storage: {kind: ebs}, tools_image: registry.example.com/pgwarden:0.1.0}\n",
+    "cnpg-wal": "history: {tables: ['public.*'], capture: wal}\n"
+    "kubernetes: {flavor: cloudnative-pg, tools_image: registry.example.com/pgwarden:0.1.0}\n"
+    "backup: {s3: {bucket: my-backups}}\n",
     "existing": "kubernetes:\n  existing_secret: pg-admin\n"
     "  storage: {kind: existing, class_name: fast-ssd}\n  allowed_cidrs: [172.16.0.0/12]\n",
 }
@@ -210,6 +215,7 @@ def test_cloudnative_pg_objects_match_the_crds(tmp_path: Path) -> None:
     objects = [
         *_render(CONFIGS["cnpg"], tmp_path).objects,
         *_render(CONFIGS["cnpg"], tmp_path, restore=restore).objects,
+        *_render(CONFIGS["cnpg-wal"], tmp_path).objects,
     ]
     checked = 0
     for obj in objects:
@@ -218,7 +224,8 @@ def test_cloudnative_pg_objects_match_the_crds(tmp_path: Path) -> None:
         if schema is not None:
             jsonschema.validate(obj["spec"], schema)
             checked += 1
-    assert checked == 5  # Cluster, ObjectStore, ScheduledBackup; the recovered Cluster, its own
+    # Cluster, ObjectStore, ScheduledBackup; the recovered Cluster, its own; with WAL capture
+    assert checked == 8
 
 
 def test_cloudnative_pg_restore_to_a_time_is_a_new_cluster(run: Run, tmp_path: Path) -> None:
@@ -292,7 +299,7 @@ def test_rendered_settings_and_bootstrap_run_a_real_postgres(
         f"history: {{tables: ['public.*'], capture: {capture}}}\n"
         "access: {managers: [alice], roles: {alice: {login: true}, bob: {login: true, "
         "schemas: [public], tables: {'public.*': [SELECT, INSERT, UPDATE, DELETE]}}}}\n"
-        "kubernetes: {allowed_cidrs: [127.0.0.1/32]}\n"
+        "kubernetes: {allowed_cidrs: [127.0.0.1/32], tools_image: registry.example/pgwarden:t}\n"
     )
     config = parse_config_text(text, source="k8s.yaml")
     # Planned with the binaries of this leg: the SQL must fit the server it runs on.
@@ -422,3 +429,47 @@ def test_statefulset_backups_go_to_their_own_volume(run: Run, tmp_path: Path) ->
     s3_only = run("k8s", "render")
     assert s3_only.code == 0
     assert "does not archive to S3" in s3_only.err
+
+
+def test_wal_capture_runs_a_consumer_in_the_cluster(run: Run, tmp_path: Path) -> None:
+    """history.capture: wal in Kubernetes: the consumer is a container of the statefulset's pod
+    (on the pod's socket, no password) or, with cloudnative-pg, a Deployment on the primary's
+    Service as a REPLICATION role, with logical slots following failovers. Without an image
+    that holds pgwarden it is refused, before anything is rendered."""
+    sts = next(
+        o for o in _render(CONFIGS["ebs-wal"], tmp_path).objects if o["kind"] == "StatefulSet"
+    )
+    containers = {c["name"]: c for c in sts["spec"]["template"]["spec"]["containers"]}
+    sidecar = containers["history-consumer"]
+    assert sidecar["image"] == "registry.example.com/pgwarden:0.1.0"
+    assert sidecar["command"][-3:] == ["history", "follow", "--wait"]
+    assert {"name": "run", "mountPath": "/var/run/postgresql"} in sidecar["volumeMounts"]
+    assert not any("valueFrom" in e or "PASSWORD" in e["name"] for e in sidecar["env"])
+
+    objects = _render(CONFIGS["cnpg-wal"], tmp_path).objects
+    cluster = next(o for o in objects if o["kind"] == "Cluster")
+    ha = cluster["spec"]["replicationSlots"]["highAvailability"]
+    assert ha["synchronizeLogicalDecoding"] is True
+    role = next(r for r in cluster["spec"]["managed"]["roles"] if r["name"] == "pgwarden_consumer")
+    assert role["replication"] is True
+    assert role["inRoles"] == ["pgwarden_owner"]
+    assert role["comment"] != "managed by pgwarden"  # outside access's scope: apply keeps it
+    refs = cluster["spec"]["bootstrap"]["initdb"]["postInitApplicationSQLRefs"]["configMapRefs"]
+    assert [r["key"] for r in refs] == [
+        "005-pgwarden-01.sql",  # the publication, then the slot: each in a query of its own
+        "005-pgwarden-02.sql",
+        "010-pgwarden.sql",
+    ]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert "host=postgres-rw " in env["PGWARDEN_DSN"]["value"]
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "postgres-role-pgwarden-consumer"
+    )
+
+    (tmp_path / "pgwarden.yaml").write_text("history: {tables: ['public.*'], capture: wal}\n")
+    refused = run("k8s", "render")
+    assert refused.code == 2
+    assert "kubernetes.tools_image" in refused.err
+    assert "Traceback" not in refused.err

@@ -435,6 +435,12 @@ class KubernetesConfig(_Section):
     namespace: str = Field("default", description="Namespace of every object.")
     name: str = Field("postgres", description="Base name of the objects.")
     image: str | None = Field(None, description="Container image (default per flavor).")
+    tools_image: str | None = Field(
+        None,
+        description="An image with pgwarden in it (deploy/Dockerfile builds one on the postgres "
+        "image). Needed with history.capture: wal: it runs the WAL capture consumer (a "
+        "container of the statefulset's pod; a Deployment for cloudnative-pg).",
+    )
     replicas: int = Field(1, ge=1, description="statefulset flavor: must stay 1.")
     instances: int = Field(3, ge=1, description="cloudnative-pg flavor: number of instances.")
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import click
+import psycopg
 from rich.progress import MofNCompleteColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,7 +21,7 @@ from pgwarden.cli.app import err_console, format_option, out, progress_bar
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.cli.timeparse import TIME
 from pgwarden.connect import connect
-from pgwarden.errors import UserError
+from pgwarden.errors import ConnectionFailed, UserError
 from pgwarden.history import (
     Event,
     EventFilter,
@@ -28,6 +29,7 @@ from pgwarden.history import (
     apply_retention,
     as_of,
     as_of_into,
+    catalog,
     events,
     parse_table,
     revert,
@@ -162,6 +164,13 @@ def _render_csv(rows: Iterable[Event]) -> int:
     show_default=True,
     help="With `history follow`: changes decoded per batch.",
 )
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="With `history follow`: wait for the server and for WAL capture to be set up, and "
+    "reconnect when the connection drops, instead of exiting (for a container beside the "
+    "server).",
+)
 @format_option("table", "json", "csv")
 @pass_app
 def history_cmd(
@@ -176,6 +185,7 @@ def history_cmd(
     limit: int | None,
     show_all: bool,
     batch: int,
+    wait: bool,
     fmt: str,
 ) -> None:
     """Show recorded changes: who changed what, when, before → after.
@@ -185,7 +195,8 @@ def history_cmd(
 
     `pgwarden history follow` runs the consumer of WAL capture (history.capture: wal) in the
     foreground until interrupted: it writes decoded changes into history as they commit
-    (`pgwarden up` runs one beside the local server). A table named follow: public.follow.
+    (`pgwarden up` runs one beside the local server; in Kubernetes it runs with --wait). A
+    table named follow: public.follow.
 
     \b
     Example:
@@ -195,7 +206,7 @@ def history_cmd(
       pgwarden history follow
     """
     if table == "follow":
-        _follow(app, batch)
+        _follow(app, batch, wait=wait)
         return
     page = limit is None and not show_all and fmt == "table"
     if page:
@@ -477,7 +488,11 @@ def _catch_up(conn: Any, app: AppContext) -> None:
     wal.catch_up(conn, _schema(app))
 
 
-def _follow(app: AppContext, batch: int) -> None:
+# `history follow --wait`: how often it tries again to connect, or to find WAL capture set up.
+WAIT_SECONDS = 5
+
+
+def _follow(app: AppContext, batch: int, *, wait: bool) -> None:
     schema = _schema(app)
     stopping = False
 
@@ -485,25 +500,53 @@ def _follow(app: AppContext, batch: int) -> None:
         nonlocal stopping
         stopping = True
 
+    def pause(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def report(step: wal.BatchResult) -> None:
+        err_console.print(
+            f"{step.transactions} transaction(s), {step.events} event(s) up to "
+            f"{format_lsn(step.lsn or 0)}"
+            + (f", {step.skipped} already recorded" if step.skipped else "")
+        )
+
     signal.signal(signal.SIGTERM, stop)
-    with connect(app.target()) as conn:
-        conn.autocommit = True
-        if wal.setup(conn, schema) is None:
-            raise UserError(
-                "no table is captured from the WAL in this database",
-                hint="set history.capture: wal in pgwarden.yaml and run `pgwarden apply`",
-            )
-        err_console.print("following the WAL into history (Ctrl-C stops)")
-
-        def report(step: wal.BatchResult) -> None:
-            err_console.print(
-                f"{step.transactions} transaction(s), {step.events} event(s) up to "
-                f"{format_lsn(step.lsn or 0)}"
-                + (f", {step.skipped} already recorded" if step.skipped else "")
-            )
-
-        with contextlib.suppress(KeyboardInterrupt):
-            wal.follow(conn, schema, batch=batch, stop=lambda: stopping, report=report)
+    said = ""
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stopping:
+            try:
+                with connect(app.target()) as conn:
+                    conn.autocommit = True
+                    if not catalog.is_installed(conn, schema) or wal.setup(conn, schema) is None:
+                        if not wait:
+                            raise UserError(
+                                "no table is captured from the WAL in this database",
+                                hint="set history.capture: wal in pgwarden.yaml and run "
+                                "`pgwarden apply`",
+                            )
+                        if said != "setup":
+                            err_console.print(
+                                "waiting for WAL capture to be set up (`pgwarden apply`, or the "
+                                "bootstrap SQL)"
+                            )
+                            said = "setup"
+                        pause(WAIT_SECONDS)
+                        continue
+                    err_console.print("following the WAL into history (Ctrl-C stops)")
+                    said = ""
+                    wal.follow(conn, schema, batch=batch, stop=lambda: stopping, report=report)
+                    return
+            except (ConnectionFailed, psycopg.OperationalError) as exc:
+                if not wait:
+                    raise
+                # The server restarts, fails over or is not up yet: the slot kept everything.
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+                if said != "connection":
+                    err_console.print(f"no connection ({reason}); retrying every {WAIT_SECONDS} s")
+                    said = "connection"
+                pause(WAIT_SECONDS)
 
 
 COMMANDS = [history_cmd, as_of_cmd, revert_cmd, retention_cmd, track_cmd, untrack_cmd, verify_cmd]

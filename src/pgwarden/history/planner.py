@@ -8,7 +8,7 @@ from psycopg import sql
 
 from pgwarden.config import Config, HistoryConfig
 from pgwarden.errors import ConfigError
-from pgwarden.history import catalog, native
+from pgwarden.history import catalog, native, wal
 from pgwarden.history.catalog import Conn, HistorySchema, TrackedTable
 from pgwarden.history.names import TableName, TablePattern, parse_pattern, parse_table
 from pgwarden.history.upgrade import DOMAIN, ddl_operations, schema_operations, set_meta
@@ -309,8 +309,8 @@ def _capture_operations(
                     DOMAIN,
                     f"create the logical replication slot {slot} (pgoutput) that WAL capture "
                     "reads from",
-                    sql.SQL("SELECT pg_catalog.pg_create_logical_replication_slot({}, {})").format(
-                        _slot_name_sql(schema), sql.Literal("pgoutput")
+                    sql.SQL("SELECT {}").format(
+                        wal.create_slot_sql(_slot_name_sql(schema), catalog.server_version(conn))
                     ),
                     transactional=False,
                 )

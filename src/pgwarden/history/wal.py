@@ -33,6 +33,7 @@ from psycopg import pq, sql
 
 from pgwarden.errors import UserError
 from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.history.catalog import server_version as catalog_version
 from pgwarden.history.layout import table_logs, value_sql
 from pgwarden.history.replay import Before, replay_sql
 from pgwarden.lsn import format_lsn, parse_lsn
@@ -661,8 +662,9 @@ def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
             (wal.slot,),
         )
     row = conn.execute(
-        "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')",
-        (wal.slot,),
+        sql.SQL("SELECT lsn::text FROM {}").format(
+            create_slot_sql(sql.Literal(wal.slot), catalog_version(conn))
+        )
     ).fetchone()
     assert row is not None
     end = _lsn_int(row[0]) or 0
@@ -687,6 +689,17 @@ def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
             (wal.slot, format_lsn(end)),
         )
     return start, end
+
+
+def create_slot_sql(name: sql.Composable, server_version: int) -> sql.Composed:
+    """The slot on pgoutput. On PostgreSQL 17+ it is a failover slot: standbys that
+    synchronise slots (CloudNativePG's synchronizeLogicalDecoding) carry it, so that WAL capture
+    goes on from the new primary after a failover, with nothing skipped."""
+    if server_version >= 170000:
+        return sql.SQL(
+            "pg_catalog.pg_create_logical_replication_slot({}, 'pgoutput', false, false, true)"
+        ).format(name)
+    return sql.SQL("pg_catalog.pg_create_logical_replication_slot({}, 'pgoutput')").format(name)
 
 
 def _quote_publication(name: str) -> str:

@@ -15,8 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pgwarden.config import Config
 from pgwarden.errors import ConfigError
+from pgwarden.history.catalog import HistorySchema
+from pgwarden.kube import consumer
 from pgwarden.kube.objects import Manifest, meta
-from pgwarden.kube.render import Rendered, check_storage, storage_class_name, storage_objects
+from pgwarden.kube.render import (
+    CONTAINER_SECURITY,
+    POSTGRES_UID,
+    Rendered,
+    check_storage,
+    storage_class_name,
+    storage_objects,
+)
 from pgwarden.server import pgconf
 
 CNPG_API = "postgresql.cnpg.io/v1"
@@ -46,6 +55,7 @@ class ManagedRole(_Model):
     ensure: str = "present"
     login: bool
     inherit: bool = True
+    replication: bool | None = None
     in_roles: list[str] | None = Field(None, alias="inRoles")
     password_secret: SecretRef | None = Field(None, alias="passwordSecret")
     comment: str | None = None
@@ -126,6 +136,16 @@ class RestoreRequest:
     name: str  # the restored cluster's own name (it archives under it: never into the source's)
 
 
+class SlotsHighAvailability(_Model):
+    enabled: bool = True
+    # Logical slots follow a failover (PostgreSQL 17+: slots made with failover = true).
+    synchronize_logical_decoding: bool = Field(True, alias="synchronizeLogicalDecoding")
+
+
+class ReplicationSlots(_Model):
+    high_availability: SlotsHighAvailability = Field(alias="highAvailability")
+
+
 class ClusterSpec(_Model):
     instances: int
     image_name: str = Field(alias="imageName")
@@ -137,6 +157,7 @@ class ClusterSpec(_Model):
     enable_superuser_access: bool = Field(False, alias="enableSuperuserAccess")
     managed: dict[str, list[ManagedRole]] | None = None
     plugins: list[Plugin] | None = None
+    replication_slots: ReplicationSlots | None = Field(None, alias="replicationSlots")
     external_clusters: list[ExternalCluster] | None = Field(None, alias="externalClusters")
 
 
@@ -178,6 +199,18 @@ def _managed_roles(config: Config) -> list[ManagedRole]:
                 comment="managed by pgwarden",
             )
         )
+    if config.history.uses_wal:
+        roles.append(
+            ManagedRole(
+                name=consumer.ROLE,
+                login=True,
+                replication=True,  # reads and advances the logical slot
+                in_roles=[HistorySchema(config.history.schema_name).owner],
+                password_secret=SecretRef(name=consumer.password_secret(config)),
+                # Not pgwarden's access mark: `apply` must not drop a role it did not declare.
+                comment="pgwarden WAL capture consumer",
+            )
+        )
     return roles
 
 
@@ -185,6 +218,8 @@ def check_cnpg(config: Config) -> None:
     """Refuse what cannot work with several instances, before anything is started."""
     storage = config.kubernetes.storage
     check_storage(config.kubernetes)
+    if config.history.uses_wal:
+        consumer.tools_image(config)
     if storage.kind == "efs-static":
         raise ConfigError(
             "kubernetes.storage.kind: efs-static cannot be used with cloudnative-pg: every "
@@ -246,6 +281,9 @@ def render_cnpg(
         affinity=Affinity(),
         managed={"roles": _managed_roles(config)},
         plugins=plugins,
+        replication_slots=ReplicationSlots(high_availability=SlotsHighAvailability())
+        if config.history.uses_wal
+        else None,
     )
     objects.append(
         {
@@ -255,6 +293,9 @@ def render_cnpg(
             "spec": spec.dump(),
         }
     )
+    if config.history.uses_wal:
+        objects.append(consumer.config_map(config))
+        objects.append(consumer.deployment(config, security=CONTAINER_SECURITY, uid=POSTGRES_UID))
     if backup.s3 is not None:
         objects.append(_object_store(config))
         objects.append(_scheduled_backup(config, k8s.name))

@@ -16,7 +16,7 @@ import yaml
 
 from pgwarden.config import Config, KubernetesConfig
 from pgwarden.errors import ConfigError
-from pgwarden.kube import backups
+from pgwarden.kube import backups, consumer
 from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta, selector
 from pgwarden.server import pgconf
 
@@ -100,6 +100,8 @@ def check_config(config: Config) -> list[str]:
             "(streaming replicas, each on its own volume, with automatic failover)",
         )
     check_storage(k8s)
+    if config.history.uses_wal:
+        consumer.tools_image(config)  # refused now, before the bootstrap is planned
     if storage.kind in ("efs", "efs-static"):
         warnings.append(
             "PGDATA on EFS: every write and fsync crosses the network (~2.7 ms each), locking is "
@@ -302,6 +304,8 @@ def render_statefulset(config: Config, bootstrap: dict[str, str], password: str 
             "spec": {"type": "ClusterIP", "selector": selector(k8s), "ports": [service_port]},
         }
     )
+    if config.history.uses_wal:
+        objects.append(consumer.config_map(config))
     objects.append(_statefulset(config, secret_name))
     objects.append(
         {
@@ -422,6 +426,10 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
         {"name": "run", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    containers = [container]
+    if config.history.uses_wal:
+        containers.append(consumer.sidecar(config, security=CONTAINER_SECURITY))
+        volumes.append(consumer.config_volume(config))
     spec: dict[str, Any] = {
         "replicas": k8s.replicas,
         "serviceName": f"{k8s.name}-headless",
@@ -441,7 +449,7 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
                     "fsGroupChangePolicy": "OnRootMismatch",
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
-                "containers": [container],
+                "containers": containers,
                 "volumes": volumes,
             },
         },

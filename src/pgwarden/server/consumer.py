@@ -62,7 +62,7 @@ def start(state: StateDir, url: str, config_path: Path | None) -> tuple[int, boo
     args = [sys.executable, "-m", "pgwarden"]
     if config_path is not None:
         args += ["--config", str(config_path)]
-    args += ["history", "follow"]
+    args += ["history", "follow", "--wait"]  # back by itself after a crash and recovery
     with log_file(state).open("ab") as log:
         process = subprocess.Popen(
             args,
