@@ -225,16 +225,71 @@ def test_table_dropped_before_its_changes_are_consumed(database: Database) -> No
         assert [(e["op"], e["new_row"]) for e in got] == [("INSERT", {"id": 1, "v": "kept"})]
 
 
-def test_verify_reports_a_table_left_out_of_the_publication(database: Database) -> None:
+def test_ddl_that_would_cut_capture_short_is_refused(database: Database) -> None:
+    """Taking a captured table out of the publication, dropping the publication or lowering
+    the table's replica identity would make history silently incomplete: refused, superusers
+    included. A superuser who disables the DDL event trigger can still do it; verify sees it."""
     with database.connect(autocommit=True) as conn:
         conn.execute("CREATE TABLE pv (id int PRIMARY KEY)")
-    _wal(database)
+        conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    _wal(database, "public.pv")
     with database.connect(autocommit=True) as conn:
         assert verify(conn).ok
+        refused = [
+            "ALTER PUBLICATION pgwarden_capture DROP TABLE pv",
+            "ALTER PUBLICATION pgwarden_capture SET TABLE other",
+            "ALTER TABLE pv REPLICA IDENTITY DEFAULT",
+            "DROP PUBLICATION pgwarden_capture",
+        ]
+        for statement in refused:
+            with pytest.raises(psycopg.errors.DatabaseError, match="history capture"):
+                conn.execute(statement)
+        conn.execute("ALTER TABLE other REPLICA IDENTITY FULL")  # not captured: its owner's
+        conn.execute("ALTER TABLE pv ADD COLUMN note text")  # schema changes go on
+        assert verify(conn).ok
+
+        conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_end DISABLE")
         conn.execute("ALTER TABLE pv REPLICA IDENTITY DEFAULT")
+        conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_end ENABLE ALWAYS")
         report = verify(conn)
-        assert not report.ok
-        assert any("pv" in p.table or "" for p in report.problems)
+        assert [(p.table, p.kind) for p in report.problems] == [
+            ("public.pv", "wal-capture-partial")
+        ]
+
+
+def test_leaving_wal_capture_puts_the_replica_identity_back(database: Database) -> None:
+    """WAL capture makes a table's replica identity FULL; untracking it, or switching it to
+    triggers, puts back what it had (its index, NOTHING or the default), and a table that was
+    FULL already stays so."""
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE ri_idx (id int NOT NULL, v text)")
+        conn.execute("CREATE UNIQUE INDEX ri_idx_id ON ri_idx (id)")
+        conn.execute("ALTER TABLE ri_idx REPLICA IDENTITY USING INDEX ri_idx_id")
+        conn.execute("CREATE TABLE ri_def (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE ri_full (id int PRIMARY KEY)")
+        conn.execute("ALTER TABLE ri_full REPLICA IDENTITY FULL")
+
+    def identity(conn: psycopg.Connection[Any]) -> dict[str, str]:
+        rows = conn.execute(
+            "SELECT relname, relreplident FROM pg_class WHERE relname LIKE 'ri\\_%' "
+            "AND relkind = 'r' ORDER BY 1"
+        ).fetchall()
+        return {str(name): str(kind) for name, kind in rows}
+
+    _wal(database, "public.ri_*")
+    with database.connect(autocommit=True) as conn:
+        assert identity(conn) == {"ri_def": "f", "ri_full": "f", "ri_idx": "f"}
+    setup_history(database.url, history_config("public.ri_*", capture="trigger"))
+    with database.connect(autocommit=True) as conn:
+        assert identity(conn) == {"ri_def": "d", "ri_full": "f", "ri_idx": "i"}
+    _wal(database, "public.ri_*")
+    setup_history(database.url, history_config("nothing.*"))  # untracks them
+    with database.connect(autocommit=True) as conn:
+        assert identity(conn) == {"ri_def": "d", "ri_full": "f", "ri_idx": "i"}
+        (index,) = conn.execute(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE indisreplident"
+        ).fetchone() or (None,)
+        assert index == "ri_idx_id"
 
 
 @pytest.mark.slow

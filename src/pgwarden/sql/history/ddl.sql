@@ -24,6 +24,11 @@ BEGIN
             pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
             cmd.command_tag, cmd.object_type, cmd.schema_name, cmd.object_identity,
             pg_catalog.current_query());
+        IF NOT ours AND cmd.command_tag = 'ALTER PUBLICATION' THEN
+            PERFORM {schema}.wal_guard(cmd.command_tag, NULL);
+        ELSIF NOT ours AND cmd.command_tag = 'ALTER TABLE' AND cmd.object_type = 'table' THEN
+            PERFORM {schema}.wal_guard(cmd.command_tag, cmd.objid);
+        END IF;
 
         -- RENAME COLUMN reports the object as a 'table column' of the table (objid).
         CONTINUE WHEN cmd.object_type NOT IN ('table', 'table column')
@@ -74,6 +79,20 @@ BEGIN
             RAISE EXCEPTION 'pgwarden: % would drop history column %', TG_TAG, obj.object_identity
                 USING ERRCODE = 'dependent_objects_still_exist',
                       HINT = 'history still holds values of that type; keep the type';
+        END IF;
+        -- ALTER PUBLICATION … DROP TABLE / SET TABLE removes publication relations: a
+        -- drop, seen here and not at ddl_command_end.
+        IF obj.object_type = 'publication relation'
+           AND COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') <> 'on' THEN
+            PERFORM {schema}.wal_guard(TG_TAG, NULL);
+        END IF;
+        IF obj.object_type = 'publication' AND obj.object_name = {schema}.wal_publication()
+           AND EXISTS (SELECT 1 FROM {schema}.tracked k WHERE k.capture = 'wal') THEN
+            RAISE EXCEPTION 'pgwarden: % would stop history capture from the WAL (publication %)',
+                TG_TAG, obj.object_name
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'switch those tables to history.capture: trigger (or untrack them) '
+                             'and run `pgwarden apply` first';
         END IF;
         CONTINUE WHEN NOT obj.original;
         INSERT INTO {schema}.ddl_log (db_user, role_name, application, client_addr, command_tag,

@@ -97,6 +97,17 @@ BEGIN
     EXECUTE pg_catalog.format('LOCK TABLE %I.%I IN SHARE MODE', t.schema_name, t.table_name);
     PERFORM {schema}.drop_capture(t.schema_name, t.table_name, log);
     IF (SELECT c.relreplident FROM pg_catalog.pg_class c WHERE c.oid = t.table_oid) <> 'f' THEN
+        -- Remembered, to be put back by wal_detach.
+        UPDATE {schema}.tracked k
+        SET wal_prior_identity = (
+            SELECT CASE c.relreplident
+                   WHEN 'i' THEN 'i' || (SELECT ic.relname::text
+                                         FROM pg_catalog.pg_index i
+                                         JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+                                         WHERE i.indrelid = c.oid AND i.indisreplident)
+                   ELSE c.relreplident::text END
+            FROM pg_catalog.pg_class c WHERE c.oid = t.table_oid)
+        WHERE k.table_oid = t.table_oid;
         EXECUTE pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', t.schema_name, t.table_name);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication p WHERE p.pubname = pub) THEN
@@ -124,12 +135,29 @@ SET search_path = pg_catalog, pg_temp
 AS $body$
 DECLARE
     pub text := {schema}.wal_publication();
+    prior text := (SELECT k.wal_prior_identity FROM {schema}.tracked k WHERE k.table_oid = relid);
+    identity text := 'DEFAULT';
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p
                ON p.oid = r.prpubid WHERE p.pubname = pub AND r.prrelid = relid) THEN
         EXECUTE pg_catalog.format('ALTER PUBLICATION %I DROP TABLE %s', pub, relid::regclass);
     END IF;
     UPDATE {schema}.logged_table l SET wal_from = NULL WHERE l.table_oid = relid;
+    -- The replica identity the table had before WAL capture made it FULL (its index, when
+    -- it still exists; else the default).
+    IF prior IS NOT NULL
+       AND (SELECT c.relreplident FROM pg_catalog.pg_class c WHERE c.oid = relid) = 'f' THEN
+        IF prior = 'n' THEN
+            identity := 'NOTHING';
+        ELSIF prior LIKE 'i%' AND EXISTS (
+                SELECT 1 FROM pg_catalog.pg_index i
+                JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+                WHERE i.indrelid = relid AND ic.relname::text = pg_catalog.substr(prior, 2)) THEN
+            identity := pg_catalog.format('USING INDEX %I', pg_catalog.substr(prior, 2));
+        END IF;
+        EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY %s', relid::regclass, identity);
+    END IF;
+    UPDATE {schema}.tracked k SET wal_prior_identity = NULL WHERE k.table_oid = relid;
 END
 $body$;
 
@@ -202,5 +230,47 @@ BEGIN
     UPDATE {schema}.logged_table l SET wal_from = pg_catalog.pg_current_wal_insert_lsn()
     WHERE l.id = log;
     RETURN n;
+END
+$body$;
+
+-- Refuse DDL that would make WAL capture silently incomplete: a table captured from the WAL
+-- taken out of the publication (ALTER PUBLICATION … DROP/SET TABLE), or its before-images cut
+-- short (ALTER TABLE … REPLICA IDENTITY). Called by the DDL event trigger after the user's
+-- commands (pgwarden's own, inside track/untrack, are not checked; relid: the table an ALTER
+-- TABLE changed, NULL: every table), superusers included:
+-- stopping capture is `pgwarden untrack` or a switch to triggers, which history records.
+CREATE OR REPLACE FUNCTION {schema}.wal_guard(tag text, relid oid) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    pub text := {schema}.wal_publication();
+    bad record;
+BEGIN
+    IF pub IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT k.schema_name, k.table_name, c.relreplident,
+           EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
+                   JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
+                   WHERE p.pubname = pub AND r.prrelid = k.table_oid) AS published
+    INTO bad
+    FROM {schema}.tracked k JOIN pg_catalog.pg_class c ON c.oid = k.table_oid
+    WHERE k.capture = 'wal' AND (relid IS NULL OR k.table_oid = relid)
+      AND (c.relreplident <> 'f'
+           OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
+                          JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
+                          WHERE p.pubname = pub AND r.prrelid = k.table_oid))
+    ORDER BY k.schema_name, k.table_name
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgwarden: % would stop complete history capture of %.% from the WAL (%)',
+            tag, bad.schema_name, bad.table_name,
+            CASE WHEN NOT bad.published THEN 'it would leave the publication ' || pub
+                 ELSE 'REPLICA IDENTITY must stay FULL' END
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'untrack the table or switch it to history.capture: trigger with '
+                         '`pgwarden apply` first';
+    END IF;
 END
 $body$;
