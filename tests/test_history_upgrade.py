@@ -128,7 +128,7 @@ def test_history_of_release_01_is_upgraded_in_place(database: Database) -> None:
         conn.execute("UPDATE acct SET balance = 0 WHERE id = 1")
         row = conn.execute("SELECT schema_version FROM (SELECT value AS schema_version FROM "
                            "pgwarden.meta WHERE key = 'schema_version') m").fetchone()  # fmt: skip
-        assert row == ("3",)
+        assert row == ("4",)
         rebuilt = as_of(conn, TableName("public", "acct"), moment[0])
         assert sorted((r["id"], r["owner"]) for r in rebuilt) == [(r[0], r[1]) for r in acct_now]
         assert verify(conn).ok, verify(conn).problems
