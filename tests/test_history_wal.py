@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -598,3 +599,38 @@ def test_the_kubernetes_consumer_waits_for_setup_then_follows(
     assert process.returncode == 0, err
     assert "waiting for WAL capture to be set up" in err
     assert "following the WAL into history" in err
+
+
+def test_switching_engines_waits_for_an_analyze_instead_of_deadlocking(
+    database: Database,
+) -> None:
+    """An ANALYZE (autovacuum's, say) that holds a table while `apply` switches its engine: the
+    switch waits for it, rather than update the table's catalog row (GRANT) first and then
+    queue behind the ANALYZE, whose own catalog update would wait for the switch."""
+    with database.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE busy (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO busy SELECT generate_series(1, 1000)")
+    _wal(database, "public.busy")
+    with database.connect() as analyzer, database.connect(autocommit=True) as conn:
+        analyzer.execute("LOCK TABLE busy IN SHARE UPDATE EXCLUSIVE MODE")  # as ANALYZE holds it
+        failure: list[BaseException] = []
+
+        def switch() -> None:
+            try:
+                conn.execute(
+                    "SELECT pgwarden.track('busy'::regclass, 'fail-closed', '{}', 'rows', "
+                    "'config', 'trigger')"
+                )
+            except BaseException as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=switch)
+        worker.start()
+        time.sleep(1)  # the switch is waiting for the table now
+        analyzer.execute("ANALYZE busy")  # updates busy's catalog row in place
+        analyzer.commit()
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+        assert failure == []
+        row = conn.execute("SELECT capture FROM pgwarden.tracked").fetchone()
+        assert row == ("trigger",)

@@ -392,6 +392,11 @@ BEGIN
     -- The DDL this makes (history table, triggers) is pgwarden's own: the DDL log's
     -- auto-tracking and the DDL guard let it through.
     PERFORM pg_catalog.set_config('pgwarden.in_track', 'on', true);
+    -- The lock the triggers need, taken before the first change to the table's catalog row
+    -- (the GRANT below): a VACUUM or ANALYZE holding the table (autovacuum) then finishes
+    -- first. Taken after, a wait for that ANALYZE (the publication change of wal_attach and
+    -- wal_detach) could meet its wait for this transaction's catalog row: a deadlock.
+    EXECUTE pg_catalog.format('LOCK TABLE %I.%I IN SHARE ROW EXCLUSIVE MODE', nsp, rel);
     was_tracked := EXISTS (SELECT 1 FROM {schema}.tracked t WHERE t.table_oid = relid);
     was_wal := EXISTS (SELECT 1 FROM {schema}.tracked t WHERE t.table_oid = relid AND t.capture = 'wal');
     log := {schema}.register(relid);
