@@ -331,6 +331,19 @@ def _capture_operations(
                     ),
                 )
             )
+        if catalog.server_version(conn) >= 160000 and not _owner_may_log_snapshots(conn, schema):
+            # The consumer logs running-transactions records (history/wal.py, follow); a
+            # consumer that is not a superuser does it through the history owner.
+            ops.append(
+                Operation(
+                    DOMAIN,
+                    f"let {schema.owner} log running-transactions records "
+                    "(pg_log_standby_snapshot), so that the slot's restart point follows",
+                    sql.SQL(
+                        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_log_standby_snapshot() TO {}"
+                    ).format(sql.Identifier(schema.owner)),
+                )
+            )
         alarm = str(history.wal_lag_alarm_bytes)
         if current.get("wal_lag_alarm") != alarm:
             # In the database, so that `verify` from anywhere warns at the configured size.
@@ -355,6 +368,16 @@ def _capture_operations(
             )
         )
     return ops
+
+
+def _owner_may_log_snapshots(conn: Conn, schema: HistorySchema) -> bool:
+    row = conn.execute(
+        "SELECT r.oid IS NOT NULL AND pg_catalog.has_function_privilege(r.oid, "
+        "'pg_catalog.pg_log_standby_snapshot()', 'EXECUTE') "
+        "FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_roles r ON r.rolname = %s",
+        (schema.owner,),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _slot_name_sql(schema: HistorySchema) -> sql.Composable:

@@ -48,6 +48,9 @@ SHAPE_PREFIX = "pgwarden.shape"
 TICK_PREFIX = "pgwarden.tick"
 TICK_EVERY = 10.0  # seconds, while `follow` is idle
 TICK_BEHIND = 16 << 20  # bytes of WAL the slot holds past its last record before a reader ticks
+# While following: at most one running-transactions record this often (seconds), so that the
+# slot's restart point follows (see follow). 0: never.
+SNAPSHOT_EVERY = 1.0
 # Changes decoded per batch (whole transactions: a batch can run over by one transaction).
 BATCH_CHANGES = 20_000
 _LOCK_KEY = 0x7067_7761  # "pgwa": one consumer at a time per database (advisory lock)
@@ -808,6 +811,17 @@ def _wait_for_consumer(conn: Conn, schema: HistorySchema, target: int, wait: flo
         time.sleep(0.1)
 
 
+def _can_log_snapshot(conn: Conn) -> bool:
+    """pg_log_standby_snapshot: PostgreSQL 16+, superusers or roles granted it."""
+    if conn.info.server_version < 160000 or not SNAPSHOT_EVERY:
+        return False
+    row = conn.execute(
+        "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_log_standby_snapshot()', "
+        "'EXECUTE')"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def follow(
     conn: Conn,
     schema: HistorySchema,
@@ -823,10 +837,19 @@ def follow(
     consumer that polled without pause would spend the cores the writers need; `interval`
     bounds the lag it adds instead."""
     ticked = time.monotonic()
+    snapshots = _can_log_snapshot(conn)
+    snapped = 0.0
     while not stop():
         step = consume(conn, schema, upto_lsn=current_lsn(conn), batch=batch)
         if report is not None and (step.transactions or step.skipped):
             report(step)
+        if snapshots and step.transactions and time.monotonic() - snapped > SNAPSHOT_EVERY:
+            # Decoding restarts, on every batch, from the slot's restart point, which moves
+            # only to the running-transactions records in the WAL (every 15 s, by the
+            # background writer): under steady writes each batch decoded again up to 15 s of
+            # WAL it had already written. One such record now and then keeps that short.
+            conn.execute("SELECT pg_catalog.pg_log_standby_snapshot()")
+            snapped = time.monotonic()
         if not step.full:
             if time.monotonic() - ticked > TICK_EVERY:
                 # While the tracked tables are quiet, other writes still fill the WAL: a tick
