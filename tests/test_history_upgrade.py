@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+import pgwarden
 from pgwarden.history import EventFilter, TableName, as_of, events, revert, verify
 from tests.conftest import Database
 from tests.history_helpers import history_config, setup_history
@@ -146,3 +147,16 @@ def test_history_of_release_01_is_upgraded_in_place(database: Database) -> None:
             "'spool\\_%' OR c.relname IN ('deferred', 'table_event', 'event_default'))"
         ).fetchone()
         assert leftovers == (0,)
+
+
+def test_shipped_sql_is_ascii() -> None:
+    """The shipped SQL goes to databases in any encoding (LATIN1 included): a character
+    outside ASCII, even in a comment, makes the install fail there."""
+    root = Path(pgwarden.__file__).parent / "sql"
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in sorted(root.rglob("*.sql"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if not line.isascii()
+    ]
+    assert offenders == []

@@ -19,6 +19,7 @@ import pytest
 
 from pgwarden.config import Config
 from pgwarden.converge import apply_config
+from pgwarden.errors import ConfigError
 from pgwarden.history import (
     TableName,
     as_of,
@@ -640,3 +641,33 @@ def test_switching_engines_waits_for_an_analyze_instead_of_deadlocking(
         assert failure == []
         row = conn.execute("SELECT capture FROM pgwarden.tracked").fetchone()
         assert row == ("trigger",)
+
+
+def test_a_database_not_in_utf8_is_refused_with_a_clear_message(
+    database: Database, run: Run
+) -> None:
+    """The consumer reads pgoutput's text as UTF-8: WAL capture of a LATIN1 database would
+    garble values, so `plan` refuses it and says what to do instead. Triggers work there (the
+    shipped SQL is ASCII: a '…' in a comment once made the install fail in LATIN1)."""
+    name = f"{database.name}_latin1"
+    with psycopg.connect(database.admin_url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    try:
+        url = database.url.rsplit("/", 1)[0] + "/" + name
+        with pytest.raises(ConfigError, match="needs a UTF8 database, and this one is LATIN1"):
+            setup_history(url, history_config(capture="wal"))
+        setup_history(url, history_config())  # triggers are fine there
+        # As pgwarden connects: in UTF8 (psycopg reads JSON as UTF-8 in any encoding).
+        with psycopg.connect(url, autocommit=True, client_encoding="UTF8") as conn:
+            conn.execute("CREATE TABLE l1 (id int PRIMARY KEY, name text)")
+            conn.execute("INSERT INTO l1 VALUES (1, 'café crème')")
+            assert [e["new_row"]["name"] for e in events(conn, "l1")] == ["café crème"]
+        shown = run("--dsn", url, "history", "public.l1", "--format", "json")
+        assert shown.code == 0, shown.err
+        assert "café crème" in json.dumps(json.loads(shown.out), ensure_ascii=False)
+    finally:
+        with psycopg.connect(database.admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -59,9 +59,13 @@ def resolve_target(dsn: str | None, local: Callable[[], str | None]) -> Target:
 
 def connect(target: Target, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
     try:
+        # UTF8 whatever the database's encoding: the server converts, and psycopg decodes
+        # json and jsonb as UTF-8 whatever the connection's encoding (a LATIN1 database's
+        # history failed to read otherwise).
         return psycopg.connect(
-            target.conninfo, autocommit=autocommit, application_name="pgwarden", connect_timeout=10
-        )
+            target.conninfo, autocommit=autocommit, application_name="pgwarden",
+            connect_timeout=10, client_encoding="UTF8",
+        )  # fmt: skip
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise ConnectionFailed(

@@ -281,6 +281,15 @@ def _capture_operations(
                 "history.capture); another server: ALTER SYSTEM SET wal_level = logical, "
                 "then restart it",
             )
+        encoding = catalog.setting(conn, "server_encoding")
+        if encoding != "UTF8":
+            # The consumer copies pgoutput's text into history as it comes, which is in the
+            # database's encoding; it reads it as UTF-8 (COPY, names, messages).
+            raise ConfigError(
+                f"history.capture: wal needs a UTF8 database, and this one is {encoding}",
+                hint="capture this database with triggers (history.capture: trigger), or move "
+                "its data to a UTF8 database",
+            )
         publication = f"{schema.name}_capture"
         if not catalog.publication_exists(conn, publication):
             # Before the slot: pgoutput looks publications up as of each change it decodes,

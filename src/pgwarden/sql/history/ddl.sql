@@ -63,7 +63,7 @@ END
 $body$;
 
 -- After DROP: record it; a dropped tracked table is no longer tracked (its history stays).
--- History columns dropped as a side effect of something else (DROP TYPE … CASCADE of a type
+-- History columns dropped as a side effect of something else (DROP TYPE ... CASCADE of a type
 -- some history still holds) are refused: that would erase history without a word.
 CREATE OR REPLACE FUNCTION {schema}.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -80,7 +80,7 @@ BEGIN
                 USING ERRCODE = 'dependent_objects_still_exist',
                       HINT = 'history still holds values of that type; keep the type';
         END IF;
-        -- ALTER PUBLICATION … DROP TABLE / SET TABLE removes publication relations: a
+        -- ALTER PUBLICATION ... DROP TABLE / SET TABLE removes publication relations: a
         -- drop, seen here and not at ddl_command_end.
         IF obj.object_type = 'publication relation'
            AND COALESCE(pg_catalog.current_setting('pgwarden.in_track', true), '') <> 'on' THEN

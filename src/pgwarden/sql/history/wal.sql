@@ -234,8 +234,8 @@ END
 $body$;
 
 -- Refuse DDL that would make WAL capture silently incomplete: a table captured from the WAL
--- taken out of the publication (ALTER PUBLICATION … DROP/SET TABLE), or its before-images cut
--- short (ALTER TABLE … REPLICA IDENTITY). Called by the DDL event trigger after the user's
+-- taken out of the publication (ALTER PUBLICATION ... DROP/SET TABLE), or its before-images cut
+-- short (ALTER TABLE ... REPLICA IDENTITY). Called by the DDL event trigger after the user's
 -- commands (pgwarden's own, inside track/untrack, are not checked; relid: the table an ALTER
 -- TABLE changed, NULL: every table), superusers included:
 -- stopping capture is `pgwarden untrack` or a switch to triggers, which history records.

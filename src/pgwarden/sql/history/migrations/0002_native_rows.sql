@@ -41,7 +41,7 @@ CREATE TABLE {schema}.logged_table (
     table_name text NOT NULL,
     shadow text NOT NULL,            -- its history table in this schema: rows_<id>
     key_attnums int2[],              -- key columns (NULL: the whole row is its identity)
-    key_slots text[],                -- history columns the key indexes are on (old…, new…)
+    key_slots text[],                -- history columns the key indexes are on (old..., new...)
     dropped_stmt bigint,
     view_sql text                    -- its part of the `event` view (read.sql)
 );
@@ -347,7 +347,7 @@ END
 $migrate$;
 DROP TABLE {schema}.event;
 
--- Plain SQL over the new history, in place of the old table: SELECT … FROM {schema}.event
+-- Plain SQL over the new history, in place of the old table: SELECT ... FROM {schema}.event
 -- ORDER BY stmt_id, pos (read.sql, events()).
 CREATE VIEW {schema}.event AS SELECT * FROM {schema}.events();
 ALTER VIEW {schema}.event OWNER TO {owner};
