@@ -20,7 +20,7 @@ from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.backup_cmds import archiver_lines, archiver_of
 from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.connect import Target, connect
-from pgwarden.errors import ServerError, UserError
+from pgwarden.errors import ConnectionFailed, ServerError, UserError
 from pgwarden.history import HistorySchema, catalog, walstate
 from pgwarden.history.walstate import SlotLag, human_size
 from pgwarden.server import consumer
@@ -218,7 +218,9 @@ def _wal_capture(server: LocalServer) -> _WalCapture:
     disk_free = None
     if server.is_running():
         schema = HistorySchema(server.config.history.schema_name)
-        with connect(Target(server.url(), "the local server"), autocommit=True) as conn:
+        # status says what it can: a database not there (yet) leaves the slot unknown.
+        target = Target(server.url(), "the local server")
+        with contextlib.suppress(ConnectionFailed), connect(target, autocommit=True) as conn:
             if catalog.is_installed(conn, schema):
                 lag = walstate.lag(conn, schema)
         with contextlib.suppress(OSError):
