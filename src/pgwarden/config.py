@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from pgwarden.errors import ConfigError
+from pgwarden.sizes import parse_size
 
 CONFIG_ENV = "PGWARDEN_CONFIG"
 DEFAULT_CONFIG_NAME = "pgwarden.yaml"
@@ -70,18 +71,6 @@ def parse_duration(value: object) -> timedelta:
             amount, unit = match.groups()
             return timedelta(seconds=int(amount) * _UNIT_SECONDS[unit])
     raise ValueError(f"expected a duration such as '400d', '12h' or '2w', got {value!r}")
-
-
-_SIZE = re.compile(r"^([1-9][0-9]*)(kB|MB|GB|TB)$")
-_UNIT_BYTES = {"kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-
-
-def size_bytes(value: str) -> int:
-    """A size as PostgreSQL writes it ('10GB', units of 1024, as in postgresql.conf)."""
-    match = _SIZE.match(value)
-    if match is None:
-        raise ValueError(f"not a size: {value!r} (write it as 512MB, 10GB, …)")
-    return int(match.group(1)) * _UNIT_BYTES[match.group(2)]
 
 
 def _format_duration(value: timedelta) -> str:
@@ -254,7 +243,7 @@ class HistoryConfig(_Section):
 
     @property
     def wal_lag_alarm_bytes(self) -> int:
-        return size_bytes(self.wal_lag_alarm)
+        return parse_size(self.wal_lag_alarm)
 
     @property
     def uses_wal(self) -> bool:

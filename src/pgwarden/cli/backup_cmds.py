@@ -33,6 +33,7 @@ from pgwarden.errors import UserError
 from pgwarden.history import HistorySchema
 from pgwarden.history.read import transaction_began
 from pgwarden.server.cluster import LocalServer
+from pgwarden.sizes import format_size
 
 
 @click.group("backup")
@@ -75,20 +76,11 @@ def create_cmd(app: AppContext, incremental: bool) -> None:
     else:
         info = create_backup(server, incremental=incremental)
     err_console.print(
-        f"{info.kind} backup {info.label}: {_size(info.size_bytes)}, WAL {info.start_lsn} → "
+        f"{info.kind} backup {info.label}: {format_size(info.size_bytes)}, WAL {info.start_lsn} → "
         f"{info.stop_lsn} on timeline {info.timeline}; restorable from "
         f"{info.stop_time.isoformat(timespec='seconds')}"
     )
     click.echo(info.label)
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def archiver_of(server: LocalServer) -> Archiver | None:
@@ -152,7 +144,7 @@ def list_cmd(app: AppContext, fmt: str) -> None:
             b.kind,
             b.parent or "",
             b.stop_time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-            _size(b.size_bytes),
+            format_size(b.size_bytes),
             f"{b.start_lsn} → {b.stop_lsn}",
             str(b.timeline),
         )
@@ -199,7 +191,7 @@ def archiver_lines(state: Archiver | None) -> list[str]:
     )
     lines.append(f"archiving: last archived {last}")
     if state.lag_bytes is not None:
-        lines.append(f"archive lag: {_size(state.lag_bytes)} of WAL not archived yet")
+        lines.append(f"archive lag: {format_size(state.lag_bytes)} of WAL not archived yet")
     if state.last_failed_wal and state.last_failed_time:
         when = state.last_failed_time.isoformat(timespec="seconds")
         if state.failing:
@@ -401,7 +393,7 @@ def prune_cmd(app: AppContext, dry_run: bool) -> None:
     for label in plan.remove_interrupted:
         out.print(f"{verb} interrupted backup {label} (it has no record: it never finished)")
     for info in plan.remove_backups:
-        out.print(f"{verb} backup {info.label} ({info.kind}, {_size(info.size_bytes)})")
+        out.print(f"{verb} backup {info.label} ({info.kind}, {format_size(info.size_bytes)})")
     if plan.remove_segments:
         out.print(
             f"{verb} {len(plan.remove_segments)} WAL segment(s): {plan.remove_segments[0]} … "

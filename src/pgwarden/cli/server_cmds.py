@@ -22,10 +22,11 @@ from pgwarden.cli.context import AppContext, pass_app
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ConnectionFailed, ServerError, UserError
 from pgwarden.history import HistorySchema, catalog, walstate
-from pgwarden.history.walstate import SlotLag, human_size
+from pgwarden.history.walstate import SlotLag
 from pgwarden.server import consumer
 from pgwarden.server.cluster import LocalServer, ServerState, StartOutcome, StopOutcome, mask_url
 from pgwarden.server.local import bring_up
+from pgwarden.sizes import format_size
 
 _OUTCOME_TEXT = {
     StartOutcome.INITIALIZED: "created a new cluster and started it",
@@ -173,7 +174,7 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
         if capture.lag is not None:
             table.add_row("wal slot", capture.lag.summary())
         if capture.disk_free is not None:
-            table.add_row("wal disk", f"{human_size(capture.disk_free)} free")
+            table.add_row("wal disk", f"{format_size(capture.disk_free)} free")
     out.print(table)
     if capture is not None:
         for line in capture.warnings():
@@ -197,8 +198,8 @@ class _WalCapture:
         if self.lag is not None and self.disk_free is not None and self.disk_free < self.lag.alarm:
             # The alarm would come after the disk is full: say so now.
             lines.append(
-                f"the WAL's disk has {human_size(self.disk_free)} free, less than "
-                f"history.wal_lag_alarm ({human_size(self.lag.alarm)}): free space or lower the "
+                f"the WAL's disk has {format_size(self.disk_free)} free, less than "
+                f"history.wal_lag_alarm ({format_size(self.lag.alarm)}): free space or lower the "
                 "alarm, or the disk fills before it warns"
             )
         return lines

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from pgwarden.history import wal
 from pgwarden.history.catalog import Conn, HistorySchema
+from pgwarden.sizes import format_size
 
 DEFAULT_ALARM = 1 << 30  # history.wal_lag_alarm's default, for a schema applied before it
 
@@ -55,36 +56,27 @@ class SlotLag:
         if self.wal_status == "lost":
             return f"slot {self.slot} was invalidated: history has a gap (`pgwarden verify`)"
         text = (
-            f"slot {self.slot} holds {human_size(self.retained)} of WAL "
-            f"(warns at {human_size(self.alarm)})"
+            f"slot {self.slot} holds {format_size(self.retained)} of WAL "
+            f"(warns at {format_size(self.alarm)})"
         )
         if self.safe is not None:
-            text += f", {human_size(max(self.safe, 0))} before fail-open drops it"
+            text += f", {format_size(max(self.safe, 0))} before fail-open drops it"
         when = self.last_consumed.isoformat(timespec="seconds") if self.last_consumed else "never"
         return f"{text}; last consumed: {when}"
 
     def warning(self) -> str:
         """What `verify` and `status` say when the slot holds too much."""
         return (
-            f"the replication slot {self.slot} holds {human_size(self.retained)} of WAL, over "
-            f"history.wal_lag_alarm ({human_size(self.alarm)}): the consumer is down or behind "
+            f"the replication slot {self.slot} holds {format_size(self.retained)} of WAL, over "
+            f"history.wal_lag_alarm ({format_size(self.alarm)}): the consumer is down or behind "
             "(`pgwarden up` starts it, `pgwarden history follow` runs it); until it catches "
             "up the WAL grows"
             + (
-                f" and the slot is dropped in {human_size(max(self.safe, 0))} (fail-open: a gap)"
+                f" and the slot is dropped in {format_size(max(self.safe, 0))} (fail-open: a gap)"
                 if self.safe is not None
                 else " (fail-closed: writes stop when the disk is full)"
             )
         )
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def lag(conn: Conn, schema: HistorySchema) -> SlotLag | None:
