@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -19,12 +15,9 @@ from rich.table import Table
 from pgwarden.cli.app import err_console, format_option, out
 from pgwarden.cli.backup_cmds import archiver_lines, archiver_of
 from pgwarden.cli.context import AppContext, pass_app
-from pgwarden.connect import Target, connect
-from pgwarden.errors import ConnectionFailed, ServerError, UserError
-from pgwarden.history import HistorySchema, catalog, walstate
-from pgwarden.history.walstate import SlotLag
+from pgwarden.errors import ServerError, UserError
 from pgwarden.server import consumer
-from pgwarden.server.cluster import LocalServer, ServerState, StartOutcome, StopOutcome, mask_url
+from pgwarden.server.cluster import ServerState, StartOutcome, StopOutcome, mask_url
 from pgwarden.server.local import bring_up
 from pgwarden.sizes import format_size
 
@@ -141,7 +134,7 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
     status = server.status()
     code = 0 if status.state is ServerState.RUNNING else 3
     archiving = archiver_of(server) if server.backup_root is not None else None
-    capture = _wal_capture(server) if server.config.history.uses_wal else None
+    capture = consumer.capture_state(server) if server.config.history.uses_wal else None
     if as_json or fmt == "json":
         data = status.to_json()
         data["archiver"] = archiving.to_json() if archiving is not None else None
@@ -183,50 +176,6 @@ def status_cmd(ctx: click.Context, fmt: str, as_json: bool) -> None:
         for line in archiver_lines(archiving):
             out.print(line)
     ctx.exit(code)
-
-
-@dataclass(frozen=True)
-class _WalCapture:
-    consumer_pid: int | None
-    lag: SlotLag | None  # None: the server is not running or history is not applied yet
-    disk_free: int | None  # bytes free where the server's WAL lives
-
-    def warnings(self) -> list[str]:
-        lines = []
-        if self.lag is not None and self.lag.alarming:
-            lines.append(self.lag.warning())
-        if self.lag is not None and self.disk_free is not None and self.disk_free < self.lag.alarm:
-            # The alarm would come after the disk is full: say so now.
-            lines.append(
-                f"the WAL's disk has {format_size(self.disk_free)} free, less than "
-                f"history.wal_lag_alarm ({format_size(self.lag.alarm)}): free space or lower the "
-                "alarm, or the disk fills before it warns"
-            )
-        return lines
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "consumer_pid": self.consumer_pid,
-            "slot": self.lag.to_json() if self.lag is not None else None,
-            "disk_free_bytes": self.disk_free,
-            "warnings": self.warnings(),
-        }
-
-
-def _wal_capture(server: LocalServer) -> _WalCapture:
-    """The consumer, the slot's lag and the WAL disk's free space, for `status`."""
-    lag = None
-    disk_free = None
-    if server.is_running():
-        schema = HistorySchema(server.config.history.schema_name)
-        # status says what it can: a database not there (yet) leaves the slot unknown.
-        target = Target(server.url(), "the local server")
-        with contextlib.suppress(ConnectionFailed), connect(target, autocommit=True) as conn:
-            if catalog.is_installed(conn, schema):
-                lag = walstate.lag(conn, schema)
-        with contextlib.suppress(OSError):
-            disk_free = shutil.disk_usage(server.state.data_dir / "pg_wal").free
-    return _WalCapture(consumer.running_pid(server.state), lag, disk_free)
 
 
 def _running_server(app: AppContext):  # type: ignore[no-untyped-def]

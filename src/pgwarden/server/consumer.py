@@ -4,19 +4,29 @@
 captured from the WAL, and `pgwarden down` stops it before the server. Its pid and log live in
 the state directory. It is a convenience, not what makes history correct: readers catch up by
 themselves, and the slot keeps every change until one consumer or another has written it.
+`capture_state` is what `status` shows of it: the process, the slot's lag and the WAL's disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pgwarden.connect import Target, connect
+from pgwarden.errors import ConnectionFailed
+from pgwarden.history import HistorySchema, catalog, walstate
+from pgwarden.history.walstate import SlotLag
+from pgwarden.server.cluster import LocalServer
 from pgwarden.server.state import StateDir
+from pgwarden.sizes import format_size
 
 PID_FILE = "consumer.pid"
 LOG_FILE = "consumer.log"
@@ -104,3 +114,49 @@ def _reap(pid: int) -> None:
         return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+@dataclass(frozen=True)
+class CaptureState:
+    """WAL capture beside the local server, as `status` shows it."""
+
+    consumer_pid: int | None
+    lag: SlotLag | None  # None: the server is not running or history is not applied yet
+    disk_free: int | None  # bytes free where the server's WAL lives
+
+    def warnings(self) -> list[str]:
+        lines = []
+        if self.lag is not None and self.lag.alarming:
+            lines.append(self.lag.warning())
+        if self.lag is not None and self.disk_free is not None and self.disk_free < self.lag.alarm:
+            # The alarm would come after the disk is full: say so now.
+            lines.append(
+                f"the WAL's disk has {format_size(self.disk_free)} free, less than "
+                f"history.wal_lag_alarm ({format_size(self.lag.alarm)}): free space or lower the "
+                "alarm, or the disk fills before it warns"
+            )
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "consumer_pid": self.consumer_pid,
+            "slot": self.lag.to_json() if self.lag is not None else None,
+            "disk_free_bytes": self.disk_free,
+            "warnings": self.warnings(),
+        }
+
+
+def capture_state(server: LocalServer) -> CaptureState:
+    """The consumer, the slot's lag and the WAL disk's free space, for `status`."""
+    lag = None
+    disk_free = None
+    if server.is_running():
+        schema = HistorySchema(server.config.history.schema_name)
+        # status says what it can: a database not there (yet) leaves the slot unknown.
+        target = Target(server.url(), "the local server")
+        with contextlib.suppress(ConnectionFailed), connect(target, autocommit=True) as conn:
+            if catalog.is_installed(conn, schema):
+                lag = walstate.lag(conn, schema)
+        with contextlib.suppress(OSError):
+            disk_free = shutil.disk_usage(server.state.data_dir / "pg_wal").free
+    return CaptureState(running_pid(server.state), lag, disk_free)
