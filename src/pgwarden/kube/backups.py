@@ -15,7 +15,7 @@ from typing import Any
 
 from pgwarden.config import Config, EfsConfig
 from pgwarden.errors import ConfigError
-from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta
+from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta, pod_security
 from pgwarden.sqlfiles import sql_text
 
 MOUNT = "/backup"
@@ -188,13 +188,7 @@ def _cronjob(
                             "restartPolicy": "Never",
                             "enableServiceLinks": False,
                             "automountServiceAccountToken": False,
-                            "securityContext": {
-                                "runAsNonRoot": True,
-                                "runAsUser": uid,
-                                "runAsGroup": uid,
-                                "fsGroup": uid,
-                                "seccompProfile": {"type": "RuntimeDefault"},
-                            },
+                            "securityContext": pod_security(uid, fsGroup=uid),
                             "containers": [container],
                             "volumes": [
                                 {

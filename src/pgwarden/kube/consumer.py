@@ -27,7 +27,7 @@ import yaml
 
 from pgwarden.config import Config
 from pgwarden.errors import ConfigError
-from pgwarden.kube.objects import Manifest, labels, meta
+from pgwarden.kube.objects import Manifest, labels, meta, pod_security
 
 CONTAINER = "history-consumer"
 ROLE = "pgwarden_consumer"  # cloudnative-pg: the consumer's login role
@@ -139,12 +139,7 @@ def deployment(config: Config, *, security: dict[str, Any], uid: int) -> Manifes
                 "spec": {
                     "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": uid,
-                        "runAsGroup": uid,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": pod_security(uid),
                     "containers": [container],
                     "volumes": [config_volume(config), {"name": "tmp", "emptyDir": {}}],
                 },

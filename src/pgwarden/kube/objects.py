@@ -17,6 +17,18 @@ def meta(k8s: KubernetesConfig, name: str, *, namespaced: bool = True) -> dict[s
     return meta
 
 
+def pod_security(uid: int, **volumes: Any) -> dict[str, Any]:
+    """Every pod pgwarden renders runs as `uid`, never root, under the runtime's default
+    seccomp profile; `volumes` adds what its volumes need (fsGroup, fsGroupChangePolicy)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        **volumes,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def labels(k8s: KubernetesConfig) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "postgresql",

@@ -17,7 +17,14 @@ import yaml
 from pgwarden.config import Config, KubernetesConfig
 from pgwarden.errors import ConfigError
 from pgwarden.kube import backups, consumer
-from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta, selector
+from pgwarden.kube.objects import (
+    Manifest,
+    efs_storage_class,
+    labels,
+    meta,
+    pod_security,
+    selector,
+)
 from pgwarden.server import pgconf
 
 PG_PORT = 5432
@@ -441,14 +448,9 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
             "spec": {
                 "terminationGracePeriodSeconds": grace,
                 "enableServiceLinks": False,
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": POSTGRES_UID,
-                    "runAsGroup": POSTGRES_UID,
-                    "fsGroup": POSTGRES_UID,
-                    "fsGroupChangePolicy": "OnRootMismatch",
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": pod_security(
+                    POSTGRES_UID, fsGroup=POSTGRES_UID, fsGroupChangePolicy="OnRootMismatch"
+                ),
                 "containers": containers,
                 "volumes": volumes,
             },
