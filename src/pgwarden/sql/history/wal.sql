@@ -250,18 +250,15 @@ BEGIN
     IF pub IS NULL THEN
         RETURN;
     END IF;
-    SELECT k.schema_name, k.table_name, c.relreplident,
-           EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
-                   JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
-                   WHERE p.pubname = pub AND r.prrelid = k.table_oid) AS published
-    INTO bad
-    FROM {schema}.tracked k JOIN pg_catalog.pg_class c ON c.oid = k.table_oid
-    WHERE k.capture = 'wal' AND (relid IS NULL OR k.table_oid = relid)
-      AND (c.relreplident <> 'f'
-           OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
-                          JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
-                          WHERE p.pubname = pub AND r.prrelid = k.table_oid))
-    ORDER BY k.schema_name, k.table_name
+    SELECT s.* INTO bad
+    FROM (SELECT k.schema_name, k.table_name, c.relreplident,
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
+                         JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
+                         WHERE p.pubname = pub AND r.prrelid = k.table_oid) AS published
+          FROM {schema}.tracked k JOIN pg_catalog.pg_class c ON c.oid = k.table_oid
+          WHERE k.capture = 'wal' AND (relid IS NULL OR k.table_oid = relid)) s
+    WHERE s.relreplident <> 'f' OR NOT s.published
+    ORDER BY s.schema_name, s.table_name
     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'pgwarden: % would stop complete history capture of %.% from the WAL (%)',
