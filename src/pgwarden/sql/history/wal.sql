@@ -234,7 +234,8 @@ END
 $body$;
 
 -- Refuse DDL that would make WAL capture silently incomplete: a table captured from the WAL
--- taken out of the publication (ALTER PUBLICATION ... DROP/SET TABLE), or its before-images cut
+-- taken out of the publication (ALTER PUBLICATION ... DROP/SET TABLE), the publication made to
+-- leave out a kind of change (ALTER PUBLICATION ... SET (publish = ...)), or before-images cut
 -- short (ALTER TABLE ... REPLICA IDENTITY). Called by the DDL event trigger after the user's
 -- commands (pgwarden's own, inside track/untrack, are not checked; relid: the table an ALTER
 -- TABLE changed, NULL: every table), superusers included:
@@ -249,6 +250,18 @@ DECLARE
 BEGIN
     IF pub IS NULL THEN
         RETURN;
+    END IF;
+    -- The publication itself (ALTER PUBLICATION ... SET (publish = ...)): every kind of change.
+    IF relid IS NULL
+       AND EXISTS (SELECT 1 FROM {schema}.tracked k WHERE k.capture = 'wal')
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_publication p
+                   WHERE p.pubname = pub
+                     AND NOT (p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate)) THEN
+        RAISE EXCEPTION 'pgwarden: % would stop complete history capture from the WAL (publication % must publish insert, update, delete and truncate)',
+            tag, pub
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'switch those tables to history.capture: trigger (or untrack them) '
+                         'with `pgwarden apply` first';
     END IF;
     SELECT s.* INTO bad
     FROM (SELECT k.schema_name, k.table_name, c.relreplident,
