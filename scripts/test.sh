@@ -52,6 +52,15 @@ for major in 18 $([ -f /usr/include/postgresql/15/server/postgres.h ] && echo 15
   fi
 done
 
+# The same for WAL capture's compiled pgoutput decoder (a Python extension; without it the
+# consumer decodes in Python, and the test comparing the two would skip).
+decoder=$(ls src/pgwarden/native/_pgoutput*.so 2>/dev/null | head -1 || true)
+if [ -z "$decoder" ] || [ src/pgwarden/native/pgoutput.c -nt "$decoder" ] || \
+   ! .venv/bin/python -c "import pgwarden.native._pgoutput"; then
+  echo "the compiled pgoutput decoder was not built (see: pip install -v -e .)" >&2
+  exit 1
+fi
+
 echo "== ruff check";  .venv/bin/ruff check src tests bench
 echo "== ruff format"; .venv/bin/ruff format --check src tests bench
 echo "== mypy --strict src/"; .venv/bin/mypy --strict src/

@@ -77,10 +77,13 @@ def _norm(items: list[tuple[Any, ...]]) -> Counter[str]:
     return Counter(json.dumps(item, sort_keys=True) for item in items)
 
 
-def _setup(database: Database, engine: str, pg_major: int) -> None:
+def _setup(database: Database, engine: str, pg_major: int, monkeypatch: pytest.MonkeyPatch) -> None:
     if engine == "compiled" and native.library(pg_major) is None:
         pytest.skip(f"no compiled capture trigger was built for PostgreSQL {pg_major}")
     if engine == "wal":
+        # The consumer streams a history table's rows to the server in runs of STREAM_ROWS:
+        # two here, so that a program's rows go both ways (streamed, and left for the end).
+        monkeypatch.setattr(wal, "STREAM_ROWS", 2)
         setup_history(database.url, history_config("public.*", capture="wal"))
         return
     setup_history(database.url, history_config("public.*", trigger=engine))
@@ -100,12 +103,16 @@ ENGINES = pytest.mark.parametrize("engine", ["compiled", "plpgsql", "wal"])
 # A three-row key shift: undone row by row, 4→1 then 7→4 matched two rows (found by hypothesis).
 @example(program=[("insert", [1, 7, 4], 0), ("rekey", [1, 7, 4], -3)])
 def test_matches_row_level_reference_and_as_of_rebuilds_every_state(
-    database: Database, engine: str, pg_major: int, program: list[tuple[str, list[int], int]]
+    database: Database,
+    engine: str,
+    pg_major: int,
+    monkeypatch: pytest.MonkeyPatch,
+    program: list[tuple[str, list[int], int]],
 ) -> None:
     """Both capture engines record what a row-level reference trigger sees; as-of (replay and
     rewind) rebuilds every state; reverting newest first walks back through them."""
     table = f"p_{uuid.uuid4().hex[:10]}"
-    _setup(database, engine, pg_major)
+    _setup(database, engine, pg_major, monkeypatch)
     with database.connect(autocommit=True) as conn:
         conn.execute(REFERENCE)
         # A deferrable key lets multi-row key changes succeed in any row order.
@@ -213,12 +220,16 @@ def _keyless_statement(table: str, op: tuple[str, list[int]]) -> str:
 )
 @given(program=st.lists(keyless_ops, min_size=1, max_size=10))
 def test_tables_without_a_key_rebuild_and_revert(
-    database: Database, engine: str, pg_major: int, program: list[tuple[str, list[int]]]
+    database: Database,
+    engine: str,
+    pg_major: int,
+    monkeypatch: pytest.MonkeyPatch,
+    program: list[tuple[str, list[int]]],
 ) -> None:
     """A table without a key (as pgbench creates pgbench_history): as-of rebuilds every state,
     duplicates included, and reverting newest first walks back through them."""
     table = f"k_{uuid.uuid4().hex[:10]}"
-    _setup(database, engine, pg_major)
+    _setup(database, engine, pg_major, monkeypatch)
     with database.connect(autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (a int, b text)")
         states: list[tuple[datetime, Counter[str]]] = []

@@ -20,13 +20,15 @@ stay NULL.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import pq, sql
@@ -53,6 +55,8 @@ TICK_BEHIND = 16 << 20  # bytes of WAL the slot holds past its last record befor
 SNAPSHOT_EVERY = 1.0
 # Changes decoded per batch (whole transactions: a batch can run over by one transaction).
 BATCH_CHANGES = 20_000
+# Rows of one history table buffered before they are sent (see _Writer).
+STREAM_ROWS = 2_000
 _LOCK_KEY = 0x7067_7761  # "pgwa": one consumer at a time per database (advisory lock)
 
 _I16 = struct.Struct(">h")
@@ -124,30 +128,76 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
 
 
 def _tuple(buf: bytes, pos: int) -> tuple[list[Value], int]:
+    if pos + 2 > len(buf):
+        raise ValueError("pgoutput: a tuple runs past the end of its message")
     (n,) = _I16.unpack_from(buf, pos)
+    if n < 0:
+        raise ValueError("pgoutput: a tuple with a negative number of columns")
     pos += 2
     values: list[Value] = []
     append = values.append
     length_at = _I32.unpack_from
-    for _ in range(n):
-        kind = buf[pos]
-        if kind == 0x74:  # 't': text
-            length = length_at(buf, pos + 1)[0]
-            pos += 5 + length
-            append(buf[pos - length : pos])
-            continue
-        pos += 1
-        if kind == 0x6E:  # 'n': null
-            append(NULL)
-        elif kind == 0x75:  # 'u': unchanged TOAST
-            append(UNCHANGED)
-        else:
-            raise ValueError(f"pgoutput: unexpected tuple column kind {chr(kind)!r}")
+    try:
+        for _ in range(n):
+            kind = buf[pos]
+            if kind == 0x74:  # 't': text
+                length = length_at(buf, pos + 1)[0]
+                pos += 5 + length
+                if length < 0 or pos > len(buf):
+                    raise IndexError
+                append(buf[pos - length : pos])
+                continue
+            pos += 1
+            if kind == 0x6E:  # 'n': null
+                append(NULL)
+            elif kind == 0x75:  # 'u': unchanged TOAST
+                append(UNCHANGED)
+            else:
+                raise ValueError(f"pgoutput: unexpected tuple column kind {chr(kind)!r}")
+    except (IndexError, struct.error):
+        raise ValueError("pgoutput: a tuple runs past the end of its message") from None
     # Escaped for COPY; one scan of the whole tuple finds the (rare) values that need it.
     whole = b"".join(values)
     if 92 in whole or 9 in whole or 10 in whole or 13 in whole:  # \ \t \n \r
         values = [v if v is NULL or v is UNCHANGED else _escape(v) for v in values]
     return values, pos
+
+
+def _decode_change_py(buf: bytes) -> tuple[int, str, list[Value] | None, list[Value] | None]:
+    """A pgoutput Insert, Update or Delete: (relid, op, old, new), each value a COPY text
+    field. The reference for native/pgoutput.c, which does the same in C (and is used when
+    built: this is the consumer's hot path)."""
+    if len(buf) < 6:
+        raise ValueError("pgoutput: a change message shorter than its header")
+    kind, part = buf[0], buf[5]
+    relid = _U32.unpack_from(buf, 1)[0]
+    if kind == 0x49:  # I: insert
+        if part != 0x4E:
+            raise ValueError("pgoutput: an insert without its new tuple")
+        return relid, "I", None, _tuple(buf, 6)[0]
+    if kind == 0x44:  # D: delete
+        if part not in (0x4B, 0x4F):
+            raise ValueError("pgoutput: a delete without its old tuple")
+        return relid, "D", _tuple(buf, 6)[0], None
+    if kind != 0x55:
+        raise ValueError("pgoutput: not a change message")
+    # U: update, with the old tuple (K key or O old) when there is one
+    old = None
+    pos = 6
+    if part in (0x4B, 0x4F):
+        old, pos = _tuple(buf, 6)
+        if pos >= len(buf) or buf[pos] != 0x4E:
+            raise ValueError("pgoutput: an update without its new tuple")
+        pos += 1
+    elif part != 0x4E:
+        raise ValueError("pgoutput: an update without its new tuple")
+    return relid, "U", old, _tuple(buf, pos)[0]
+
+
+try:
+    from pgwarden.native._pgoutput import decode_change
+except ImportError:  # not built (no compiler at install): the same, in Python
+    decode_change = _decode_change_py
 
 
 def _timestamp(micros: int) -> datetime:
@@ -157,34 +207,26 @@ def _timestamp(micros: int) -> datetime:
 _CHANGE_KINDS = frozenset(b"IUD")
 
 
-def parse(rows: Iterable[tuple[Any, ...]]) -> Iterator[Transaction | Tick]:
-    """Whole transactions from pg_logical_slot_peek_binary_changes rows (lsn, xid, data), and
-    pgwarden's ticks between them."""
+def parse(messages: Iterable[bytes]) -> Iterator[Transaction | Tick]:
+    """Whole transactions from pg_logical_slot_peek_binary_changes's messages (its `data`),
+    and pgwarden's ticks between them."""
     current: Transaction | None = None
     relations: dict[int, Relation] = {}
-    relid_at = _U32.unpack_from
-    for _lsn, _xid, data in rows:
-        buf = bytes(data)
+    decode = decode_change
+    nowhere: list[Item] = []
+    append = nowhere.append  # to the current transaction's items
+    for buf in messages:
         kind = buf[0]
         if current is not None and kind in _CHANGE_KINDS:
             # Changes first: nearly every message is one.
-            relid = relid_at(buf, 1)[0]
-            if kind == 0x49:  # I: insert
-                current.items.append(Change(relid, "I", None, _tuple(buf, 6)[0]))
-            elif kind == 0x44:  # D: delete
-                current.items.append(Change(relid, "D", _tuple(buf, 6)[0], None))
-            else:  # U: update, with the old tuple (K key or O old) when there is one
-                old = None
-                pos = 5
-                if buf[pos] in (0x4B, 0x4F):
-                    old, pos = _tuple(buf, pos + 1)
-                current.items.append(Change(relid, "U", old, _tuple(buf, pos + 1)[0]))
+            append(Change(*decode(buf)))
             continue
         if kind == 0x42:  # B: begin
             (final_lsn,) = _U64.unpack_from(buf, 1)
             (ts,) = _I64.unpack_from(buf, 9)
             (xid,) = _U32.unpack_from(buf, 17)
             current = Transaction(xid, final_lsn, 0, _timestamp(ts))
+            append = current.items.append
         elif current is None and kind == 0x4D:  # M outside a transaction: non-transactional
             if _cstring(buf, 10)[0] == TICK_PREFIX:
                 yield Tick(_U64.unpack_from(buf, 2)[0])
@@ -273,8 +315,9 @@ def _lsn_int(text: object) -> int | None:
 class _Ids:
     """Statement ids from the history sequence, fetched in blocks (one round trip each)."""
 
-    def __init__(self, conn: Conn, schema: HistorySchema) -> None:
+    def __init__(self, conn: Conn, schema: HistorySchema, before: Callable[[], None]) -> None:
         self.conn = conn
+        self.before = before  # the connection must be free for a query
         self.query = sql.SQL(
             "SELECT pg_catalog.nextval({}) FROM pg_catalog.generate_series(1, %s)"
         ).format(sql.Literal(f"{schema.name}.statement_seq"))
@@ -283,6 +326,7 @@ class _Ids:
 
     def take(self) -> int:
         if not self.free:
+            self.before()
             rows = self.conn.execute(self.query, (self.block,)).fetchall()
             self.free = sorted((int(str(r[0])) for r in rows), reverse=True)
             self.block = min(self.block * 4, 65_536)
@@ -300,19 +344,58 @@ class BatchResult:
 
 
 class _Writer:
-    """One batch: its transactions' events, written in one database transaction."""
+    """One batch: its transactions' events, written in one database transaction.
+
+    A history table's rows go to the server as soon as there are STREAM_ROWS of them, into a
+    COPY left open while more of that table's rows come: the server stores them on its core
+    while this one decodes the next (a large transaction's rows, mostly). Any other query
+    first ends that COPY. A context manager: an error ends an open COPY as failed."""
 
     def __init__(self, conn: Conn, schema: HistorySchema) -> None:
         self.conn = conn
         self.schema = schema
-        self.ids = _Ids(conn, schema)
+        self.ids = _Ids(conn, schema, before=self._end_copy)
         self.tables: dict[int, _Table | None] = {}  # by relation oid
         self.tx_rows: list[bytes] = []
         self.events = 0
+        self._copying: _Table | None = None
+        self._copy: psycopg.Copy | None = None
+        self._copy_stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._copying = self._copy = None
+        self._copy_stack.__exit__(*exc)
+
+    def _stream(self, table: _Table) -> None:
+        """Send the table's buffered rows into its open COPY (opened here if need be)."""
+        if self._copying is not table:
+            self._end_copy()
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                self.schema.table(table.shadow),
+                sql.SQL(", ").join(
+                    sql.Identifier(c)
+                    for c in ("ctx", "stmt", "op", *table.old_cols, *table.new_cols)
+                ),
+            )
+            cur = self._copy_stack.enter_context(self.conn.cursor())
+            self._copy = self._copy_stack.enter_context(cur.copy(copy_sql))
+            self._copying = table
+        assert self._copy is not None
+        self._copy.write(b"".join(table.rows))
+        table.rows.clear()
+
+    def _end_copy(self) -> None:
+        if self._copying is not None:
+            self._copying = self._copy = None
+            self._copy_stack.close()
 
     def _table(self, relid: int, relation: Relation | None) -> _Table | None:
         if relid in self.tables:
             return self.tables[relid]
+        self._end_copy()
         row = self.conn.execute(
             sql.SQL(
                 "SELECT l.id, l.shadow, l.wal_from::text, pg_catalog.cardinality(l.wal_attnums), "
@@ -357,19 +440,11 @@ class _Writer:
         return table
 
     def flush(self, only: _Table | None = None) -> None:
+        """Every buffered row (or one table's) stored; the connection free for queries."""
         for table in [only] if only else [t for t in self.tables.values() if t]:
-            if table is None or not table.rows:
-                continue
-            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                self.schema.table(table.shadow),
-                sql.SQL(", ").join(
-                    sql.Identifier(c)
-                    for c in ("ctx", "stmt", "op", *table.old_cols, *table.new_cols)
-                ),
-            )
-            with self.conn.cursor() as cur, cur.copy(copy_sql) as copy:
-                copy.write(b"".join(table.rows))
-            table.rows.clear()
+            if table is not None and table.rows:
+                self._stream(table)
+        self._end_copy()
         if only is None and self.tx_rows:
             copy_sql = sql.SQL(
                 "COPY {} (id, tx, at, db_user, role_name, application, client_addr, app_user, "
@@ -434,12 +509,16 @@ class _Writer:
             if not prefix:
                 prefix = b"%d\t%d\t%s\t" % (ctx, stmt, item.op.encode())
             nulls = table.nulls
-            table.rows.append(prefix + b"\t".join((*(old or nulls), *(new or nulls))) + b"\n")
+            rows = table.rows
+            rows.append(prefix + b"\t".join((*(old or nulls), *(new or nulls))) + b"\n")
+            if len(rows) >= STREAM_ROWS:
+                self._stream(table)
             self.events += 1
 
     def _truncate(self, table: _Table, ctx: int, stmt: int) -> int:
         """TRUNCATE leaves no rows in the WAL: the rows it removed are the table's state just
         before it, rebuilt from its history (as `as-of` does), recorded as the triggers do."""
+        self._end_copy()
         if not table.truncate_rows:
             self.conn.execute(
                 sql.SQL("SELECT {}(%s, 'X', %s, %s)").format(self.schema.func("write_rows")),
@@ -495,6 +574,7 @@ class _Writer:
             if table is not None and table.log == log:
                 self.flush(table)
                 del self.tables[relid]
+        self._end_copy()
         self.conn.execute(
             sql.SQL("SELECT {}(%s, %s::int2[], %s)").format(self.schema.func("wal_resolve")),
             (log, shape.get("attnums"), self.ids.take()),
@@ -569,8 +649,9 @@ def consume(
             (wal.slot,),
         ).fetchone()
         done = _lsn_int(row[0]) if row else None
+        # Binary results: bytea as it is, not hex text (half the bytes, no decoding).
         rows = conn.execute(
-            "SELECT lsn, xid, data FROM pg_catalog.pg_logical_slot_peek_binary_changes("
+            "SELECT data FROM pg_catalog.pg_logical_slot_peek_binary_changes("
             "%s, %s::pg_lsn, %s, 'proto_version', '1', 'publication_names', %s, "
             "'messages', 'true')",
             (
@@ -579,22 +660,23 @@ def consume(
                 batch,
                 _quote_publication(wal.publication),
             ),
+            binary=True,
         ).fetchall()
         result.full = batch is not None and len(rows) >= batch
-        writer = _Writer(conn, schema)
-        for tx in parse(rows):
-            if isinstance(tx, Tick):
-                safe = max(safe, tx.lsn)
-                continue
-            safe = max(safe, tx.end_lsn)
-            if done is not None and tx.end_lsn <= done:
-                result.skipped += 1
+        with _Writer(conn, schema) as writer, _gc_paused():
+            for tx in parse(cast(bytes, row[0]) for row in rows):
+                if isinstance(tx, Tick):
+                    safe = max(safe, tx.lsn)
+                    continue
+                safe = max(safe, tx.end_lsn)
+                if done is not None and tx.end_lsn <= done:
+                    result.skipped += 1
+                    result.lsn = tx.end_lsn
+                    continue
+                writer.transaction(tx)
+                result.transactions += 1
                 result.lsn = tx.end_lsn
-                continue
-            writer.transaction(tx)
-            result.transactions += 1
-            result.lsn = tx.end_lsn
-        writer.flush()
+            writer.flush()
         result.events = writer.events
         if result.lsn is not None and (done is None or result.lsn > done):
             conn.execute(
@@ -610,6 +692,20 @@ def consume(
     if safe and not nested:
         _advance(conn, wal.slot, safe)
     return result
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a batch is decoded. A batch makes a few lists per
+    change that all live until it is written, none in a cycle; the collector, triggered by
+    their number, went over them again and again: a third of the consumer's time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def tick(conn: Conn) -> int:
