@@ -7,14 +7,21 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from pgwarden.backup.create import still_writing
+from pgwarden.backup.prune import plan_prune
+from pgwarden.backup.repo import BackupInfo, Repository, Writing
+from pgwarden.backup.store import DirStore
 from pgwarden.config import parse_config_file
 from pgwarden.server.cluster import LocalServer, free_port
 from pgwarden.server.local import local_server
@@ -608,3 +615,45 @@ def test_a_backup_killed_midway_is_never_restored_from_and_prune_removes_it(
     assert latest.code == 0, latest.err
     assert _restored(latest.out.strip(), "SELECT count(*) FROM bulk") == [(600000,)]
     _stop(server, root / "restored-k")
+
+
+def test_a_backup_being_written_is_told_from_an_interrupted_one(tmp_path: Path) -> None:
+    """Backups without a record: in progress while their writer lives (a process on this
+    machine, checked; another machine's, for 24 hours from its start), interrupted otherwise.
+    prune removes only interrupted ones; the record, written last, takes the marker away."""
+    repo = Repository(DirStore(tmp_path))
+    now = datetime.now(UTC)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    writers = {
+        "20261201T000000Z": None,  # no marker (an older pgwarden, or cut before it)
+        "20261201T000001Z": Writing("backup-job-pod-x7k2p", 1, now - timedelta(minutes=5)),
+        "20261201T000002Z": Writing("backup-job-pod-x7k2p", 1, now - timedelta(hours=25)),
+        "20261201T000003Z": Writing(socket.gethostname(), os.getpid(), now - timedelta(days=3)),
+        "20261201T000004Z": Writing(socket.gethostname(), dead.pid, now),
+    }
+    for label, writer in writers.items():
+        (tmp_path / "backups" / label).mkdir(parents=True)
+        if writer is not None:
+            repo.begin(label, writer)
+    contents = repo.observe()
+    assert sorted(contents.incomplete) == sorted(writers)
+    writing = {
+        label for label in contents.incomplete
+        if still_writing(label, contents, local_create=False)
+    }  # fmt: skip
+    assert writing == {"20261201T000001Z", "20261201T000003Z"}
+    assert all(still_writing(label, contents, local_create=True) for label in writers)
+    plan = plan_prune(contents, keep=None, keep_days=None, now=now, writing=frozenset(writing))
+    assert sorted(plan.remove_interrupted) == sorted(set(writers) - writing)
+
+    label = "20261201T000001Z"
+    info = BackupInfo(
+        label=label, kind="full", parent=None, timeline=1, start_lsn="0/2000028",
+        stop_lsn="0/2000100", start_time=now, stop_time=now, size_bytes=1,
+        system_identifier="1", pg_major=18, pg_version="18.1", data_checksums=True,
+        format="plain",
+    )  # fmt: skip
+    repo.record(info)
+    assert not (tmp_path / "backups" / label / "pgwarden-writing.json").exists()
+    assert label not in repo.observe().incomplete

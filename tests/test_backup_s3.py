@@ -5,15 +5,19 @@ bucket, verification, retention, and the archive's no-overwrite promise."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgwarden.backup.store import ArchiveConflict, S3Location, S3Store
-from pgwarden.config import parse_config_file
+from pgwarden.config import parse_config_file, parse_config_text
+from pgwarden.kube.backups import s3_config_map
 from pgwarden.server.cluster import LocalServer, free_port
 from pgwarden.server.local import local_server
 from tests.conftest import Run
@@ -201,3 +205,87 @@ def test_s3_errors_a_user_can_fix_are_said_plainly(
     assert up.code == 2, up.err
     assert "bucket no-such-bucket does not exist" in up.err
     assert "Traceback" not in up.err
+
+
+def test_a_server_elsewhere_is_backed_up_as_the_statefulset_cronjob_does(
+    s3_site: tuple[LocalServer, Path, Any],
+    run: Run,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The statefulset flavor's CronJob in miniature: `pgwarden --config <its ConfigMap's
+    pgwarden.yaml> --dsn <server> backup create`, on a machine with no local server (that
+    config names only the bucket), staged in $TMPDIR. The backup lists, verifies and restores
+    like the local server's own. While a backup is being written elsewhere, `list` says so and
+    `prune` here leaves it alone; a day later it is taken for interrupted."""
+    server, root, client = s3_site
+    endpoint = client.meta.endpoint_url
+    _sql(server, "CREATE TABLE marker (id int PRIMARY KEY)")
+    _sql(server, "INSERT INTO marker SELECT generate_series(1, 20)")
+    kube = parse_config_text(
+        "kubernetes: {storage: {kind: ebs}, tools_image: registry.example.com/pgwarden:1}\n"
+        f"backup: {{s3: {{bucket: {BUCKET}, prefix: clusters/main, "
+        f"endpoint_url: '{endpoint}'}}}}\n",
+        source="test.yaml",
+    )
+    rendered = s3_config_map(kube)["data"]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "pgwarden.yaml").write_text(rendered["pgwarden.yaml"])
+    (job / "location.json").write_text(rendered["location.json"])
+    # The archive_command's location (what the server in the pod archives to) is this bucket.
+    assert S3Location.load(job / "location.json") == S3Location(BUCKET, "clusters/main", endpoint)
+    staging = tmp_path / "job-tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    params = conninfo_to_dict(server.url("postgres"))
+    monkeypatch.setenv("PGPASSWORD", str(params.pop("password")))  # as the job gets it
+
+    created = run("--config", str(job / "pgwarden.yaml"), "--dsn", make_conninfo("", **params),
+                  "backup", "create")  # fmt: skip
+    assert created.code == 0, created.err
+    label = created.out.strip()
+    assert sorted(k.rsplit("/", 1)[1] for k in _keys(client, f"backups/{label}/")) == [
+        "backup_manifest", "base.tar", "pg_wal.tar", "pgwarden-backup.json",
+    ]  # fmt: skip
+    assert not [p for p in staging.rglob("*") if p.is_file()], "the staging copy stays behind"
+
+    # Where pgwarden runs (the local config names the same bucket): an ordinary backup.
+    _sql(server, "INSERT INTO marker SELECT generate_series(21, 30)")
+    _archived_up_to_now(server)
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert [b["label"] for b in listed["backups"]] == [label]
+    assert run("backup", "verify").code == 0
+    latest = run("backup", "restore", "--to-latest",
+                 "--target-dir", str(root / "restored-remote"), "--start")  # fmt: skip
+    assert latest.code == 0, latest.err
+    assert _restored(latest.out.strip(), "SELECT count(*) FROM marker") == [(30,)]
+    _stop(server, root / "restored-remote")
+
+    # A backup being written by the CronJob now: its first part is there, not its record.
+    writing = "20990101T000000Z"
+    client.put_object(Bucket=BUCKET, Key=f"clusters/main/backups/{writing}/base.tar",
+                      Body=b"half a tar")  # fmt: skip
+
+    def marker(age: timedelta) -> None:
+        started = (datetime.now(UTC) - age).isoformat()
+        body = json.dumps({"host": "postgres-backup-29145-x7k2p", "pid": 1, "started": started})
+        key = f"clusters/main/backups/{writing}/pgwarden-writing.json"
+        client.put_object(Bucket=BUCKET, Key=key, Body=body.encode())
+
+    marker(timedelta(minutes=3))
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert listed["incomplete"] == [{"label": writing, "state": "in progress"}]
+    dry = run("backup", "prune", "--dry-run")
+    assert dry.code == 0, dry.err
+    assert writing not in dry.out
+    marker(timedelta(hours=25))
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert listed["incomplete"] == [{"label": writing, "state": "interrupted"}]
+    pruned = run("backup", "prune")
+    assert pruned.code == 0, pruned.err
+    assert f"interrupted backup {writing}" in pruned.out
+    assert _keys(client, f"backups/{writing}/") == []
+    assert [b["label"] for b in json.loads(run("backup", "list", "-o", "json").out)["backups"]] == [
+        label
+    ]

@@ -3,6 +3,7 @@ settings and bootstrap SQL running a real PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from datetime import UTC, datetime
@@ -45,6 +46,8 @@ CONFIGS = {
     "cnpg-wal": "history: {tables: ['public.*'], capture: wal}\n"
     "kubernetes: {flavor: cloudnative-pg, tools_image: registry.example.com/pgwarden:0.1.0}\n"
     "backup: {s3: {bucket: my-backups}}\n",
+    "ebs-s3": "kubernetes: {storage: {kind: ebs}, tools_image: registry.example.com/pgwarden:1}\n"
+    "backup: {location: 's3://my-backups/pg/prod', schedule: '0 15 3 * * *'}\n",
     "existing": "kubernetes:\n  existing_secret: pg-admin\n"
     "  storage: {kind: existing, class_name: fast-ssd}\n  allowed_cidrs: [172.16.0.0/12]\n",
 }
@@ -426,9 +429,62 @@ def test_statefulset_backups_go_to_their_own_volume(run: Run, tmp_path: Path) ->
     assert seconds.code == 2
     assert "at a given second" in seconds.err
     (tmp_path / "pgwarden.yaml").write_text("backup: {s3: {bucket: my-backups}}\n")
-    s3_only = run("k8s", "render")
-    assert s3_only.code == 0
-    assert "does not archive to S3" in s3_only.err
+    s3_no_image = run("k8s", "render")
+    assert s3_no_image.code == 2
+    assert "kubernetes.tools_image" in s3_no_image.err
+
+
+def test_statefulset_backups_to_s3_run_pgwarden_from_the_tools_image(tmp_path: Path) -> None:
+    """backup.s3 with the statefulset flavor: the server runs the tools image and archives
+    with pgwarden's own command; a CronJob runs `pgwarden backup create` against the server
+    from the same image. The keys come from the Secret; the ConfigMap says where, not how."""
+    rendered = _render(CONFIGS["ebs-s3"], tmp_path)
+    by_kind: dict[str, list[Any]] = {}
+    for obj in rendered.objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    conf = next(o for o in by_kind["ConfigMap"] if o["metadata"]["name"] == "postgres-config")
+    text = conf["data"]["postgresql.conf"]
+    assert "archive_mode = 'on'" in text
+    assert (
+        "archive_command = 'python3 -m pgwarden.backup.walcmd push "
+        "/etc/pgwarden-backup/location.json %p'" in text
+    )
+    where = next(o for o in by_kind["ConfigMap"] if o["metadata"]["name"] == "postgres-backup-s3")
+    location = json.loads(where["data"]["location.json"])
+    assert location == {"bucket": "my-backups", "prefix": "pg/prod", "endpoint_url": None,
+                        "region": None}  # fmt: skip
+    job_config = parse_config_text(where["data"]["pgwarden.yaml"], source="job.yaml")
+    assert job_config.backup.s3 is not None
+    assert (job_config.backup.s3.bucket, job_config.backup.s3.prefix) == ("my-backups", "pg/prod")
+
+    (sts,) = by_kind["StatefulSet"]
+    (server,) = sts["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == "registry.example.com/pgwarden:1"
+    env = {e["name"]: e for e in server["env"]}
+    for name, key in (("AWS_ACCESS_KEY_ID", "ACCESS_KEY_ID"),
+                      ("AWS_SECRET_ACCESS_KEY", "ACCESS_SECRET_KEY")):  # fmt: skip
+        assert env[name]["valueFrom"]["secretKeyRef"] == {
+            "name": "backup-s3-credentials", "key": key,
+        }  # fmt: skip
+    assert {"name": "backup-s3", "mountPath": "/etc/pgwarden-backup", "readOnly": True} in (
+        server["volumeMounts"]
+    )
+
+    (job,) = by_kind["CronJob"]
+    assert job["spec"]["schedule"] == "15 3 * * *"
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/pgwarden:1"
+    assert container["command"][-2:] == ["backup", "create"]
+    dsn = container["command"][container["command"].index("--dsn") + 1]
+    assert "password" not in dsn
+    job_env = {e["name"]: e for e in container["env"]}
+    assert "value" not in job_env["PGPASSWORD"]
+    assert "value" not in job_env["AWS_SECRET_ACCESS_KEY"]
+    (policy,) = by_kind["NetworkPolicy"]
+    assert any(
+        "podSelector" in source for rule in policy["spec"]["ingress"] for source in rule["from"]
+    )
+    assert "no backups" not in " ".join(rendered.warnings)
 
 
 def test_wal_capture_runs_a_consumer_in_the_cluster(run: Run, tmp_path: Path) -> None:

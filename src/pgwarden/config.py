@@ -428,7 +428,9 @@ class KubernetesConfig(_Section):
         None,
         description="An image with pgwarden in it (deploy/Dockerfile builds one on the postgres "
         "image). Needed with history.capture: wal: it runs the WAL capture consumer (a "
-        "container of the statefulset's pod; a Deployment for cloudnative-pg).",
+        "container of the statefulset's pod; a Deployment for cloudnative-pg); and for the "
+        "statefulset flavor's backups to S3, where the server itself runs it (its "
+        "archive_command is pgwarden's) and so does the backup CronJob.",
     )
     replicas: int = Field(1, ge=1, description="statefulset flavor: must stay 1.")
     instances: int = Field(3, ge=1, description="cloudnative-pg flavor: number of instances.")

@@ -1,4 +1,5 @@
-"""`pgwarden backup create`: a base backup of the local server into the backup location.
+"""`pgwarden backup create`: a base backup into the backup location, of the local server or
+(`--dsn`) of a server elsewhere (the statefulset flavor's CronJob backs up its server so).
 
 pg_basebackup in plain format with its WAL streamed alongside (`-X stream`): each backup is
 restorable and checkable (`pg_verifybackup` parses its WAL) on its own; the archive carries
@@ -11,23 +12,40 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgwarden.backup.observe import archiver, cluster_identity
-from pgwarden.backup.repo import BACKUP_FILE, BackupInfo, Cluster, Repository
+from pgwarden.backup.repo import (
+    BACKUP_FILE,
+    BackupInfo,
+    Cluster,
+    Contents,
+    Repository,
+    Writing,
+)
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
 from pgwarden.lsn import parse_lsn
+from pgwarden.server.binaries import embedded_bindir
 from pgwarden.server.cluster import LocalServer
-from pgwarden.server.osuser import clean_env
+from pgwarden.server.osuser import RunAs, clean_env, current_user
+
+# A backup being written elsewhere (its marker names another machine) is taken for interrupted
+# once its marker is this old: nothing here can see whether that writer still lives.
+WRITING_STALE_AFTER = timedelta(hours=24)
 
 Progress = Callable[[int, int], None]  # (kB done, kB total)
 _PROGRESS_RE = re.compile(r"(\d+)/(\d+) kB")
@@ -52,8 +70,86 @@ def require_running(server: LocalServer) -> Target:
     return Target(server.url("postgres"), "the local server")
 
 
-def _lock_file(server: LocalServer) -> Path:
-    return server.state.cluster / "backup-create.lock"
+@dataclass(frozen=True)
+class Source:
+    """What a base backup is taken of, and this machine's side of it: where its lock and an
+    object store's staging copy live, which pg_basebackup runs, as whom."""
+
+    target: Target
+    repo: Repository
+    work: Path
+    pg_basebackup: Path
+    runas: RunAs
+    password: str | None  # for pg_basebackup's environment, never its command line
+    tool_major: int | None = None  # pg_basebackup's major version, when not the server's own
+
+
+def newest_pg_basebackup() -> tuple[int, Path] | None:
+    """The newest pg_basebackup here (embedded, Debian's, on PATH): it backs up servers of its
+    own major version and older ones, never newer ones."""
+    candidates: list[Path] = []
+    bindir = embedded_bindir()
+    if bindir is not None:
+        candidates.append(Path(bindir) / "pg_basebackup")
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_basebackup"))
+    found = shutil.which("pg_basebackup")
+    if found:
+        candidates.append(Path(found))
+    best: tuple[int, Path] | None = None
+    for path in candidates:
+        try:
+            done = subprocess.run(
+                [str(path), "--version"], capture_output=True, text=True, timeout=30, check=True
+            )
+            major = int(done.stdout.split()[-1].split(".")[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            continue
+        if best is None or major > best[0]:
+            best = (major, path)
+    return best
+
+
+def local_source(server: LocalServer) -> Source:
+    repo = repository(server)
+    return Source(
+        target=require_running(server),
+        repo=repo,
+        work=server.state.cluster,
+        pg_basebackup=server.tool("pg_basebackup"),
+        runas=server.runas,
+        password=server.state.password(),
+    )
+
+
+def remote_source(target: Target, repo: Repository | None) -> Source:
+    """A server that is not pgwarden's local one, by its connection string: the backup is
+    staged (object stores) in this machine's temporary directory ($TMPDIR)."""
+    if repo is None:
+        raise UserError(
+            "no backup location configured",
+            hint="set backup.location (a directory or s3://bucket/prefix) in pgwarden.yaml",
+        )
+    tool = newest_pg_basebackup()
+    if tool is None:
+        raise UserError(
+            "pg_basebackup is not installed here",
+            hint="install PostgreSQL's client programs, or pgwarden with its embedded server",
+        )
+    # pg_basebackup's environment is cleaned of PG* variables: it gets the password from here.
+    password = conninfo_to_dict(target.conninfo).get("password") or os.environ.get("PGPASSWORD")
+    return Source(
+        target=target,
+        repo=repo,
+        work=Path(tempfile.gettempdir()) / f"pgwarden-backup-{os.geteuid()}",
+        pg_basebackup=tool[1],
+        tool_major=tool[0],
+        runas=current_user(),
+        password=str(password) if password else None,
+    )
+
+
+def _lock_file(work: Path) -> Path:
+    return work / "backup-create.lock"
 
 
 def _try_lock(handle: IO[str]) -> bool:
@@ -65,12 +161,12 @@ def _try_lock(handle: IO[str]) -> bool:
 
 
 @contextlib.contextmanager
-def create_lock(server: LocalServer) -> Iterator[None]:
+def create_lock(work: Path) -> Iterator[None]:
     """One `backup create` at a time per server. The kernel drops the lock when the process
     dies, however it dies: a backup without its record and without a holder of this lock was
     interrupted, and `prune` may remove it."""
-    path = _lock_file(server)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_file(work)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with path.open("a") as handle:
         if not _try_lock(handle):
             raise UserError(
@@ -84,7 +180,7 @@ def create_lock(server: LocalServer) -> Iterator[None]:
 
 
 def create_running(server: LocalServer) -> bool:
-    path = _lock_file(server)
+    path = _lock_file(server.state.cluster)
     if not path.exists():
         return False
     with path.open("a") as handle:
@@ -94,18 +190,40 @@ def create_running(server: LocalServer) -> bool:
     return False
 
 
+def still_writing(
+    label: str, contents: Contents, *, local_create: bool, now: datetime | None = None
+) -> bool:
+    """Whether a backup without its record is being written now, not interrupted: a create of
+    the local server holds its lock (`local_create`), or the backup's marker names a live
+    process on this machine, or another machine less than WRITING_STALE_AFTER ago."""
+    if local_create:
+        return True
+    writer = contents.writing.get(label)
+    if writer is None:
+        return False
+    if writer.host == socket.gethostname():
+        try:
+            os.kill(writer.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # alive, someone else's
+        return True
+    return (now or datetime.now(UTC)) - writer.started < WRITING_STALE_AFTER
+
+
 def create_backup(
-    server: LocalServer, *, incremental: bool = False, progress: Progress | None = None
+    source: Source, *, incremental: bool = False, progress: Progress | None = None
 ) -> BackupInfo:
-    with create_lock(server):
+    with create_lock(source.work):
         # An interrupted create's staging copy (object stores): nobody else writes there.
-        shutil.rmtree(server.state.cluster / "backup-staging", ignore_errors=True)
-        return _create(server, incremental=incremental, progress=progress)
+        shutil.rmtree(source.work / "backup-staging", ignore_errors=True)
+        return _create(source, incremental=incremental, progress=progress)
 
 
-def _create(server: LocalServer, *, incremental: bool, progress: Progress | None) -> BackupInfo:
-    repo = repository(server)
-    target = require_running(server)
+def _create(source: Source, *, incremental: bool, progress: Progress | None) -> BackupInfo:
+    repo = source.repo
+    target = source.target
     with connect(target, autocommit=True) as conn:
         cluster = cluster_identity(conn)
         state = archiver(conn)
@@ -116,9 +234,17 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
         ).fetchone()
     if not state.active or state.pending_restart:
         raise UserError(
-            "WAL archiving is not on yet: the server was started before backup.location was "
-            "set, and a base backup without the WAL after it restores to one moment only",
-            hint="restart the server (`pgwarden down && pgwarden up`), then back up",
+            f"WAL archiving is not on yet ({target.source}): a base backup without the "
+            "WAL after it restores to one moment only",
+            hint="for the local server, restart it (`pgwarden down && pgwarden up`) since "
+            "backup.location was set; elsewhere, set archive_mode and archive_command (the "
+            "statefulset flavor renders them), then back up",
+        )
+    if source.tool_major is not None and source.tool_major < cluster.pg_major:
+        raise UserError(
+            f"the server runs PostgreSQL {cluster.pg_major} and the newest pg_basebackup here is "
+            f"{source.tool_major} ({source.pg_basebackup}): it cannot back up a newer server",
+            hint=f"install PostgreSQL {cluster.pg_major}'s client programs here",
         )
     repo.claim(cluster)
     contents = repo.observe()
@@ -145,32 +271,35 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
     # An object store gets the tar format, staged here first: three objects instead of one
     # per file. A directory gets a plain backup written in place.
     staged = repo.root is None
+    runas = source.runas
     if not staged:
         home = repo.backup_dir(label)
         home.mkdir(mode=0o700)
-        server.runas.chown(home)
+        runas.chown(home)
         written = home / "data"
         fmt = "plain"
     else:
-        home = server.state.cluster / "backup-staging" / label
+        home = source.work / "backup-staging" / label
         home.mkdir(mode=0o700, parents=True)
-        server.runas.chown(home.parent)
-        server.runas.chown(home)
+        runas.chown(home.parent)
+        runas.chown(home)
         written = home / "data"
         fmt = "tar"
+    writer = Writing(socket.gethostname(), os.getpid(), datetime.now(UTC))
     args: list[str | Path] = [
-        server.tool("pg_basebackup"),
+        source.pg_basebackup,
         "-D", written, "-F", fmt[0], "-X", "stream", "-c", "fast", "-l", f"pgwarden {label}",
-        "-d", _conninfo(server),
+        "-d", _conninfo(target),
     ]  # fmt: skip
     if progress is not None:
         # Only for a progress bar: -P has the server estimate the total size first, one more
         # pass over the data directory.
         args.append("-P")
     try:
+        repo.begin(label, writer)
         if parent is not None:
-            args += ["--incremental", _parent_manifest(server, repo, parent, home)]
-        _run_with_progress(server, args, progress)
+            args += ["--incremental", _parent_manifest(runas, repo, parent, home)]
+        _run_with_progress(source, args, progress)
         with connect(target, autocommit=True) as conn:
             stopped = conn.execute("SELECT pg_catalog.now()").fetchone()
         assert stopped is not None
@@ -198,17 +327,17 @@ def _create(server: LocalServer, *, incremental: bool, progress: Progress | None
     if staged:
         shutil.rmtree(home, ignore_errors=True)
     else:
-        server.runas.chown(home / BACKUP_FILE)
+        runas.chown(home / BACKUP_FILE)
     return info
 
 
-def _parent_manifest(server: LocalServer, repo: Repository, parent: BackupInfo, home: Path) -> Path:
+def _parent_manifest(runas: RunAs, repo: Repository, parent: BackupInfo, home: Path) -> Path:
     own = repo.plain_dir(parent)
     if own is not None:
         return own / "backup_manifest"
     path = home / "parent_manifest"
     repo.fetch_part(parent.label, "backup_manifest", path)
-    server.runas.chown(path)
+    runas.chown(path)
     return path
 
 
@@ -221,21 +350,18 @@ def _new_label(repo: Repository) -> str:
     return label
 
 
-def _conninfo(server: LocalServer) -> str:
-    """The server's admin URL without its password (that goes in PGPASSWORD)."""
-    params = conninfo_to_dict(server.url("postgres"))
+def _conninfo(target: Target) -> str:
+    """The server's connection string without its password (that goes in PGPASSWORD)."""
+    params = conninfo_to_dict(target.conninfo)
     params.pop("password", None)
     return make_conninfo("", **params)
 
 
-def _run_with_progress(
-    server: LocalServer, args: list[str | Path], progress: Progress | None
-) -> None:
+def _run_with_progress(source: Source, args: list[str | Path], progress: Progress | None) -> None:
     env = clean_env()
-    password = server.state.password()
-    if password:
-        env["PGPASSWORD"] = password  # the child's environment only: never on a command line
-    with server.runas.popen(args, env=env) as proc:
+    if source.password:
+        env["PGPASSWORD"] = source.password  # the child's environment only, never its argv
+    with source.runas.popen(args, env=env) as proc:
         assert proc.stderr is not None
         tail: list[str] = []
         buffer = ""

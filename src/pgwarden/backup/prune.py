@@ -34,11 +34,11 @@ def plan_prune(
     keep: int | None,
     keep_days: int | None,
     now: datetime,
-    create_running: bool = False,
+    writing: frozenset[str] = frozenset(),
 ) -> PrunePlan:
-    """`create_running`: a backup is being written now, so a backup without a record may be
-    that one, not an interrupted one: those are left for a later prune."""
-    interrupted = [] if create_running else list(contents.incomplete)
+    """`writing`: backups without a record that are being written now (create.still_writing),
+    not interrupted: those are left for a later prune."""
+    interrupted = [label for label in contents.incomplete if label not in writing]
     if keep is None and keep_days is None:
         if interrupted:  # without retention, only what is not a backup goes
             return PrunePlan([], list(contents.backups), [], interrupted)

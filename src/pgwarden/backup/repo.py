@@ -16,6 +16,7 @@ version up front, instead of failing halfway through recovery.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -35,6 +36,28 @@ from pgwarden.lsn import parse_lsn
 
 REPO_FILE = "pgwarden-backups.json"
 BACKUP_FILE = "pgwarden-backup.json"
+# Written first by whoever writes a backup, removed after its record: who is writing it, so
+# that a prune or verify elsewhere (a laptop, while a CronJob backs up) tells a backup being
+# written from an interrupted one.
+WRITING_FILE = "pgwarden-writing.json"
+
+
+@dataclass(frozen=True)
+class Writing:
+    """A backup's writer, as its marker says."""
+
+    host: str
+    pid: int
+    started: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "started": self.started.isoformat()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Writing:
+        return cls(str(data["host"]), int(data["pid"]), datetime.fromisoformat(data["started"]))
+
+
 FORMAT = 1
 
 
@@ -97,6 +120,7 @@ class Contents:
     # No record at all: a backup being written, or one interrupted (a crash, a kill) before its
     # record, which is written last. Never restored from; `prune` removes interrupted ones.
     incomplete: list[str] = field(default_factory=list)
+    writing: dict[str, Writing] = field(default_factory=dict)  # incomplete ones' markers
 
     def backup(self, label: str) -> BackupInfo:
         for info in self.backups:
@@ -181,9 +205,14 @@ class Repository:
             return
         check_same_cluster(recorded, cluster, self.where)
 
+    def begin(self, label: str, writer: Writing) -> None:
+        """Mark a backup as being written (before anything else of it)."""
+        self.store.write(f"backups/{label}/{WRITING_FILE}", _json_bytes(writer.to_json()))
+
     def record(self, info: BackupInfo) -> None:
         """A backup's metadata, written last: a backup without it is not a backup."""
         self.store.write(f"backups/{info.label}/{BACKUP_FILE}", _json_bytes(info.to_json()))
+        self.store.delete([f"backups/{info.label}/{WRITING_FILE}"])
 
     def remove_backup(self, label: str) -> None:
         self.store.delete_tree(f"backups/{label}")
@@ -230,11 +259,16 @@ class Repository:
         backups: list[BackupInfo] = []
         unreadable: list[str] = []
         incomplete: list[str] = []
+        writing: dict[str, Writing] = {}
         for label in self.store.children("backups/"):
             try:
                 raw = self.store.read(f"backups/{label}/{BACKUP_FILE}")
                 if raw is None:
                     incomplete.append(label)
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        marker = self.store.read(f"backups/{label}/{WRITING_FILE}")
+                        if marker is not None:
+                            writing[label] = Writing.from_json(json.loads(marker))
                     continue
                 backups.append(BackupInfo.from_json(json.loads(raw)))
             except (OSError, ValueError, KeyError, TypeError):
@@ -249,6 +283,7 @@ class Repository:
             segment_times=times,
             unreadable=unreadable,
             incomplete=incomplete,
+            writing=writing,
         )
 
 

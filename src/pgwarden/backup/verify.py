@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgwarden.backup.create import create_running
+from pgwarden.backup.create import create_running, still_writing
 from pgwarden.backup.repo import Contents, Repository
 from pgwarden.backup.restore import plain_copy
 from pgwarden.errors import UserError
@@ -87,6 +87,14 @@ def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
 
 
 def incomplete_of(server: LocalServer, contents: Contents) -> list[dict[str, str]]:
-    """Backups without a record: the one being written now, or interrupted ones."""
-    state = "in progress" if create_running(server) else "interrupted"
-    return [{"label": label, "state": state} for label in contents.incomplete]
+    """Backups without a record: being written now (here or elsewhere), or interrupted."""
+    local = create_running(server)
+    return [
+        {
+            "label": label,
+            "state": "in progress"
+            if still_writing(label, contents, local_create=local)
+            else "interrupted",
+        }
+        for label in contents.incomplete
+    ]

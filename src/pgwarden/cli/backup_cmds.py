@@ -13,7 +13,15 @@ import click
 from rich.progress import DownloadColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pgwarden.backup.create import create_backup, create_running, repository, require_running
+from pgwarden.backup.create import (
+    create_backup,
+    create_running,
+    local_source,
+    remote_source,
+    repository,
+    require_running,
+    still_writing,
+)
 from pgwarden.backup.observe import Archiver, archiver
 from pgwarden.backup.prune import apply_prune, plan_prune
 from pgwarden.backup.repo import Contents
@@ -41,7 +49,8 @@ def backup_group() -> None:
     """Base backups, WAL archiving and point-in-time restores of the local server.
 
     Configured by `backup.location` in pgwarden.yaml (a directory, or s3://bucket/prefix
-    like a `backup.s3` section); `pgwarden up` turns WAL archiving on there.
+    like a `backup.s3` section); `pgwarden up` turns WAL archiving on there. `backup create`
+    also backs up a server elsewhere (--dsn) that archives into the same location.
 
     \b
     Example:
@@ -59,12 +68,21 @@ def backup_group() -> None:
 def create_cmd(app: AppContext, incremental: bool) -> None:
     """Take a base backup (with its manifest) into backup.location.
 
+    Of the local server; or, given --dsn (or $PGWARDEN_DSN), of that server, which must
+    archive its WAL into the same location (the statefulset flavor's CronJob runs this).
+    A backup to S3 is staged in $TMPDIR first.
+
     \b
     Example:
       pgwarden backup create
       pgwarden backup create --incremental
+      pgwarden --dsn 'host=db.example.com user=postgres dbname=postgres' backup create
     """
-    server = app.server()
+    elsewhere = app.explicit_target()
+    if elsewhere is not None:
+        source = remote_source(elsewhere, app.backup_repository())
+    else:
+        source = local_source(app.server())
     if sys.stderr.isatty():
         with progress_bar(DownloadColumn(), TimeRemainingColumn()) as bar:
             task = bar.add_task("backing up", total=None)
@@ -72,9 +90,9 @@ def create_cmd(app: AppContext, incremental: bool) -> None:
             def update(done_kb: int, total_kb: int) -> None:
                 bar.update(task, completed=done_kb * 1024, total=total_kb * 1024)
 
-            info = create_backup(server, incremental=incremental, progress=update)
+            info = create_backup(source, incremental=incremental, progress=update)
     else:
-        info = create_backup(server, incremental=incremental)
+        info = create_backup(source, incremental=incremental)
     err_console.print(
         f"{info.kind} backup {info.label}: {format_size(info.size_bytes)}, WAL {info.start_lsn} → "
         f"{info.stop_lsn} on timeline {info.timeline}; restorable from "
@@ -385,9 +403,15 @@ def prune_cmd(app: AppContext, dry_run: bool) -> None:
     server = app.server()
     repo = repository(server)
     backup = app.loaded.config.backup
+    contents = repo.observe()
+    local = create_running(server)
+    writing = frozenset(
+        label for label in contents.incomplete
+        if still_writing(label, contents, local_create=local)
+    )  # fmt: skip
     plan = plan_prune(
-        repo.observe(), keep=backup.keep, keep_days=backup.keep_days, now=datetime.now(UTC),
-        create_running=create_running(server),
+        contents, keep=backup.keep, keep_days=backup.keep_days, now=datetime.now(UTC),
+        writing=writing,
     )  # fmt: skip
     verb = "would remove" if dry_run else "removing"
     for label in plan.remove_interrupted:

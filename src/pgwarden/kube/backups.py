@@ -1,19 +1,29 @@
-"""Backups for the statefulset flavor: a ReadWriteMany volume (EFS), WAL archived into it by the
-server itself, and a CronJob writing base backups beside it, in the layout `pgwarden backup`
-reads. Mount the same file system where pgwarden runs, point backup.location at it, and
-`pgwarden backup list | verify | restore` work on what the cluster wrote.
+"""Backups for the statefulset flavor, in the layout `pgwarden backup` reads, into either:
 
-The job runs the postgres image (pg_basebackup and psql are there; pgwarden is not), so its
-work is a small shell script and two SQL files shipped with pgwarden, in a ConfigMap.
+- a ReadWriteMany volume (EFS; backup.volume): WAL archived into it by the server itself
+  (basic_archive), and a CronJob writing base backups beside it. The job runs the postgres image
+  (pg_basebackup and psql are there; pgwarden is not), so its work is a small shell script and
+  two SQL files shipped with pgwarden, in a ConfigMap. Mount the same file system where pgwarden
+  runs, point backup.location at it, and `pgwarden backup list | verify | restore` work on what
+  the cluster wrote.
+- S3 (backup.s3, or backup.location s3://…): the server archives with pgwarden's own
+  archive_command, so it runs `kubernetes.tools_image` (the postgres image with pgwarden in it,
+  deploy/Dockerfile), and the CronJob runs `pgwarden backup create` against it from the same
+  image. The access keys come from the Secret backup.s3.credentials_secret, as environment
+  variables, never from a file. Point backup.location at the same bucket where pgwarden runs.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from pgwarden.config import Config, EfsConfig
+import yaml
+
+from pgwarden.backup.store import S3Location
+from pgwarden.config import Config, EfsConfig, S3BackupConfig
 from pgwarden.errors import ConfigError
 from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta, pod_security
 from pgwarden.sqlfiles import sql_text
@@ -21,6 +31,9 @@ from pgwarden.sqlfiles import sql_text
 MOUNT = "/backup"
 WAL_DIR = f"{MOUNT}/wal"
 SCRIPTS_DIR = "/scripts"
+S3_CONFIG_DIR = "/etc/pgwarden-backup"  # the S3 location (JSON) and the job's pgwarden.yaml
+S3_ARCHIVE_COMMAND = f"python3 -m pgwarden.backup.walcmd push {S3_CONFIG_DIR}/location.json %p"
+S3_JOB_COMMAND = ["pgwarden", "--config", f"{S3_CONFIG_DIR}/pgwarden.yaml"]
 
 
 def script_text() -> str:
@@ -168,6 +181,19 @@ def _cronjob(
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
         ],
     }
+    volumes = [
+        {"name": "backup", "persistentVolumeClaim": {"claimName": claim_name(config)}},
+        {"name": "scripts", "configMap": {"name": f"{k8s.name}-backup-scripts"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    return _cron(config, container, volumes, uid=uid)
+
+
+def _cron(
+    config: Config, container: dict[str, Any], volumes: list[dict[str, Any]], *, uid: int
+) -> Manifest:
+    """The CronJob around a backup container: one at a time, a few kept for their logs."""
+    k8s = config.kubernetes
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
@@ -190,17 +216,7 @@ def _cronjob(
                             "automountServiceAccountToken": False,
                             "securityContext": pod_security(uid, fsGroup=uid),
                             "containers": [container],
-                            "volumes": [
-                                {
-                                    "name": "backup",
-                                    "persistentVolumeClaim": {"claimName": claim_name(config)},
-                                },
-                                {
-                                    "name": "scripts",
-                                    "configMap": {"name": f"{k8s.name}-backup-scripts"},
-                                },
-                                {"name": "tmp", "emptyDir": {}},
-                            ],
+                            "volumes": volumes,
                         },
                     },
                 }
@@ -223,3 +239,102 @@ def server_parts(config: Config, *, image: str, security: dict[str, Any]) -> Ser
             "volumeMounts": [{"name": "backup", "mountPath": MOUNT}],
         },
     )
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+def _s3(config: Config) -> S3BackupConfig:
+    s3 = config.backup.s3
+    assert s3 is not None
+    return s3
+
+
+def s3_tools_image(config: Config) -> str:
+    image = config.kubernetes.tools_image
+    if image is None:
+        raise ConfigError(
+            f"backups to {S3Location(_s3(config).bucket, _s3(config).prefix).where} from the "
+            "statefulset flavor need pgwarden in the cluster, and kubernetes.tools_image is "
+            "not set",
+            hint="build an image with pgwarden in it (deploy/Dockerfile: the postgres image "
+            "plus pgwarden), push it and set kubernetes.tools_image; the server runs it to "
+            "archive WAL into S3. Or use backup.volume (EFS), which needs no image of yours",
+        )
+    return image
+
+
+def s3_env(config: Config) -> list[dict[str, Any]]:
+    """The access keys, from the Secret, for boto3's usual chain."""
+    s3 = _s3(config)
+    return [
+        {
+            "name": name,
+            "valueFrom": {"secretKeyRef": {"name": s3.credentials_secret, "key": key}},
+        }
+        for name, key in (
+            ("AWS_ACCESS_KEY_ID", s3.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key_key),
+        )
+    ]
+
+
+def s3_config_map_name(config: Config) -> str:
+    return f"{config.kubernetes.name}-backup-s3"
+
+
+def s3_config_map(config: Config) -> Manifest:
+    """Where backups go (no secret): the archive_command's location file, and the job's
+    pgwarden.yaml."""
+    s3 = _s3(config)
+    location = S3Location(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
+    section = {k: v for k, v in location.to_json().items() if v}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(config.kubernetes, s3_config_map_name(config)),
+        "data": {
+            "location.json": json.dumps(location.to_json(), indent=2, sort_keys=True) + "\n",
+            "pgwarden.yaml": yaml.safe_dump(
+                {"database": config.database, "backup": {"s3": section}}, sort_keys=False
+            ),
+        },
+    }
+
+
+def s3_volume(config: Config) -> dict[str, Any]:
+    return {"name": "backup-s3", "configMap": {"name": s3_config_map_name(config)}}
+
+
+S3_MOUNT = {"name": "backup-s3", "mountPath": S3_CONFIG_DIR, "readOnly": True}
+
+
+def s3_objects(
+    config: Config, *, secret_name: str, port: int, uid: int, security: dict[str, Any]
+) -> list[Manifest]:
+    k8s = config.kubernetes
+    dsn = f"host={k8s.name}.{k8s.namespace}.svc port={port} user=postgres dbname=postgres"
+    container = {
+        "name": "backup",
+        "image": s3_tools_image(config),
+        "imagePullPolicy": "IfNotPresent",
+        "command": [*S3_JOB_COMMAND, "--dsn", dsn, "backup", "create"],
+        "env": [
+            # The staging copy (a tar of the whole database, then uploaded) and pgwarden's log.
+            {"name": "TMPDIR", "value": "/tmp"},  # noqa: S108 - an emptyDir
+            {"name": "HOME", "value": "/tmp"},  # noqa: S108 - an emptyDir
+            {
+                "name": "PGPASSWORD",
+                "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "password"}},
+            },
+            *s3_env(config),
+        ],
+        "securityContext": security,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+        "volumeMounts": [
+            S3_MOUNT,
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
+        ],
+    }
+    volumes = [s3_volume(config), {"name": "tmp", "emptyDir": {}}]
+    return [s3_config_map(config), _cron(config, container, volumes, uid=uid)]

@@ -34,7 +34,6 @@ ROLE = "pgwarden_consumer"  # cloudnative-pg: the consumer's login role
 CONFIG_MOUNT = "/etc/pgwarden-consumer"
 SOCKET_DIR = "/var/run/postgresql"
 COMMAND = ["pgwarden", "--config", f"{CONFIG_MOUNT}/pgwarden.yaml", "history", "follow", "--wait"]
-COMMAND = ["pgwarden", "--config", f"{CONFIG_MOUNT}/pgwarden.yaml", "history", "follow", "--wait"]
 RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 

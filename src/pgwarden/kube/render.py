@@ -107,8 +107,11 @@ def check_config(config: Config) -> list[str]:
             "(streaming replicas, each on its own volume, with automatic failover)",
         )
     check_storage(k8s)
+    # Refused now, before the bootstrap is planned.
     if config.history.uses_wal:
-        consumer.tools_image(config)  # refused now, before the bootstrap is planned
+        consumer.tools_image(config)
+    if _s3_backups(config):
+        backups.s3_tools_image(config)
     if storage.kind in ("efs", "efs-static"):
         warnings.append(
             "PGDATA on EFS: every write and fsync crosses the network (~2.7 ms each), locking is "
@@ -224,8 +227,10 @@ def render_statefulset(config: Config, bootstrap: dict[str, str], password: str 
         allowed_cidrs=k8s.allowed_cidrs,
         ident_users=("postgres",),
         admin_user="postgres",
-        # The backup volume: basic_archive never overwrites a different file of a name.
+        # The backup volume: basic_archive never overwrites a different file of a name;
+        # S3: pgwarden's own command, which never does either.
         archive_dir=backups.WAL_DIR if config.backup.volume is not None else None,
+        archive_command=backups.S3_ARCHIVE_COMMAND if _s3_backups(config) else None,
         archive_timeout=config.backup.archive_timeout,
         logical_decoding=config.history.uses_wal,
         slot_wal_keep=config.history.wal_keep_limit,
@@ -237,12 +242,11 @@ def render_statefulset(config: Config, bootstrap: dict[str, str], password: str 
             config, image=k8s.image or DEFAULT_IMAGE, secret_name=secret_name, port=PG_PORT,
             uid=POSTGRES_UID, security=CONTAINER_SECURITY,
         )  # fmt: skip
-    elif config.backup.s3 is not None:
-        warnings.append(
-            "backup.s3 is where the local server and the cloudnative-pg flavor put backups; the "
-            "statefulset flavor does not archive to S3 (yet): add backup.volume (EFS) for "
-            "backups here, or use flavor: cloudnative-pg"
-        )
+    elif _s3_backups(config):
+        objects += backups.s3_objects(
+            config, secret_name=secret_name, port=PG_PORT, uid=POSTGRES_UID,
+            security=CONTAINER_SECURITY,
+        )  # fmt: skip
     else:
         warnings.append(
             "no backups: add backup.volume (an EFS volume for WAL and base backups); EFS under "
@@ -330,7 +334,7 @@ def render_statefulset(config: Config, bootstrap: dict[str, str], password: str 
             "ports": [{"protocol": "TCP", "port": PG_PORT}],
         }
     ]
-    if config.backup.volume is not None:
+    if config.backup.volume is not None or _s3_backups(config):
         ingress.append(
             {
                 "from": [{"podSelector": {"matchLabels": backups.job_labels(config)}}],
@@ -350,6 +354,11 @@ def render_statefulset(config: Config, bootstrap: dict[str, str], password: str 
         }
     )
     return Rendered(objects, warnings)
+
+
+def _s3_backups(config: Config) -> bool:
+    """Backups to S3 from the statefulset flavor (a backup volume, when there is one, wins)."""
+    return config.backup.volume is None and config.backup.s3 is not None
 
 
 def _probe(config: Config, **timing: int) -> dict[str, Any]:
@@ -383,9 +392,27 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
         {"name": "run", "mountPath": "/var/run/postgresql"},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
     ]
+    # Archiving to S3 runs pgwarden in the server's container: the tools image (the postgres
+    # image with pgwarden added).
+    image = backups.s3_tools_image(config) if _s3_backups(config) else k8s.image or DEFAULT_IMAGE
+    env: list[dict[str, Any]] = [
+        {"name": "PGDATA", "value": PGDATA},
+        {"name": "POSTGRES_DB", "value": config.database},
+        {"name": "POSTGRES_USER", "value": "postgres"},
+        {
+            "name": "POSTGRES_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "password"}},
+        },
+        {
+            "name": "POSTGRES_INITDB_ARGS",
+            "value": "--data-checksums --auth-host=scram-sha-256 --auth-local=peer",
+        },
+    ]
+    if _s3_backups(config):
+        env += backups.s3_env(config)
     container = {
         "name": "postgres",
-        "image": k8s.image or DEFAULT_IMAGE,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": [
             "-c",
@@ -395,19 +422,7 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
             "-c",
             f"ident_file={CONFIG_DIR}/pg_ident.conf",
         ],
-        "env": [
-            {"name": "PGDATA", "value": PGDATA},
-            {"name": "POSTGRES_DB", "value": config.database},
-            {"name": "POSTGRES_USER", "value": "postgres"},
-            {
-                "name": "POSTGRES_PASSWORD",
-                "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "password"}},
-            },
-            {
-                "name": "POSTGRES_INITDB_ARGS",
-                "value": "--data-checksums --auth-host=scram-sha-256 --auth-local=peer",
-            },
-        ],
+        "env": env,
         "ports": [{"name": "postgres", "containerPort": PG_PORT, "protocol": "TCP"}],
         "startupProbe": _probe(config, periodSeconds=5, failureThreshold=120, timeoutSeconds=5),
         "readinessProbe": _probe(config, periodSeconds=5, failureThreshold=3, timeoutSeconds=5),
@@ -456,6 +471,9 @@ def _statefulset(config: Config, secret_name: str) -> Manifest:
             },
         },
     }
+    if _s3_backups(config):
+        mounts.append(dict(backups.S3_MOUNT))
+        volumes.append(backups.s3_volume(config))
     if config.backup.volume is not None:
         parts = backups.server_parts(
             config, image=k8s.image or DEFAULT_IMAGE, security=CONTAINER_SECURITY

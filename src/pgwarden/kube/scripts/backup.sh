@@ -28,6 +28,9 @@ label=$(date -u +%Y%m%dT%H%M%SZ)
 dir="$root/backups/$label"
 mkdir "$dir"  # fails, writing nothing, if a backup of that second exists
 trap 'rm -rf "$dir"' EXIT  # our own half-written copy, on any failure
+# Who writes it: a prune elsewhere leaves a backup being written alone (removed below).
+printf '{"host": "%s", "pid": %d, "started": "%s"}\n' "$(cat /proc/sys/kernel/hostname)" $$ \
+    "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$dir/pgwarden-writing.json"
 pg_basebackup -D "$dir/data" -X stream -c fast -l "pgwarden $label" -d "dbname=postgres"
 manifest="$dir/data/backup_manifest"
 stop_lsn=$(grep -o '"End-LSN": *"[0-9A-F/]*"' "$manifest" | tail -n 1 | sed 's/.*"\([0-9A-F/]*\)"$/\1/')
@@ -39,5 +42,6 @@ psql -XAtq -v ON_ERROR_STOP=1 -d postgres -v label="$label" \
     > "$dir/.pgwarden-backup.json.tmp"
 sync "$dir/.pgwarden-backup.json.tmp" 2>/dev/null || sync
 mv "$dir/.pgwarden-backup.json.tmp" "$dir/pgwarden-backup.json"
+rm -f "$dir/pgwarden-writing.json"
 trap - EXIT
 echo "pgwarden backup: $label written to $dir"
