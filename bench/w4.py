@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from bench.w2 import _pgbench
-from pgwarden.backup.create import create_backup
+from pgwarden.backup.create import create_backup, local_source
 from pgwarden.backup.repo import Repository
 from pgwarden.backup.restore import RecoveryTarget, plan_restore, run_restore
 from pgwarden.config import Config
@@ -209,7 +209,7 @@ def _rep(
 
     steps: list[tuple[str, Callable[[], object]]] = [
         ("plain-backup", lambda: _plain_backup(server, plain)),
-        ("pgwarden-backup", lambda: create_backup(server)),
+        ("pgwarden-backup", lambda: create_backup(local_source(server))),
         ("plain-restore", lambda: _plain_restore(server, plain, restored, wal_dir)),
         ("pgwarden-restore", our_restore),
     ]
@@ -235,7 +235,7 @@ def _rep(
         plain_inc = work / "plain-incremental"
         manifest = plain / "backup_manifest"
         pair: list[tuple[str, Callable[[], object]]] = [
-            ("pgwarden-incremental", lambda: create_backup(server, incremental=True)),
+            ("pgwarden-incremental", lambda: create_backup(local_source(server), incremental=True)),
             ("plain-incremental",
              lambda: _plain_backup(server, plain_inc, "--incremental", manifest)),
         ]  # fmt: skip
