@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from pgwarden.connect import mask_conninfo, resolve_target
+from pgwarden.connect import Target, connect, mask_conninfo, resolve_target
 from pgwarden.errors import ConnectionFailed
+from tests.conftest import Database
 
 LOCAL = "postgresql://postgres:pw@127.0.0.1:5432/app"
 
@@ -34,3 +35,16 @@ def test_nothing_to_connect_to_is_a_clear_error() -> None:
 def test_passwords_are_masked() -> None:
     assert "pw" not in mask_conninfo(LOCAL)
     assert "***" in mask_conninfo(LOCAL)
+
+
+def test_the_consumers_connection_notices_a_vanished_server(database: Database) -> None:
+    """The WAL capture consumer's connection lives for days: TCP keepalives and a user timeout
+    end it within about a minute when the server vanishes without closing it (a lost node, a
+    failover), so that `history follow --wait` reconnects instead of hanging for hours."""
+    with connect(Target(database.url, "test"), long_lived=True) as conn:
+        params = conn.info.get_parameters()
+        assert params["keepalives_idle"] == "30"
+        assert params["tcp_user_timeout"] == "60000"
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with connect(Target(database.url, "test")) as conn:
+        assert "keepalives_idle" not in conn.info.get_parameters()

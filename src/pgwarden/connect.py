@@ -57,13 +57,28 @@ def resolve_target(dsn: str | None, local: Callable[[], str | None]) -> Target:
     )
 
 
-def connect(target: Target, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+# For connections that live for days (the WAL capture consumer): a server that vanishes without
+# closing the connection (its node lost, a failover) is noticed within about a minute instead
+# of the kernel's two hours, and the caller reconnects.
+LONG_LIVED = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms: sent data unacknowledged this long ends the connection
+}
+
+
+def connect(
+    target: Target, *, autocommit: bool = False, long_lived: bool = False
+) -> psycopg.Connection[tuple[object, ...]]:
     try:
         # UTF8 whatever the database's encoding: the server converts, and psycopg decodes
         # json and jsonb as UTF-8 whatever the connection's encoding (a LATIN1 database's
         # history failed to read otherwise).
+        conninfo = make_conninfo(target.conninfo, **LONG_LIVED) if long_lived else target.conninfo
         return psycopg.connect(
-            target.conninfo, autocommit=autocommit, application_name="pgwarden",
+            conninfo, autocommit=autocommit, application_name="pgwarden",
             connect_timeout=10, client_encoding="UTF8",
         )  # fmt: skip
     except psycopg.OperationalError as exc:

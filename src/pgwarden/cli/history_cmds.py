@@ -517,7 +517,7 @@ def _follow(app: AppContext, batch: int, *, wait: bool) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         while not stopping:
             try:
-                with connect(app.target()) as conn:
+                with connect(app.target(), long_lived=True) as conn:
                     conn.autocommit = True
                     if not catalog.is_installed(conn, schema) or wal.setup(conn, schema) is None:
                         if not wait:
