@@ -37,14 +37,23 @@ def mask_conninfo(conninfo: str) -> str:
     return make_conninfo(**params)  # type: ignore[arg-type]
 
 
-def resolve_target(dsn: str | None, local: Callable[[], str | None]) -> Target:
-    """The connection to use. `local` returns the running local server's URL, if any."""
+def named_target(dsn: str | None) -> Target | None:
+    """A server named for pgwarden on purpose (--dsn, else $PGWARDEN_DSN), not one the
+    environment happens to point at (DATABASE_URL, PG*)."""
     if dsn:
         return Target(dsn, "--dsn")
-    for var in ("PGWARDEN_DSN", "DATABASE_URL"):
-        value = os.environ.get(var)
-        if value:
-            return Target(value, f"${var}")
+    value = os.environ.get("PGWARDEN_DSN")
+    return Target(value, "$PGWARDEN_DSN") if value else None
+
+
+def resolve_target(dsn: str | None, local: Callable[[], str | None]) -> Target:
+    """The connection to use. `local` returns the running local server's URL, if any."""
+    named = named_target(dsn)
+    if named is not None:
+        return named
+    value = os.environ.get("DATABASE_URL")
+    if value:
+        return Target(value, "$DATABASE_URL")
     if any(os.environ.get(var) for var in LIBPQ_VARS):
         return Target("", "libpq PG* environment variables")
     url = local()

@@ -212,6 +212,16 @@ def still_writing(
     return (now or datetime.now(UTC)) - writer.started < WRITING_STALE_AFTER
 
 
+def being_written(server: LocalServer, contents: Contents) -> frozenset[str]:
+    """The backups without a record that are being written now (still_writing), as seen
+    from the local server's machine."""
+    local = create_running(server)
+    return frozenset(
+        label for label in contents.incomplete
+        if still_writing(label, contents, local_create=local)
+    )  # fmt: skip
+
+
 def create_backup(
     source: Source, *, incremental: bool = False, progress: Progress | None = None
 ) -> BackupInfo:

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgwarden.backup.store import DirStore, Store
+from pgwarden.backup.store import DirStore, S3Location, S3Store, Store
 from pgwarden.backup.wal import (
     HISTORY_RE,
     Segment,
@@ -152,8 +152,9 @@ class Repository:
     store: Store
 
     @classmethod
-    def at(cls, root: Path) -> Repository:
-        return cls(DirStore(root))
+    def at(cls, root: Path | S3Location) -> Repository:
+        """The repository in a directory or at an S3 location."""
+        return cls(DirStore(root) if isinstance(root, Path) else S3Store(root))
 
     @property
     def where(self) -> str:

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgwarden.backup.create import create_running, still_writing
+from pgwarden.backup.create import being_written
 from pgwarden.backup.repo import Contents, Repository
 from pgwarden.backup.restore import plain_copy
 from pgwarden.errors import UserError
@@ -88,13 +88,8 @@ def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
 
 def incomplete_of(server: LocalServer, contents: Contents) -> list[dict[str, str]]:
     """Backups without a record: being written now (here or elsewhere), or interrupted."""
-    local = create_running(server)
+    writing = being_written(server, contents)
     return [
-        {
-            "label": label,
-            "state": "in progress"
-            if still_writing(label, contents, local_create=local)
-            else "interrupted",
-        }
+        {"label": label, "state": "in progress" if label in writing else "interrupted"}
         for label in contents.incomplete
     ]

@@ -14,13 +14,12 @@ from rich.progress import DownloadColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pgwarden.backup.create import (
+    being_written,
     create_backup,
-    create_running,
     local_source,
     remote_source,
     repository,
     require_running,
-    still_writing,
 )
 from pgwarden.backup.observe import Archiver, archiver
 from pgwarden.backup.prune import apply_prune, plan_prune
@@ -404,14 +403,9 @@ def prune_cmd(app: AppContext, dry_run: bool) -> None:
     repo = repository(server)
     backup = app.loaded.config.backup
     contents = repo.observe()
-    local = create_running(server)
-    writing = frozenset(
-        label for label in contents.incomplete
-        if still_writing(label, contents, local_create=local)
-    )  # fmt: skip
     plan = plan_prune(
         contents, keep=backup.keep, keep_days=backup.keep_days, now=datetime.now(UTC),
-        writing=writing,
+        writing=being_written(server, contents),
     )  # fmt: skip
     verb = "would remove" if dry_run else "removing"
     for label in plan.remove_interrupted:

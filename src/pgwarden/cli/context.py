@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
 from pgwarden.backup.repo import Repository
-from pgwarden.backup.store import DirStore, S3Store
 from pgwarden.config import LoadedConfig, load_config
-from pgwarden.connect import Target, resolve_target
+from pgwarden.connect import Target, named_target, resolve_target
 from pgwarden.server.cluster import LocalServer
 from pgwarden.server.local import backup_root, local_server
 
@@ -43,21 +41,13 @@ class AppContext:
         )
 
     def explicit_target(self) -> Target | None:
-        """A server named on purpose (--dsn, $PGWARDEN_DSN), not found in the environment
-        (DATABASE_URL, PG*): for commands that otherwise work on the local server."""
-        if self.dsn:
-            return Target(self.dsn, "--dsn")
-        value = os.environ.get("PGWARDEN_DSN")
-        return Target(value, "$PGWARDEN_DSN") if value else None
+        """A server named on purpose, for commands that otherwise work on the local server."""
+        return named_target(self.dsn)
 
     def backup_repository(self) -> Repository | None:
         """backup.location's repository, whether or not there is a local server."""
         root = backup_root(self.loaded.config, self.loaded.path)
-        if root is None:
-            return None
-        if isinstance(root, Path):
-            return Repository(DirStore(root))
-        return Repository(S3Store(root))
+        return Repository.at(root) if root is not None else None
 
     def target(self) -> Target:
         def local_url() -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pgwarden.backup.repo import Cluster, Repository
-from pgwarden.backup.store import DirStore, S3Location, S3Store
+from pgwarden.backup.store import S3Location, S3Store
 from pgwarden.config import Config
 from pgwarden.errors import BinariesNotFound, DataDirRefused, PortInUse, ServerError
 from pgwarden.server import pgconf
@@ -422,11 +422,7 @@ class LocalServer:
         return self.state.cluster / "backup-location.json"
 
     def backup_repository(self) -> Repository | None:
-        if self.backup_root is None:
-            return None
-        if isinstance(self.backup_root, Path):
-            return Repository(DirStore(self.backup_root))
-        return Repository(S3Store(self.backup_root))
+        return Repository.at(self.backup_root) if self.backup_root is not None else None
 
     def wal_command(self, verb: str) -> str:
         """archive_command / restore_command for an S3 location: pgwarden's own, run by
