@@ -29,7 +29,7 @@ RESULTS = Path(__file__).parent / "results"
 
 FULL = {"w1_rows": 100_000, "w1_reps": 3, "w2_scale": 10, "w2_seconds": 20, "w2_reps": 5,
         "w3_small": 10_000, "w3_large": 10_000_000, "w3_as_of_rows": 1_000_000, "w3_samples": 300,
-        "w4_scale": 70, "w4_reps": 4, "w5_events": 10_000_000, "w5_samples": 100}  # fmt: skip
+        "w4_scale": 70, "w4_reps": 8, "w5_events": 10_000_000, "w5_samples": 100}  # fmt: skip
 QUICK = {"w1_rows": 5_000, "w1_reps": 3, "w2_scale": 1, "w2_seconds": 3, "w2_reps": 1,
          "w3_small": 2_000, "w3_large": 20_000, "w3_as_of_rows": 5_000, "w3_samples": 50,
          "w4_scale": 1, "w4_reps": 1, "w5_events": 20_000, "w5_samples": 10}  # fmt: skip

@@ -153,6 +153,13 @@ def test_restore_to_a_time_before_a_transaction_and_to_the_end(
 
     listed = json.loads(run("backup", "list", "-o", "json").out)
     assert [b["label"] for b in listed["backups"]] == [label]
+    # The size recorded from the manifest is the bytes on disk, every file counted once.
+    on_disk = sum(
+        p.stat().st_size
+        for p in (root / "backups" / "backups" / label / "data").rglob("*")
+        if p.is_file() and not p.is_symlink()
+    )
+    assert listed["backups"][0]["size_bytes"] == on_disk
     assert listed["archiver"]["active"] is True
     assert listed["archiver"]["failing"] is False
     assert listed["window"]["earliest"] <= listed["window"]["latest"]
