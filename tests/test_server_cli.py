@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 
 from pgwarden.config import Config
 from pgwarden.server.cluster import LocalServer
+from pgwarden.server.osuser import service_user
+from pgwarden.server.state import StateDir
 from tests.conftest import Result, Run, free_port
 
 
@@ -302,3 +305,25 @@ def test_psql_and_python_m(run: Run, tmp_path: Path, port: int, pg_bin: Path) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "app"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the system cluster dir is used only as root")
+def test_a_state_dir_made_anew_gets_a_cluster_of_its_own(tmp_path: Path) -> None:
+    """As root the cluster lives under /var/lib/pgwarden, named after the state dir's path.
+    Remove the state dir and make one at the same path: its cluster is a new directory, the
+    earlier one (someone's data, with a password that is gone) is neither reused nor deleted."""
+    runas = service_user("pgwarden")
+    first = StateDir(tmp_path / ".pgwarden")
+    first.prepare(runas)
+    earlier = first.cluster
+    (earlier / "data").mkdir()
+    (earlier / "data" / "PG_VERSION").write_text("15\n")
+    shutil.rmtree(first.root)  # the state dir only: the symlink goes, not what it points to
+
+    again = StateDir(tmp_path / ".pgwarden")
+    again.prepare(runas)
+    assert again.cluster != earlier
+    assert not (again.cluster / "data").exists()
+    assert (earlier / "data" / "PG_VERSION").read_text() == "15\n"
+    shutil.rmtree(earlier)
+    shutil.rmtree(again.cluster)

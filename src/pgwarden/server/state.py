@@ -12,6 +12,8 @@ Layout (default `./.pgwarden/` beside the config):
 As root, PostgreSQL runs as an unprivileged user that must be able to reach `cluster/`. When the
 state directory sits below a folder that user cannot enter (say /root), pgwarden does not loosen
 that folder: it keeps the cluster under /var/lib/pgwarden/clusters/<hash> and leaves a symlink.
+A state directory made anew where an earlier one was removed gets a cluster directory of its own
+(<hash>-2, …): the earlier cluster's data stays where it was, neither reused nor deleted.
 """
 
 from __future__ import annotations
@@ -109,11 +111,11 @@ class StateDir:
         if not link.exists() and not link.is_symlink():
             if runas.switch and not runas.can_access(self.root):
                 digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
-                target = SYSTEM_ROOT / "clusters" / digest
-                target.parent.mkdir(parents=True, exist_ok=True)
+                clusters = SYSTEM_ROOT / "clusters"
+                clusters.mkdir(parents=True, exist_ok=True)
                 os.chmod(SYSTEM_ROOT, 0o755)  # noqa: S103 - our own dirs, readable by design
-                os.chmod(target.parent, 0o711)  # noqa: S103 - our own dirs, readable by design
-                target.mkdir(mode=0o700, exist_ok=True)
+                os.chmod(clusters, 0o711)  # noqa: S103 - our own dirs, readable by design
+                target = _fresh_dir(clusters, digest)
                 link.symlink_to(target, target_is_directory=True)
             else:
                 link.mkdir(mode=0o700)
@@ -121,3 +123,16 @@ class StateDir:
         for sub in (cluster, cluster / "log", cluster / "run"):
             sub.mkdir(mode=0o700, exist_ok=True)
             runas.chown(sub)
+
+
+def _fresh_dir(parent: Path, name: str) -> Path:
+    """A new directory `parent/name`, or `name-2`, `name-3`, … where that exists already (the
+    cluster of a state directory that was removed: its data is someone's, so it stays)."""
+    for n in range(1, 1000):
+        target = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            target.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return target
+    raise FileExistsError(f"{parent / name}: a thousand clusters of the same state directory")
