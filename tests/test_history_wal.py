@@ -19,7 +19,7 @@ import pytest
 
 from pgwarden.config import Config
 from pgwarden.converge import apply_config
-from pgwarden.errors import ConfigError, UserError
+from pgwarden.errors import ConfigError
 from pgwarden.history import (
     TableName,
     as_of,
@@ -29,7 +29,6 @@ from pgwarden.history import (
     verify,
     wal,
     walstate,
-    walstream,
 )
 from pgwarden.history.catalog import DEFAULT_SCHEMA
 from pgwarden.kube import consumer as kube_consumer
@@ -336,142 +335,6 @@ def test_consumer_killed_mid_batch_writes_every_event_once(database: Database) -
         ).fetchone()
         assert counts == (committed, committed)
         assert killed_between > 0  # at least one kill left work behind for the next one
-
-
-class _Follower:
-    """walstream.follow in a thread, on its own connection, until stopped."""
-
-    def __init__(self, url: str) -> None:
-        self.notes: list[str] = []
-        self.reports: list[wal.BatchResult] = []
-        self.failed: list[BaseException] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(url,))
-        self.thread.start()
-
-    def _run(self, url: str) -> None:
-        try:
-            with psycopg.connect(url, autocommit=True) as conn:
-                walstream.follow(conn, DEFAULT_SCHEMA, stop=self.stopping.is_set,
-                                 report=self.reports.append, note=self.notes.append)  # fmt: skip
-        except BaseException as exc:  # shown by stop()
-            self.failed.append(exc)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
-        assert not self.failed, self.failed
-
-
-def _slot_holder(conn: psycopg.Connection[Any]) -> tuple[int | None, str | None]:
-    """The process that has the slot, and what kind of backend it is."""
-    row = conn.execute(
-        "SELECT s.active_pid, a.backend_type FROM pg_replication_slots s "
-        "LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.database = current_database()"
-    ).fetchone()
-    return (row[0], row[1]) if row else (None, None)
-
-
-def _until(check: Any, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.05)
-
-
-def test_follow_streams_and_readers_wait_for_it(database: Database) -> None:
-    """`history follow` reads the slot over the replication protocol (a walsender has it, and
-    decodes each record once): history fills with no reader, exactly once, across a schema
-    change (the relation is described anew mid-stream); a reader meanwhile does not read the
-    slot, it waits until the consumer has passed its own start, and sees its own writes."""
-    with database.connect(autocommit=True) as conn:
-        conn.execute("CREATE TABLE s (id int PRIMARY KEY, v text)")
-    _wal(database)
-    follower = _Follower(database.url)
-    try:
-        with database.connect(autocommit=True) as conn:
-            _until(lambda: _slot_holder(conn)[0] is not None)
-            holder = _slot_holder(conn)
-            assert holder[1] == "walsender"
-            for i in range(1, 301):
-                conn.execute("INSERT INTO s VALUES (%s, %s)", (i, f"v{i}"))
-            conn.execute("ALTER TABLE s ADD COLUMN w numeric")
-            conn.execute("UPDATE s SET w = 1.000000000000000000001 WHERE id <= 100")
-            _until(lambda: _written(conn) == 400)  # no reader asked: the consumer wrote them
-            conn.execute("DELETE FROM s WHERE id = 7")
-            # A reader: it waits for the consumer (the slot stays where it is) and sees the
-            # DELETE it made itself just before.
-            now = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
-            rows = as_of(conn, TableName("public", "s"), now)
-            assert len(rows) == 299
-            assert 7 not in {r["id"] for r in rows}
-            assert _slot_holder(conn) == holder
-            got = events(conn, "s")
-        assert [e["op"] for e in got].count("INSERT") == 300
-        assert [e["op"] for e in got].count("UPDATE") == 100
-        assert [e["op"] for e in got].count("DELETE") == 1
-        updated = [e for e in got if e["op"] == "UPDATE"]
-        assert {e["new_row"]["w"] for e in updated} == {1.000000000000000000001}
-        assert all("w" not in (e["new_row"] or {}) for e in got if e["op"] == "INSERT")
-    finally:
-        follower.stop()
-    assert follower.notes == []  # streamed, never fell back to SQL
-    # 300 INSERTs, the ALTER (its table's new shape, as a transactional message), the UPDATE,
-    # the DELETE: each once.
-    assert sum(r.transactions for r in follower.reports) == 303
-
-
-def test_a_consumer_that_stops_moving_is_reported_to_readers(
-    database: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A streaming consumer that holds the slot and does not move (hung, or stuck on a huge
-    transaction): a reader says so after a while instead of waiting forever."""
-    with database.connect(autocommit=True) as conn:
-        conn.execute("CREATE TABLE h (id int PRIMARY KEY)")
-    _wal(database)
-    monkeypatch.setattr(wal, "STREAM_STALL", 1.0)
-    with database.connect(autocommit=True) as conn:
-        setup = wal.setup(conn, DEFAULT_SCHEMA)
-        assert setup is not None
-        hung = walstream._Stream(walstream.replication_connection(conn))
-        try:
-            hung.start(setup.slot, setup.publication)  # and never reads, never confirms
-            conn.execute("INSERT INTO h VALUES (1)")
-            with pytest.raises(UserError, match="has not moved for 1 s"):
-                _catch_up(conn)
-        finally:
-            hung.close()
-        # Once it is gone the reader catches up by itself.
-        _until(lambda: _slot_holder(conn)[0] is None)
-        _catch_up(conn)
-        assert _written(conn) == 1
-
-
-def test_follow_reads_over_sql_where_replication_is_refused(tmp_path: Path, pg_bin: Path) -> None:
-    """A server that takes no replication connection (max_wal_senders = 0 here; a pooler, or
-    pg_hba.conf, elsewhere): the consumer says so and reads the slot over SQL instead."""
-    config = Config.model_validate(
-        {
-            "server": {"settings": {"max_wal_senders": 0}},
-            "history": {"tables": ["public.*"], "capture": "wal"},
-        }
-    )
-    server = LocalServer(config, tmp_path / ".pgwarden", pg_bin=pg_bin, port=free_port())
-    try:
-        bring_up(server)
-        with psycopg.connect(server.url(), autocommit=True) as conn:
-            conn.execute("CREATE TABLE r (id int PRIMARY KEY)")
-            follower = _Follower(server.url())
-            try:
-                conn.execute("INSERT INTO r SELECT generate_series(1, 50)")
-                _until(lambda: _written(conn) == 50)
-            finally:
-                follower.stop()
-        assert len(follower.notes) == 1
-        assert "reading the slot over SQL instead" in follower.notes[0]
-    finally:
-        server.purge()
 
 
 def _written(conn: psycopg.Connection[Any]) -> int:

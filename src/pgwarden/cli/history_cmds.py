@@ -37,7 +37,6 @@ from pgwarden.history import (
     untrack,
     verify,
     wal,
-    walstream,
 )
 from pgwarden.history.layout import dump_json
 from pgwarden.history.names import TableName, parse_key
@@ -537,8 +536,7 @@ def _follow(app: AppContext, batch: int, *, wait: bool) -> None:
                         continue
                     err_console.print("following the WAL into history (Ctrl-C stops)")
                     said = ""
-                    walstream.follow(conn, schema, batch=batch, stop=lambda: stopping,
-                                     report=report, note=err_console.print)  # fmt: skip
+                    wal.follow(conn, schema, batch=batch, stop=lambda: stopping, report=report)
                     return
             except (ConnectionFailed, psycopg.OperationalError) as exc:
                 if not wait:

@@ -1,14 +1,13 @@
 """Capture from the WAL: the consumer that turns logical decoding into history.
 
 A table with `history.capture: wal` has no trigger on its write path. Its changes reach
-history through a logical replication slot read with the built-in `pgoutput` plugin: by the
-running consumer (`history follow`) over the replication protocol (walstream.py), and here over
-plain SQL (`pg_logical_slot_peek_binary_changes`) by readers catching up inline, and by the
-consumer where the server refuses a replication connection. Each batch is whole transactions in
-commit order; their events go into the same history tables the triggers write (one COPY per
-history table), and the commit LSN reached into `wal_progress`, **in the same transaction**
-(`write`). Only then does the slot move. A crash between the two redelivers transactions that
-history already has: they are skipped by their LSN, so every change is written exactly once.
+history through a logical replication slot read with the built-in `pgoutput` plugin, over plain
+SQL (`pg_logical_slot_peek_binary_changes`; psycopg has no replication protocol). Each batch is
+whole transactions in commit order; the consumer writes their events into the same history
+tables the triggers write (one COPY per history table), and the commit LSN it reached into
+`wal_progress`, **in the same transaction**. Only then is the slot advanced. A crash between the
+two redelivers transactions that history already has: they are skipped by their LSN, so every
+change is written exactly once.
 
 Statement ids come from the same sequence as the triggers', taken in commit order. The WAL has no
 statement boundaries: a new statement starts with each run of changes of one table and
@@ -57,10 +56,6 @@ SNAPSHOT_EVERY = 1.0
 # How far the slot's restart point may lag its confirmed position before _advance passes over
 # that stretch once more to move it (bytes of WAL).
 RESTART_BEHIND = 16 << 20
-LOST_REASON = "the replication slot was invalidated (max_slot_wal_keep_size)"
-# How long a reader waits for a streaming consumer that stops moving (seconds): one batch of a
-# huge transaction can take a while to write.
-STREAM_STALL = 60.0
 # Changes decoded per batch (whole transactions: a batch can run over by one transaction).
 BATCH_CHANGES = 20_000
 # Rows of one history table buffered before they are sent (see _Writer).
@@ -215,15 +210,11 @@ def _timestamp(micros: int) -> datetime:
 _CHANGE_KINDS = frozenset(b"IUD")
 
 
-def parse(
-    messages: Iterable[bytes], relations: dict[int, Relation] | None = None
-) -> Iterator[Transaction | Tick]:
-    """Whole transactions from pgoutput's messages (pg_logical_slot_peek_binary_changes's
-    `data`, or the replication stream's), and pgwarden's ticks between them. `relations`
-    carries the relations described so far from one call to the next: a stream describes
-    each once, a peek again every time."""
+def parse(messages: Iterable[bytes]) -> Iterator[Transaction | Tick]:
+    """Whole transactions from pg_logical_slot_peek_binary_changes's messages (its `data`),
+    and pgwarden's ticks between them."""
     current: Transaction | None = None
-    relations = {} if relations is None else relations
+    relations: dict[int, Relation] = {}
     decode = decode_change
     nowhere: list[Item] = []
     append = nowhere.append  # to the current transaction's items
@@ -319,7 +310,7 @@ class _Table:
         self.nulls = (NULL,) * len(self.positions)
 
 
-def lsn_int(text: object) -> int | None:
+def _lsn_int(text: object) -> int | None:
     """An LSN column's value (NULL stays None)."""
     return None if text is None else parse_lsn(str(text))
 
@@ -432,7 +423,7 @@ class _Writer:
         table = _Table(
             log=log,
             shadow=str(row[1]),
-            wal_from=lsn_int(row[2]),
+            wal_from=_lsn_int(row[2]),
             positions=[int(str(s[0])) - 1 for s in slots if s[1] is not None],
             old_cols=[str(s[1]) for s in slots if s[1] is not None],
             new_cols=[str(s[2]) for s in slots if s[1] is not None],
@@ -642,15 +633,25 @@ def consume(
     if wal is None:
         return BatchResult()
     result = BatchResult()
-    if slot_lost(conn, wal):
-        resume(conn, schema, LOST_REASON)
+    if _slot_lost(conn, wal):
+        resume(conn, schema, "the replication slot was invalidated (max_slot_wal_keep_size)")
         result.resumed = True
     # Inside a caller's transaction the events commit (or roll back) with it: the slot, which
     # is not transactional, must not move until they are committed. They are delivered again
     # until a consumer outside any transaction advances it (and skipped then by their LSN).
     nested = conn.info.transaction_status != pq.TransactionStatus.IDLE
+    safe = 0  # where the slot may move: the end of a transaction or tick decoded
     with conn.transaction():
-        done = lock_progress(conn, schema, wal)
+        conn.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_KEY, wal.slot)
+        )
+        row = conn.execute(
+            sql.SQL("SELECT lsn::text FROM {} WHERE slot = %s").format(
+                schema.table("wal_progress")
+            ),
+            (wal.slot,),
+        ).fetchone()
+        done = _lsn_int(row[0]) if row else None
         # Binary results: bytea as it is, not hex text (half the bytes, no decoding).
         rows = conn.execute(
             "SELECT data FROM pg_catalog.pg_logical_slot_peek_binary_changes("
@@ -660,69 +661,40 @@ def consume(
                 wal.slot,
                 format_lsn(upto_lsn) if upto_lsn is not None else None,
                 batch,
-                quote_publication(wal.publication),
+                _quote_publication(wal.publication),
             ),
             binary=True,
         ).fetchall()
         result.full = batch is not None and len(rows) >= batch
-        safe = write(conn, schema, wal, parse(cast(bytes, row[0]) for row in rows), done, result)
+        with _Writer(conn, schema) as writer, _gc_paused():
+            for tx in parse(cast(bytes, row[0]) for row in rows):
+                if isinstance(tx, Tick):
+                    safe = max(safe, tx.lsn)
+                    continue
+                safe = max(safe, tx.end_lsn)
+                if done is not None and tx.end_lsn <= done:
+                    result.skipped += 1
+                    result.lsn = tx.end_lsn
+                    continue
+                writer.transaction(tx)
+                result.transactions += 1
+                result.lsn = tx.end_lsn
+            writer.flush()
+        result.events = writer.events
+        if result.lsn is not None and (done is None or result.lsn > done):
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (slot, lsn) VALUES (%s, %s::pg_lsn) ON CONFLICT (slot) "
+                    "DO UPDATE SET lsn = EXCLUDED.lsn, at = pg_catalog.clock_timestamp()"
+                ).format(schema.table("wal_progress")),
+                (wal.slot, format_lsn(result.lsn)),
+            )
     # History has them: the slot may let that WAL go, up to the end of the last record decoded
     # (a transaction's commit, or a tick). Not to `upto_lsn`: a commit record that straddles
     # the flushed end of the WAL was not decoded, and a slot moved past its start would skip it.
     if safe and not nested:
         _advance(conn, wal.slot, safe)
     return result
-
-
-def lock_progress(conn: Conn, schema: HistorySchema, wal: WalSetup) -> int | None:
-    """In the caller's transaction: take the consumers' lock (they take turns, so that a
-    reader can catch up inline beside a running consumer) and read how far history has the
-    WAL (the end of the last transaction written), None before the first."""
-    conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_KEY, wal.slot))
-    row = conn.execute(
-        sql.SQL("SELECT lsn::text FROM {} WHERE slot = %s").format(schema.table("wal_progress")),
-        (wal.slot,),
-    ).fetchone()
-    return lsn_int(row[0]) if row else None
-
-
-def write(
-    conn: Conn,
-    schema: HistorySchema,
-    wal: WalSetup,
-    decoded: Iterable[Transaction | Tick],
-    done: int | None,
-    result: BatchResult,
-) -> int:
-    """In the caller's transaction, after lock_progress: the events of the transactions
-    history does not have yet (past `done`), and the progress they reach. Returns where the
-    slot may move once that commits: the end of the last transaction or tick decoded, 0 for
-    none."""
-    safe = 0
-    with _Writer(conn, schema) as writer, _gc_paused():
-        for tx in decoded:
-            if isinstance(tx, Tick):
-                safe = max(safe, tx.lsn)
-                continue
-            safe = max(safe, tx.end_lsn)
-            if done is not None and tx.end_lsn <= done:
-                result.skipped += 1
-                result.lsn = tx.end_lsn
-                continue
-            writer.transaction(tx)
-            result.transactions += 1
-            result.lsn = tx.end_lsn
-        writer.flush()
-    result.events += writer.events
-    if result.lsn is not None and (done is None or result.lsn > done):
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (slot, lsn) VALUES (%s, %s::pg_lsn) ON CONFLICT (slot) "
-                "DO UPDATE SET lsn = EXCLUDED.lsn, at = pg_catalog.clock_timestamp()"
-            ).format(schema.table("wal_progress")),
-            (wal.slot, format_lsn(result.lsn)),
-        )
-    return safe
 
 
 @contextlib.contextmanager
@@ -745,12 +717,12 @@ def tick(conn: Conn) -> int:
         "SELECT pg_catalog.pg_logical_emit_message(false, %s, '')::text", (TICK_PREFIX,)
     ).fetchone()
     assert row is not None
-    value = lsn_int(row[0])
+    value = _lsn_int(row[0])
     assert value is not None
     return value
 
 
-def slot_lost(conn: Conn, wal: WalSetup) -> bool:
+def _slot_lost(conn: Conn, wal: WalSetup) -> bool:
     row = conn.execute(
         "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
         (wal.slot,),
@@ -782,7 +754,7 @@ def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
         (wal.slot,),
     ).fetchone()
     start = max(
-        (lsn_int(r[0]) or 0 for r in (progress, old) if r is not None and r[0] is not None),
+        (_lsn_int(r[0]) or 0 for r in (progress, old) if r is not None and r[0] is not None),
         default=0,
     )
     with conn.transaction():
@@ -797,7 +769,7 @@ def resume(conn: Conn, schema: HistorySchema, reason: str) -> tuple[int, int]:
         )
     ).fetchone()
     assert row is not None
-    end = lsn_int(row[0]) or 0
+    end = _lsn_int(row[0]) or 0
     with conn.transaction():
         conn.execute(
             sql.SQL(
@@ -832,7 +804,7 @@ def create_slot_sql(name: sql.Composable, server_version: int) -> sql.Composed:
     return sql.SQL("pg_catalog.pg_create_logical_replication_slot({}, 'pgoutput')").format(name)
 
 
-def quote_publication(name: str) -> str:
+def _quote_publication(name: str) -> str:
     # pgoutput splits publication_names as an identifier list.
     return '"' + name.replace('"', '""') + '"'
 
@@ -870,7 +842,7 @@ def current_lsn(conn: Conn) -> int:
     """The end of the WAL that decoding can read (flushed): what has been committed."""
     row = conn.execute("SELECT pg_catalog.pg_current_wal_flush_lsn()::text").fetchone()
     assert row is not None
-    value = lsn_int(row[0])
+    value = _lsn_int(row[0])
     assert value is not None
     return value
 
@@ -906,12 +878,6 @@ def catch_up(conn: Conn, schema: HistorySchema, *, wait: float = 5.0) -> BatchRe
         except psycopg.errors.InsufficientPrivilege:
             _wait_for_consumer(conn, schema, target, wait)
             return total
-        except psycopg.errors.ObjectInUse:
-            # The consumer streams from the slot (`history follow`): it writes, this waits
-            # for it to pass this reader's start, or consumes inline if the slot comes free.
-            if _wait_for_stream(conn, setup_of, target):
-                return total
-            continue
         total.transactions += step.transactions
         total.events += step.events
         total.skipped += step.skipped
@@ -949,7 +915,7 @@ def _wait_for_consumer(conn: Conn, schema: HistorySchema, target: int, wait: flo
             "WHERE slot_name = %s",
             (wal.slot,),
         ).fetchone()
-        reached = lsn_int(row[0]) if row else None
+        reached = _lsn_int(row[0]) if row else None
         if reached is not None and reached >= target:
             return
         if time.monotonic() >= deadline:
@@ -963,37 +929,6 @@ def _wait_for_consumer(conn: Conn, schema: HistorySchema, target: int, wait: flo
         time.sleep(0.1)
 
 
-def _wait_for_stream(conn: Conn, wal: WalSetup, target: int) -> bool:
-    """Wait until the consumer streaming from the slot has confirmed `target` (True), or the
-    slot is free (False: the caller consumes inline). A consumer that stops moving for
-    STREAM_STALL seconds is reported, not waited for forever."""
-    target = max(target, tick(conn))  # a record the stream passes whatever else it sends
-    last: int | None = None
-    moved = time.monotonic()
-    while True:
-        row = conn.execute(
-            "SELECT active_pid, confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots "
-            "WHERE slot_name = %s",
-            (wal.slot,),
-        ).fetchone()
-        if row is None or row[0] is None:
-            return False
-        reached = lsn_int(row[1]) or 0
-        if reached >= target:
-            return True
-        if reached != last:
-            last, moved = reached, time.monotonic()
-        elif time.monotonic() - moved > STREAM_STALL:
-            raise UserError(
-                f"history is {target - reached:,} bytes of WAL behind the database, and its "
-                f"consumer (server process {row[0]}, which has the slot {wal.slot}) has not "
-                f"moved for {STREAM_STALL:.0f} s",
-                hint="see the consumer's output (`pgwarden logs`, or its pod's); restarting it "
-                "loses nothing",
-            )
-        time.sleep(0.05)
-
-
 def _can_log_snapshot(conn: Conn) -> bool:
     """pg_log_standby_snapshot: PostgreSQL 16+, superusers or roles granted it."""
     if conn.info.server_version < 160000 or not SNAPSHOT_EVERY:
@@ -1005,7 +940,7 @@ def _can_log_snapshot(conn: Conn) -> bool:
     return bool(row and row[0])
 
 
-def poll(
+def follow(
     conn: Conn,
     schema: HistorySchema,
     *,
@@ -1014,9 +949,8 @@ def poll(
     stop: Callable[[], bool] = lambda: False,
     report: Callable[[BatchResult], None] | None = None,
 ) -> None:
-    """Consume over SQL until `stop()` says so (where no replication connection can be had:
-    walstream.follow): batches back to back while a batch comes back full, else a short sleep
-    first. Each batch has fixed costs (decoding starts again from the slot's
+    """Consume until `stop()` says so: batches back to back while a batch comes back full,
+    else a short sleep first. Each batch has fixed costs (decoding starts again from the slot's
     restart point, a few round trips), so under a steady trickle of small transactions a
     consumer that polled without pause would spend the cores the writers need; `interval`
     bounds the lag it adds instead."""
