@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,23 @@ from pgwarden.config import Config
 from pgwarden.server.binaries import find_binaries
 from pgwarden.server.cluster import LocalServer, free_port
 from pgwarden.server.local import bring_up
+from pgwarden.server.osuser import SYSTEM_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """As root a state dir's cluster lives under /var/lib/pgwarden, outside tmp_path, and
+    pytest's clean-up of tmp_path leaves it there: after each test, the stopped clusters of the
+    state dirs it made in tmp_path go too (a running one is its fixture's to stop)."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if not isinstance(tmp, Path):
+        return
+    for link in [*tmp.glob(".pgwarden/cluster"), *tmp.glob("*/.pgwarden/cluster")]:
+        target = link.resolve()
+        ours = link.is_symlink() and target.is_relative_to(SYSTEM_ROOT)
+        if ours and not (target / "data" / "postmaster.pid").exists():
+            shutil.rmtree(target, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

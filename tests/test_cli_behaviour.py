@@ -146,8 +146,8 @@ def test_check_and_verify_speak_json(
 def own_state(tmp_path: Path, pg_bin: Path) -> Iterator[Path]:
     yield tmp_path
     server = LocalServer(Config(), tmp_path / ".pgwarden", pg_bin=pg_bin)
-    if server.is_running():
-        server.down()
+    # Purged, not only stopped: as root the cluster lives outside tmp_path (/var/lib/pgwarden).
+    server.purge()
 
 
 def test_first_up_with_the_default_port_taken_picks_another(

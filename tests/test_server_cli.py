@@ -33,8 +33,8 @@ def cleanup(tmp_path: Path, pg_bin: Path) -> Iterator[None]:
     """Stop whatever a test started through the CLI in tmp_path/.pgwarden."""
     yield
     server = LocalServer(Config(), tmp_path / ".pgwarden", pg_bin=pg_bin)
-    if server.is_running():
-        server.down()
+    # Purged, not only stopped: as root the cluster lives outside tmp_path (/var/lib/pgwarden).
+    server.purge()
 
 
 def up(run, port: int, pg_bin: Path, *extra: str) -> Result:
