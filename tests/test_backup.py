@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 from pgwarden.backup.create import still_writing
 from pgwarden.backup.prune import plan_prune
@@ -512,7 +513,8 @@ def test_the_kubernetes_backup_job_writes_what_pgwarden_backup_reads(
     server, root = site
     config = parse_config_text(
         "kubernetes:\n  storage: {kind: efs, efs: {file_system_id: fs-0123456789abcdef0}}\n"
-        "backup: {volume: {size: 50Gi}}\n",
+        "  tools_image: registry.example.com/pgwarden:1\n"
+        "backup: {volume: {size: 50Gi}, keep: 1}\n",
         source="pgwarden.yaml",
     )
     state = tmp_path / "k8s-state"
@@ -520,7 +522,9 @@ def test_the_kubernetes_backup_job_writes_what_pgwarden_backup_reads(
     objects = render(config, state).objects
     (scripts_map,) = [o for o in objects if o["metadata"]["name"] == "postgres-backup-scripts"]
     (cronjob,) = [o for o in objects if o["kind"] == "CronJob"]
-    job = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (job,) = pod["initContainers"]
+    (prune,) = pod["containers"]
     scripts = root / "scripts"
     scripts.mkdir()
     os.chmod(scripts, 0o755)  # noqa: S103 - the job's read-only scripts
@@ -555,6 +559,32 @@ def test_the_kubernetes_backup_job_writes_what_pgwarden_backup_reads(
     assert restored.code == 0, restored.err
     assert _restored(restored.out.strip(), "SELECT count(*) FROM marker") == [(20,)]
     _stop(server, root / "restored-job")
+
+    # A second run: the backup, then the pod's prune (keep: 1), as pgwarden from the tools
+    # image with the ConfigMap's pgwarden.yaml (here the volume is root, not /backup), in a
+    # read-only mount: the first backup goes, and the WAL only it needed; nothing is written
+    # beside the config.
+    first = info["label"]
+    code, output = job_run(root / "backups")
+    assert code == 0, output
+    job_config = yaml.safe_load(scripts_map["data"]["pgwarden.yaml"])
+    assert job_config == {"backup": {"location": "/backup", "keep": 1}}
+    job_config["backup"]["location"] = str(root / "backups")
+    config_dir = tmp_path / "job-config"
+    config_dir.mkdir()
+    (config_dir / "pgwarden.yaml").write_text(yaml.safe_dump(job_config))
+    os.chmod(config_dir, 0o555)  # noqa: S103 - a read-only ConfigMap mount
+    command = prune["command"]
+    assert command[:2] == ["pgwarden", "--config"]
+    pruned = run("--config", str(config_dir / "pgwarden.yaml"), *command[3:])
+    assert pruned.code == 0, pruned.err
+    assert f"removing backup {first}" in pruned.out
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    (kept,) = listed["backups"]
+    assert kept["label"] != first
+    assert kept["label"] in output
+    assert run("backup", "verify").code == 0
+    assert sorted(p.name for p in config_dir.iterdir()) == ["pgwarden.yaml"]
 
     # Another cluster's archive: the job refuses, writes nothing.
     foreign = root / "foreign"

@@ -46,6 +46,10 @@ CONFIGS = {
     "cnpg-wal": "history: {tables: ['public.*'], capture: wal}\n"
     "kubernetes: {flavor: cloudnative-pg, tools_image: registry.example.com/pgwarden:0.1.0}\n"
     "backup: {s3: {bucket: my-backups}}\n",
+    "efs-backup-keep": "kubernetes:\n  storage: {kind: ebs}\n"
+    "  tools_image: registry.example.com/pgwarden:1\n"
+    "backup: {volume: {size: 200Gi, efs: {file_system_id: fs-0123456789abcdef0}}, keep: 7, "
+    "keep_days: 14}\n",
     "ebs-s3": "kubernetes: {storage: {kind: ebs}, tools_image: registry.example.com/pgwarden:1}\n"
     "backup: {location: 's3://my-backups/pg/prod', schedule: '0 15 3 * * *'}\n",
     "existing": "kubernetes:\n  existing_secret: pg-admin\n"
@@ -432,6 +436,48 @@ def test_statefulset_backups_go_to_their_own_volume(run: Run, tmp_path: Path) ->
     s3_no_image = run("k8s", "render")
     assert s3_no_image.code == 2
     assert "kubernetes.tools_image" in s3_no_image.err
+    (tmp_path / "pgwarden.yaml").write_text(
+        "backup: {volume: {efs: {file_system_id: fs-0123456789abcdef0}}, keep: 3}\n"
+    )
+    keep_no_image = run("k8s", "render")
+    assert keep_no_image.code == 2
+    assert "backup.keep" in keep_no_image.err
+    assert "kubernetes.tools_image" in keep_no_image.err
+
+
+@pytest.mark.parametrize("name", ["efs-backup-keep", "ebs-s3-keep"])
+def test_backup_jobs_prune_after_a_backup_that_succeeded(name: str, tmp_path: Path) -> None:
+    """With backup.keep / keep_days the job's pod prunes, with pgwarden from the tools image,
+    and only once the backup (its init container) has succeeded; the prune reads its own
+    pgwarden.yaml from the ConfigMap, with what to keep and no secret."""
+    text = CONFIGS.get(name) or CONFIGS["ebs-s3"].replace("schedule:", "keep: 2, schedule:")
+    objects = _render(text, tmp_path).objects
+    (job,) = [o for o in objects if o["kind"] == "CronJob"]
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (backup,) = pod["initContainers"]
+    (prune,) = pod["containers"]
+    assert prune["image"] == "registry.example.com/pgwarden:1"
+    assert prune["command"][0] == "pgwarden"
+    assert prune["command"][-2:] == ["backup", "prune"]
+    config_file = prune["command"][prune["command"].index("--config") + 1]
+    mount = next(m for m in prune["volumeMounts"] if config_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"
+                     and o["metadata"]["name"] == volume["configMap"]["name"]]  # fmt: skip
+    job_config = parse_config_text(
+        config_map["data"][config_file.rsplit("/", 1)[1]], source="job.yaml"
+    )
+    if name == "efs-backup-keep":
+        assert (job_config.backup.keep, job_config.backup.keep_days) == (7, 14)
+        assert job_config.backup.location == "/backup"
+        assert backup["command"][-1].endswith("backup.sh")
+        assert {m["mountPath"] for m in prune["volumeMounts"]} >= {"/backup", "/scripts"}
+    else:
+        assert (job_config.backup.keep, job_config.backup.keep_days) == (2, None)
+        assert job_config.backup.s3 is not None
+        assert backup["command"][-2:] == ["backup", "create"]
+        env = {e["name"]: e for e in prune["env"]}
+        assert "valueFrom" in env["AWS_SECRET_ACCESS_KEY"]  # from the Secret
 
 
 def test_statefulset_backups_to_s3_run_pgwarden_from_the_tools_image(tmp_path: Path) -> None:

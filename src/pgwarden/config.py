@@ -521,7 +521,10 @@ class BackupConfig(_Section):
         "on (a restart).",
     )
     keep: int | None = Field(
-        None, ge=1, description="`backup prune` keeps this many newest full backups."
+        None,
+        ge=1,
+        description="`backup prune` keeps this many newest full backups (in Kubernetes the "
+        "statefulset flavor's backup job prunes after each backup).",
     )
     keep_days: int | None = Field(
         None, ge=1, description="`backup prune` keeps every backup younger than this many days."

@@ -11,10 +11,16 @@
   deploy/Dockerfile), and the CronJob runs `pgwarden backup create` against it from the same
   image. The access keys come from the Secret backup.s3.credentials_secret, as environment
   variables, never from a file. Point backup.location at the same bucket where pgwarden runs.
+
+Retention (backup.keep, backup.keep_days): the job's pod then runs `pgwarden backup prune` once
+the backup is written (the backup runs as its init container, so a failed backup prunes
+nothing), from `kubernetes.tools_image`: prune is pgwarden's own (an incremental never loses
+its parent, no WAL a kept backup needs goes), not something to redo in shell.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -40,12 +46,59 @@ def script_text() -> str:
     return resources.files("pgwarden").joinpath("kube/scripts/backup.sh").read_text("utf-8")
 
 
-def script_files() -> dict[str, str]:
-    """The ConfigMap's files: what the job runs."""
-    return {
+def script_files(config: Config | None = None) -> dict[str, str]:
+    """The ConfigMap's files: what the job runs (and, with retention, the pgwarden.yaml its
+    prune reads: the volume's mount as the location, and what to keep)."""
+    files = {
         "backup.sh": script_text(),
         "claim.sql": sql_text("backup/claim.sql"),
         "describe.sql": sql_text("backup/describe.sql"),
+    }
+    if config is not None and has_retention(config):
+        files[PRUNE_CONFIG] = yaml.safe_dump(
+            {"backup": {"location": MOUNT, **_keep(config)}}, sort_keys=False
+        )
+    return files
+
+
+PRUNE_CONFIG = "pgwarden.yaml"
+
+
+def has_retention(config: Config) -> bool:
+    return config.backup.keep is not None or config.backup.keep_days is not None
+
+
+def _keep(config: Config) -> dict[str, int]:
+    keep = {"keep": config.backup.keep, "keep_days": config.backup.keep_days}
+    return {k: v for k, v in keep.items() if v is not None}
+
+
+def _prune_image(config: Config) -> str:
+    image = config.kubernetes.tools_image
+    if image is None:
+        raise ConfigError(
+            "backup.keep / backup.keep_days: the backup job prunes with pgwarden, and "
+            "kubernetes.tools_image is not set",
+            hint="build an image with pgwarden in it (deploy/Dockerfile), push it and set "
+            "kubernetes.tools_image; or drop keep/keep_days and run `pgwarden backup prune` "
+            "where the backup volume is mounted",
+        )
+    return image
+
+
+def _prune_container(
+    image: str, config_file: str, mounts: list[dict[str, Any]], env: list[dict[str, Any]],
+    security: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "name": "prune",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["pgwarden", "--config", config_file, "backup", "prune"],
+        "env": [{"name": "HOME", "value": "/tmp"}, *env],  # noqa: S108 - an emptyDir
+        "securityContext": copy.deepcopy(security),
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+        "volumeMounts": copy.deepcopy(mounts),
     }
 
 
@@ -135,7 +188,7 @@ def volume_objects(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta(k8s, f"{k8s.name}-backup-scripts"),
-            "data": script_files(),
+            "data": script_files(config),
         }
     )
     job = _cronjob(config, image=image, secret_name=secret_name, port=port, uid=uid,
@@ -157,7 +210,7 @@ def _cronjob(
     config: Config, *, image: str, secret_name: str, port: int, uid: int, security: dict[str, Any]
 ) -> Manifest:
     k8s = config.kubernetes
-    container = {
+    container: dict[str, Any] = {
         "name": "backup",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
@@ -186,14 +239,28 @@ def _cronjob(
         {"name": "scripts", "configMap": {"name": f"{k8s.name}-backup-scripts"}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    return _cron(config, container, volumes, uid=uid)
+    prune = None
+    if has_retention(config):
+        prune = _prune_container(
+            _prune_image(config), f"{SCRIPTS_DIR}/{PRUNE_CONFIG}",
+            container["volumeMounts"], [], security,
+        )  # fmt: skip
+    return _cron(config, container, volumes, uid=uid, prune=prune)
 
 
 def _cron(
-    config: Config, container: dict[str, Any], volumes: list[dict[str, Any]], *, uid: int
-) -> Manifest:
-    """The CronJob around a backup container: one at a time, a few kept for their logs."""
+    config: Config, container: dict[str, Any], volumes: list[dict[str, Any]], *, uid: int,
+    prune: dict[str, Any] | None = None,
+) -> Manifest:  # fmt: skip
+    """The CronJob around a backup container: one at a time, a few kept for their logs. With
+    a prune container the backup is the pod's init container: prune runs only after it has
+    succeeded."""
     k8s = config.kubernetes
+    containers: dict[str, Any] = (
+        {"initContainers": [container], "containers": [prune]}
+        if prune is not None
+        else {"containers": [container]}
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
@@ -215,7 +282,7 @@ def _cron(
                             "enableServiceLinks": False,
                             "automountServiceAccountToken": False,
                             "securityContext": pod_security(uid, fsGroup=uid),
-                            "containers": [container],
+                            **containers,
                             "volumes": volumes,
                         },
                     },
@@ -235,7 +302,8 @@ def server_parts(config: Config, *, image: str, security: dict[str, Any]) -> Ser
             "imagePullPolicy": "IfNotPresent",
             # basic_archive fails (visibly, and retries) into a folder that is not there.
             "command": ["mkdir", "-p", WAL_DIR, f"{MOUNT}/backups"],
-            "securityContext": security,
+            # A copy: a dict shared by two containers comes out as a YAML anchor and alias.
+            "securityContext": copy.deepcopy(security),
             "volumeMounts": [{"name": "backup", "mountPath": MOUNT}],
         },
     )
@@ -296,7 +364,8 @@ def s3_config_map(config: Config) -> Manifest:
         "data": {
             "location.json": json.dumps(location.to_json(), indent=2, sort_keys=True) + "\n",
             "pgwarden.yaml": yaml.safe_dump(
-                {"database": config.database, "backup": {"s3": section}}, sort_keys=False
+                {"database": config.database, "backup": {"s3": section, **_keep(config)}},
+                sort_keys=False,
             ),
         },
     }
@@ -314,7 +383,7 @@ def s3_objects(
 ) -> list[Manifest]:
     k8s = config.kubernetes
     dsn = f"host={k8s.name}.{k8s.namespace}.svc port={port} user=postgres dbname=postgres"
-    container = {
+    container: dict[str, Any] = {
         "name": "backup",
         "image": s3_tools_image(config),
         "imagePullPolicy": "IfNotPresent",
@@ -337,4 +406,10 @@ def s3_objects(
         ],
     }
     volumes = [s3_volume(config), {"name": "tmp", "emptyDir": {}}]
-    return [s3_config_map(config), _cron(config, container, volumes, uid=uid)]
+    prune = None
+    if has_retention(config):
+        prune = _prune_container(
+            s3_tools_image(config), f"{S3_CONFIG_DIR}/pgwarden.yaml", container["volumeMounts"],
+            s3_env(config), security,
+        )  # fmt: skip
+    return [s3_config_map(config), _cron(config, container, volumes, uid=uid, prune=prune)]
