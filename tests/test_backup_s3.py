@@ -229,7 +229,7 @@ def test_a_server_elsewhere_is_backed_up_as_the_statefulset_cronjob_does(
     kube = parse_config_text(
         "kubernetes: {storage: {kind: ebs}, tools_image: registry.example.com/pgwarden:1}\n"
         f"backup: {{s3: {{bucket: {BUCKET}, prefix: clusters/main, "
-        f"endpoint_url: '{endpoint}'}}}}\n",
+        f"endpoint_url: '{endpoint}'}}, keep: 1}}\n",
         source="test.yaml",
     )
     rendered = s3_config_map(kube)["data"]
@@ -287,9 +287,11 @@ def test_a_server_elsewhere_is_backed_up_as_the_statefulset_cronjob_does(
     marker(timedelta(hours=25))
     listed = json.loads(run("backup", "list", "-o", "json").out)
     assert listed["incomplete"] == [{"label": writing, "state": "interrupted"}]
-    pruned = run("backup", "prune")
+    # The job's own prune (after its backup, with retention): its pgwarden.yaml, no local server.
+    pruned = run("--config", str(job / "pgwarden.yaml"), "backup", "prune")
     assert pruned.code == 0, pruned.err
     assert f"interrupted backup {writing}" in pruned.out
+    assert "keeping 1 backup(s)" in pruned.out
     assert _keys(client, f"backups/{writing}/") == []
     assert [b["label"] for b in json.loads(run("backup", "list", "-o", "json").out)["backups"]] == [
         label
