@@ -46,7 +46,7 @@ def script_text() -> str:
     return resources.files("pgwarden").joinpath("kube/scripts/backup.sh").read_text("utf-8")
 
 
-def script_files(config: Config | None = None) -> dict[str, str]:
+def script_files(config: Config) -> dict[str, str]:
     """The ConfigMap's files: what the job runs (and, with retention, the pgwarden.yaml its
     prune reads: the volume's mount as the location, and what to keep)."""
     files = {
@@ -54,7 +54,7 @@ def script_files(config: Config | None = None) -> dict[str, str]:
         "claim.sql": sql_text("backup/claim.sql"),
         "describe.sql": sql_text("backup/describe.sql"),
     }
-    if config is not None and has_retention(config):
+    if has_retention(config):
         files[PRUNE_CONFIG] = yaml.safe_dump(
             {"backup": {"location": MOUNT, **_keep(config)}}, sort_keys=False
         )
@@ -239,28 +239,23 @@ def _cronjob(
         {"name": "scripts", "configMap": {"name": f"{k8s.name}-backup-scripts"}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    prune = None
-    if has_retention(config):
-        prune = _prune_container(
-            _prune_image(config), f"{SCRIPTS_DIR}/{PRUNE_CONFIG}",
-            container["volumeMounts"], [], security,
-        )  # fmt: skip
-    return _cron(config, container, volumes, uid=uid, prune=prune)
+    return _cron(config, container, volumes, uid=uid, security=security,
+                 prune_config=f"{SCRIPTS_DIR}/{PRUNE_CONFIG}")  # fmt: skip
 
 
 def _cron(
     config: Config, container: dict[str, Any], volumes: list[dict[str, Any]], *, uid: int,
-    prune: dict[str, Any] | None = None,
+    security: dict[str, Any], prune_config: str, prune_env: list[dict[str, Any]] | None = None,
 ) -> Manifest:  # fmt: skip
     """The CronJob around a backup container: one at a time, a few kept for their logs. With
-    a prune container the backup is the pod's init container: prune runs only after it has
-    succeeded."""
+    retention the backup is the pod's init container and prune (reading `prune_config`, with
+    the backup's mounts) its container: prune runs only after the backup has succeeded."""
     k8s = config.kubernetes
-    containers: dict[str, Any] = (
-        {"initContainers": [container], "containers": [prune]}
-        if prune is not None
-        else {"containers": [container]}
-    )
+    containers: dict[str, Any] = {"containers": [container]}
+    if has_retention(config):
+        prune = _prune_container(_prune_image(config), prune_config, container["volumeMounts"],
+                                 prune_env or [], security)  # fmt: skip
+        containers = {"initContainers": [container], "containers": [prune]}
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
@@ -406,10 +401,8 @@ def s3_objects(
         ],
     }
     volumes = [s3_volume(config), {"name": "tmp", "emptyDir": {}}]
-    prune = None
-    if has_retention(config):
-        prune = _prune_container(
-            s3_tools_image(config), f"{S3_CONFIG_DIR}/pgwarden.yaml", container["volumeMounts"],
-            s3_env(config), security,
-        )  # fmt: skip
-    return [s3_config_map(config), _cron(config, container, volumes, uid=uid, prune=prune)]
+    job = _cron(
+        config, container, volumes, uid=uid, security=security,
+        prune_config=f"{S3_CONFIG_DIR}/pgwarden.yaml", prune_env=s3_env(config),
+    )  # fmt: skip
+    return [s3_config_map(config), job]
