@@ -31,7 +31,14 @@ import yaml
 from pgwarden.backup.store import S3Location
 from pgwarden.config import Config, EfsConfig, S3BackupConfig
 from pgwarden.errors import ConfigError
-from pgwarden.kube.objects import Manifest, efs_storage_class, labels, meta, pod_security
+from pgwarden.kube.objects import (
+    Manifest,
+    efs_storage_class,
+    labels,
+    meta,
+    pod_security,
+    require_tools_image,
+)
 from pgwarden.sqlfiles import sql_text
 
 MOUNT = "/backup"
@@ -74,16 +81,12 @@ def _keep(config: Config) -> dict[str, int]:
 
 
 def _prune_image(config: Config) -> str:
-    image = config.kubernetes.tools_image
-    if image is None:
-        raise ConfigError(
-            "backup.keep / backup.keep_days: the backup job prunes with pgwarden, and "
-            "kubernetes.tools_image is not set",
-            hint="build an image with pgwarden in it (deploy/Dockerfile), push it and set "
-            "kubernetes.tools_image; or drop keep/keep_days and run `pgwarden backup prune` "
-            "where the backup volume is mounted",
-        )
-    return image
+    return require_tools_image(
+        config,
+        needs="backup.keep / backup.keep_days: the backup job prunes with pgwarden",
+        otherwise="or drop keep/keep_days and run `pgwarden backup prune` where the backup "
+        "volume is mounted",
+    )
 
 
 def _prune_container(
@@ -314,17 +317,13 @@ def _s3(config: Config) -> S3BackupConfig:
 
 
 def s3_tools_image(config: Config) -> str:
-    image = config.kubernetes.tools_image
-    if image is None:
-        raise ConfigError(
-            f"backups to {S3Location(_s3(config).bucket, _s3(config).prefix).where} from the "
-            "statefulset flavor need pgwarden in the cluster, and kubernetes.tools_image is "
-            "not set",
-            hint="build an image with pgwarden in it (deploy/Dockerfile: the postgres image "
-            "plus pgwarden), push it and set kubernetes.tools_image; the server runs it to "
-            "archive WAL into S3. Or use backup.volume (EFS), which needs no image of yours",
-        )
-    return image
+    where = S3Location(_s3(config).bucket, _s3(config).prefix).where
+    return require_tools_image(
+        config,
+        needs=f"backups to {where} from the statefulset flavor need pgwarden in the cluster",
+        otherwise="the server runs it to archive WAL into S3. Or use backup.volume (EFS), "
+        "which needs no image of yours",
+    )
 
 
 def s3_env(config: Config) -> list[dict[str, Any]]:

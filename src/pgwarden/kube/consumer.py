@@ -26,8 +26,7 @@ from typing import Any
 import yaml
 
 from pgwarden.config import Config
-from pgwarden.errors import ConfigError
-from pgwarden.kube.objects import Manifest, labels, meta, pod_security
+from pgwarden.kube.objects import Manifest, labels, meta, pod_security, require_tools_image
 
 CONTAINER = "history-consumer"
 ROLE = "pgwarden_consumer"  # cloudnative-pg: the consumer's login role
@@ -38,15 +37,11 @@ RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory"
 
 
 def tools_image(config: Config) -> str:
-    image = config.kubernetes.tools_image
-    if image is None:
-        raise ConfigError(
-            "history.capture: wal needs a consumer in the cluster, and kubernetes.tools_image "
-            "is not set",
-            hint="build an image with pgwarden in it (deploy/Dockerfile), push it, and set "
-            "kubernetes.tools_image to it; or keep history.capture: trigger for Kubernetes",
-        )
-    return image
+    return require_tools_image(
+        config,
+        needs="history.capture: wal needs a consumer in the cluster",
+        otherwise="or keep history.capture: trigger for Kubernetes",
+    )
 
 
 def config_map_name(config: Config) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgwarden.config import KubernetesConfig
+from pgwarden.config import Config, KubernetesConfig
+from pgwarden.errors import ConfigError
 
 Manifest = dict[str, Any]
 
@@ -64,3 +65,16 @@ def efs_storage_class(
         "reclaimPolicy": "Retain",
         "volumeBindingMode": "Immediate",
     }
+
+
+def require_tools_image(config: Config, *, needs: str, otherwise: str) -> str:
+    """kubernetes.tools_image (an image with pgwarden in it), where `needs` says what runs
+    pgwarden in the cluster; without it a ConfigError whose hint ends with `otherwise`."""
+    image = config.kubernetes.tools_image
+    if image is None:
+        raise ConfigError(
+            f"{needs}, and kubernetes.tools_image is not set",
+            hint="build an image with pgwarden in it (deploy/Dockerfile: the postgres image "
+            f"plus pgwarden), push it and set kubernetes.tools_image; {otherwise}",
+        )
+    return image
