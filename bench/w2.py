@@ -4,6 +4,12 @@ The WAL capture variants (history.capture: wal) send the application's context a
 set_actor does, in the same round trip as BEGIN, so their history has who as well as when:
 wal-waiting runs with the consumer stopped (it catches up after the run, timed), wal-live with
 `pgwarden history follow` running beside pgbench on the same cores (lag sampled).
+
+That message is one more statement per transaction, and on pgbench's short transactions a
+statement, whatever it does, costs about a tenth of the throughput. So the WAL variants are
+compared twice: with `untracked` (the issue's target, "who" counted as pgwarden's cost) and with
+`untracked-tagged`, untracked tables running the same tagged script (like for like: what the
+capture itself costs an application that sends the same statements either way).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pgwarden.history.layout import table_logs
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
 # seed: the seed's row trigger (bench/seed.sql, fail-closed form) on the four tables; tracked:
 # pgwarden's default (the compiled capture trigger); tracked-plpgsql: its PL/pgSQL fallback.
-VARIANTS = ("untracked", "seed", "tracked", "tracked-plpgsql", "wal-waiting", "wal-live")
+VARIANTS = ("untracked", "untracked-tagged", "seed", "tracked", "tracked-plpgsql", "wal-waiting",
+            "wal-live")  # fmt: skip
 # tpcb-like, with set_actor's message sent with BEGIN (pgbench's \\; sends both at once).
 TAGGED_SCRIPT = """\\set aid random(1, 100000 * :scale)
 \\set bid random(1, 1 * :scale)
@@ -63,12 +70,12 @@ class W2Result:
     untracked_events_per_s: list[float] = field(default_factory=list)  # what untracked makes
     lag_p99_s: list[float] = field(default_factory=list)  # wal-live
 
-    def ratio(self, variant: str) -> float:
-        return statistics.median(self.tps[variant]) / statistics.median(self.tps["untracked"])
+    def ratio(self, variant: str, base: str = "untracked") -> float:
+        return statistics.median(self.tps[variant]) / statistics.median(self.tps[base])
 
-    def per_run_ratios(self, variant: str) -> list[float]:
-        """Each repetition's variant over the same repetition's untracked run."""
-        return [v / u for v, u in zip(self.tps[variant], self.tps["untracked"], strict=True)]
+    def per_run_ratios(self, variant: str, base: str = "untracked") -> list[float]:
+        """Each repetition's variant over the same repetition's `base` run."""
+        return [v / u for v, u in zip(self.tps[variant], self.tps[base], strict=True)]
 
     @property
     def complete(self) -> bool:
@@ -87,6 +94,12 @@ class W2Result:
             "per_run": {v: self.per_run_ratios(v) for v in VARIANTS if v != "untracked"},
             "wal_waiting_over_untracked": self.ratio("wal-waiting"),
             "wal_live_over_untracked": self.ratio("wal-live"),
+            "tagged_over_untracked": self.ratio("untracked-tagged"),
+            "wal_waiting_over_tagged": self.ratio("wal-waiting", "untracked-tagged"),
+            "wal_live_over_tagged": self.ratio("wal-live", "untracked-tagged"),
+            "per_run_over_tagged": {
+                v: self.per_run_ratios(v, "untracked-tagged") for v in ("wal-waiting", "wal-live")
+            },
             "catch_up_events_per_s": self.catch_up_events_per_s,
             "untracked_events_per_s": self.untracked_events_per_s,
             "lag_p99_s": self.lag_p99_s,
@@ -227,7 +240,7 @@ def run_w2(
                 began = conn.execute("SELECT clock_timestamp()").fetchone()
             args = ["-n", "-c", "4", "-j", "2", "-T", str(seconds)]
             follower = lag = None
-            if variant.startswith("wal"):
+            if variant.startswith("wal") or variant == "untracked-tagged":
                 args += ["-f", str(script)]
             if variant == "wal-live":
                 follower = _follow(url)

@@ -51,8 +51,11 @@ TICK_PREFIX = "pgwarden.tick"
 TICK_EVERY = 10.0  # seconds, while `follow` is idle
 TICK_BEHIND = 16 << 20  # bytes of WAL the slot holds past its last record before a reader ticks
 # While following: at most one running-transactions record this often (seconds), so that the
-# slot's restart point follows (see follow). 0: never.
-SNAPSHOT_EVERY = 1.0
+# slot's restart point follows (see follow). 0: never. Every 0.2 s (about every batch at the
+# default interval) rather than every 1 s: the consumer's backend took 2.0-2.3 s of CPU per
+# 20 s W2 round instead of 2.6-2.8, and the lag p99 0.5-0.8 s instead of 0.6-0.8 (side by side,
+# docs/benchmarks.md); polling every 0.1 s cut the lag further (0.4-0.5 s) for more CPU.
+SNAPSHOT_EVERY = 0.2
 # How far the slot's restart point may lag its confirmed position before _advance passes over
 # that stretch once more to move it (bytes of WAL).
 RESTART_BEHIND = 16 << 20
