@@ -1,10 +1,12 @@
 """Backups in S3, against a real S3-compatible server (moto's server mode) on 127.0.0.1: WAL
-archived by PostgreSQL's archive_command, tar-format base backups, restores fetched from the
-bucket, verification, retention, and the archive's no-overwrite promise."""
+archived by PostgreSQL's archive_command, base backups streamed into the bucket as one tar,
+restores fetched from the bucket, verification, retention, and the archive's no-overwrite
+promise."""
 
 from __future__ import annotations
 
 import json
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -16,11 +18,13 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgwarden.backup.create import _describe, _Written, create_backup, local_source, repository
 from pgwarden.backup.store import ArchiveConflict, S3Location, S3Store
 from pgwarden.config import parse_config_file, parse_config_text
 from pgwarden.kube.backups import s3_config_map
 from pgwarden.server.cluster import LocalServer, free_port
 from pgwarden.server.local import local_server
+from pgwarden.server.osuser import clean_env
 from tests.conftest import Run
 from tests.test_backup import _archived_up_to_now, _restored, _sql, _stop, reachable
 
@@ -88,6 +92,14 @@ def s3_site(
     server.purge()
 
 
+def _body(client: Any, key: str) -> bytes:
+    return bytes(client.get_object(Bucket=BUCKET, Key=f"clusters/main/{key}")["Body"].read())
+
+
+def _size(client: Any, key: str) -> int:
+    return int(client.head_object(Bucket=BUCKET, Key=f"clusters/main/{key}")["ContentLength"])
+
+
 def _keys(client: Any, prefix: str) -> list[str]:
     found = client.list_objects_v2(Bucket=BUCKET, Prefix=f"clusters/main/{prefix}")
     return [item["Key"].removeprefix("clusters/main/") for item in found.get("Contents", [])]
@@ -104,8 +116,13 @@ def test_backup_to_s3_restores_to_a_time_verifies_and_prunes(
     first = created.out.strip()
     objects = _keys(client, f"backups/{first}/")
     assert sorted(k.rsplit("/", 1)[1] for k in objects) == [
-        "backup_manifest", "base.tar", "pg_wal.tar", "pgwarden-backup.json",
+        "backup_manifest", "base.tar", "pgwarden-backup.json",
     ]  # fmt: skip
+    # Streamed (its WAL is the archive's), and its recorded size is what the bucket holds.
+    record = json.loads(_body(client, f"backups/{first}/pgwarden-backup.json"))
+    assert record["format"] == "base-tar"
+    sizes = {k.rsplit("/", 1)[1]: _size(client, k) for k in objects}
+    assert record["size_bytes"] == sizes["base.tar"] + sizes["backup_manifest"]
 
     _sql(server, "INSERT INTO marker VALUES (51, 'after backup, before target')")
     time.sleep(1.1)
@@ -219,7 +236,7 @@ def test_a_server_elsewhere_is_backed_up_as_the_statefulset_cronjob_does(
 ) -> None:
     """The statefulset flavor's CronJob in miniature: `pgwarden --config <its ConfigMap's
     pgwarden.yaml> --dsn <server> backup create`, on a machine with no local server (that
-    config names only the bucket), staged in $TMPDIR. The backup lists, verifies and restores
+    config names only the bucket), streamed into the bucket. The backup lists, verifies and restores
     like the local server's own. While a backup is being written elsewhere, `list` says so and
     `prune` here leaves it alone; a day later it is taken for interrupted."""
     server, root, client = s3_site
@@ -250,10 +267,10 @@ def test_a_server_elsewhere_is_backed_up_as_the_statefulset_cronjob_does(
     assert created.code == 0, created.err
     label = created.out.strip()
     assert sorted(k.rsplit("/", 1)[1] for k in _keys(client, f"backups/{label}/")) == [
-        "backup_manifest", "base.tar", "pg_wal.tar", "pgwarden-backup.json",
+        "backup_manifest", "base.tar", "pgwarden-backup.json",
     ]  # fmt: skip
     left = [p for p in staging.rglob("*") if p.is_file() and p.name != "backup-create.lock"]
-    assert not left, "the staging copy stays behind"
+    assert not left, "something stays behind in $TMPDIR"
 
     # Where pgwarden runs (the local config names the same bucket): an ordinary backup.
     _sql(server, "INSERT INTO marker SELECT generate_series(21, 30)")
@@ -296,3 +313,103 @@ def test_a_server_elsewhere_is_backed_up_as_the_statefulset_cronjob_does(
     assert [b["label"] for b in json.loads(run("backup", "list", "-o", "json").out)["backups"]] == [
         label
     ]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_backup_interrupted_mid_stream_leaves_nothing_in_the_bucket(
+    s3_site: tuple[LocalServer, Path, Any],
+) -> None:
+    """Ctrl-C (here: the progress callback raising) while the tar is on its way: pg_basebackup
+    is stopped, the partial upload removed, and nothing is listed or half-listed."""
+    server, _root, client = s3_site
+    # Enough data that the first progress report comes while the tar is still flowing.
+    _sql(server, "CREATE TABLE big (id int, pad text)")
+    _sql(server, "INSERT INTO big SELECT g, repeat('x', 400) FROM generate_series(1, 150000) g")
+    reports: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append((done, total))
+        raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        create_backup(local_source(server), progress=progress)
+    assert reports, "pg_basebackup reported no progress"
+    assert _keys(client, "backups/") == []
+    uploads = client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+    assert uploads == []
+    contents = repository(server).observe()
+    assert (contents.backups, contents.incomplete) == ([], [])
+    assert not any(p.name == "pg_basebackup" for p in _processes())
+    # The next backup is unaffected.
+    info = create_backup(local_source(server))
+    assert info.format == "base-tar"
+    assert [b.label for b in repository(server).observe().backups] == [info.label]
+
+
+def _processes() -> list[Path]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                found.append(Path((proc / "cmdline").read_bytes().split(b"\0")[0].decode()))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_backup_written_by_earlier_versions_still_verifies_and_restores(
+    s3_site: tuple[LocalServer, Path, Any], run: Run
+) -> None:
+    """Earlier pgwarden staged `pg_basebackup -F t -X stream` and uploaded base.tar,
+    pg_wal.tar and backup_manifest (format "tar"). Buckets hold such backups: they list,
+    verify and restore as before."""
+    server, root, _client = s3_site
+    _sql(server, "CREATE TABLE marker (id int PRIMARY KEY)")
+    _sql(server, "INSERT INTO marker SELECT generate_series(1, 40)")
+    staged = root / "old-layout"
+    staged.mkdir()
+    server.runas.chown(staged)
+    env = clean_env()
+    env["PGPASSWORD"] = server.state.password() or ""
+    done = server.runas.run(
+        [server.tool("pg_basebackup"), "-D", staged / "data", "-F", "t", "-X", "stream",
+         "-c", "fast", "-d", f"host=127.0.0.1 port={server.port} user=postgres dbname=postgres"],
+        env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    repo = repository(server)
+    label = "20250101T000000Z"
+    for part in ("base.tar", "pg_wal.tar", "backup_manifest"):
+        with (staged / "data" / part).open("rb") as body:
+            repo.store.upload(f"backups/{label}/{part}", body)
+    with tarfile.open(staged / "data" / "base.tar") as tar:
+        member = tar.extractfile("backup_label")
+        assert member is not None
+        backup_label = member.read().decode()
+    cluster = repo.read_cluster()
+    assert cluster is not None
+    version = str(_sql(server, "SHOW server_version", "postgres")[0][0])
+    written = _Written(
+        fmt="tar",
+        backup_label=backup_label,
+        manifest=json.loads((staged / "data" / "backup_manifest").read_text()),
+        size=sum(p.stat().st_size for p in (staged / "data").iterdir()),
+    )
+    stop_time = _sql(server, "SELECT now()", "postgres")[0][0]
+    assert isinstance(stop_time, datetime)
+    repo.record(_describe(label, written, None, cluster, version, stop_time=stop_time))
+    _sql(server, "INSERT INTO marker SELECT generate_series(41, 45)")
+    _archived_up_to_now(server)
+
+    listed = json.loads(run("backup", "list", "-o", "json").out)
+    assert [(b["label"], b["format"]) for b in listed["backups"]] == [(label, "tar")]
+    verified = run("backup", "verify", "-o", "json")
+    assert verified.code == 0, verified.out + verified.err
+    latest = run("backup", "restore", "--to-latest",
+                 "--target-dir", str(root / "restored-old"), "--start")  # fmt: skip
+    assert latest.code == 0, latest.err
+    assert _restored(latest.out.strip(), "SELECT count(*) FROM marker") == [(45,)]
+    _stop(server, root / "restored-old")

@@ -1,10 +1,14 @@
 """`pgwarden backup create`: a base backup into the backup location, of the local server or
 (`--dsn`) of a server elsewhere (the statefulset flavor's CronJob backs up its server so).
 
-pg_basebackup in plain format with its WAL streamed alongside (`-X stream`): each backup is
-restorable and checkable (`pg_verifybackup` parses its WAL) on its own; the archive carries
-everything after it. With `--incremental` (PostgreSQL 17+) only blocks changed since the newest
-backup are copied, and a restore combines the chain with pg_combinebackup.
+Into a directory: pg_basebackup in plain format with its WAL streamed alongside (`-X stream`):
+each backup is restorable and checkable (`pg_verifybackup` parses its WAL) on its own; the
+archive carries everything after it. Into an object store: one tar piped from pg_basebackup
+straight into the upload (`-D - -X none`), so that nothing the size of the database is staged
+on this machine's disk (the statefulset's CronJob pod has only its node's ephemeral storage);
+the backup's own WAL is then the archive's, which the server has archived before pg_basebackup
+returns. With `--incremental` (PostgreSQL 17+) only blocks changed since the newest backup are
+copied, and a restore combines the chain with pg_combinebackup.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import re
 import shutil
 import socket
 import subprocess
-import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +40,7 @@ from pgwarden.backup.repo import (
     Repository,
     Writing,
 )
+from pgwarden.backup.tarscan import TarScan
 from pgwarden.connect import Target, connect
 from pgwarden.errors import ServerError, UserError
 from pgwarden.lsn import parse_lsn
@@ -72,8 +77,9 @@ def require_running(server: LocalServer) -> Target:
 
 @dataclass(frozen=True)
 class Source:
-    """What a base backup is taken of, and this machine's side of it: where its lock and an
-    object store's staging copy live, which pg_basebackup runs, as whom."""
+    """What a base backup is taken of, and this machine's side of it: where its lock (and an
+    incremental's parent manifest, for an object store) lives, which pg_basebackup runs, as
+    whom."""
 
     target: Target
     repo: Repository
@@ -122,8 +128,8 @@ def local_source(server: LocalServer) -> Source:
 
 
 def remote_source(target: Target, repo: Repository | None) -> Source:
-    """A server that is not pgwarden's local one, by its connection string: the backup is
-    staged (object stores) in this machine's temporary directory ($TMPDIR)."""
+    """A server that is not pgwarden's local one, by its connection string: the lock is in
+    this machine's temporary directory ($TMPDIR)."""
     if repo is None:
         raise UserError(
             "no backup location configured",
@@ -226,8 +232,11 @@ def create_backup(
     source: Source, *, incremental: bool = False, progress: Progress | None = None
 ) -> BackupInfo:
     with create_lock(source.work):
-        # An interrupted create's staging copy (object stores): nobody else writes there.
-        shutil.rmtree(source.work / "backup-staging", ignore_errors=True)
+        # An interrupted create's leftovers: the parent manifest of an incremental one, and
+        # the whole staged tar that earlier pgwarden versions wrote here for object stores.
+        # Nobody else writes there (the lock).
+        for leftover in ("backup-staging", "backup-parent"):
+            shutil.rmtree(source.work / leftover, ignore_errors=True)
         return _create(source, incremental=incremental, progress=progress)
 
 
@@ -278,76 +287,158 @@ def _create(source: Source, *, incremental: bool, progress: Progress | None) -> 
             )
         parent = contents.backups[-1]
     label = _new_label(repo)
-    # An object store gets the tar format, staged here first: three objects instead of one
-    # per file. A directory gets a plain backup written in place.
-    staged = repo.root is None
-    runas = source.runas
-    if not staged:
-        home = repo.backup_dir(label)
-        home.mkdir(mode=0o700)
-        runas.chown(home)
-        written = home / "data"
-        fmt = "plain"
+    streamed = repo.root is None
+    if streamed:
+        _refuse_tablespaces(target)
     else:
-        home = source.work / "backup-staging" / label
-        home.mkdir(mode=0o700, parents=True)
-        runas.chown(home.parent)
-        runas.chown(home)
-        written = home / "data"
-        fmt = "tar"
+        home = repo.backup_dir(label)  # the backup's folder, where its marker goes first
+        home.mkdir(mode=0o700)
+        source.runas.chown(home)
     writer = Writing(socket.gethostname(), os.getpid(), datetime.now(UTC))
-    args: list[str | Path] = [
-        source.pg_basebackup,
-        "-D", written, "-F", fmt[0], "-X", "stream", "-c", "fast", "-l", f"pgwarden {label}",
-        "-d", _conninfo(target),
-    ]  # fmt: skip
-    if progress is not None:
-        # Only for a progress bar: -P has the server estimate the total size first, one more
-        # pass over the data directory.
-        args.append("-P")
     try:
         repo.begin(label, writer)
-        if parent is not None:
-            args += ["--incremental", _parent_manifest(runas, repo, parent, home)]
-        _run_with_progress(source, args, progress)
+        if streamed:
+            described = _stream_to_store(source, label, parent, progress)
+        else:
+            described = _write_plain(source, label, parent, progress)
         with connect(target, autocommit=True) as conn:
             stopped = conn.execute("SELECT pg_catalog.now()").fetchone()
         assert stopped is not None
         stop_time = stopped[0]
         assert isinstance(stop_time, datetime)
-        info = _describe(label, written, fmt, parent, cluster, version, stop_time=stop_time)
-        if staged:
-            for part in sorted(written.iterdir()):
-                if part.name not in ("base.tar", "pg_wal.tar", "backup_manifest"):
-                    raise UserError(
-                        f"the server has a tablespace ({part.name}); backups to an object "
-                        "store hold the main data directory only",
-                        hint="use a directory backup.location for a server with tablespaces",
-                    )
-                repo.store.upload(f"backups/{label}/{part.name}", part)
+        info = _describe(label, described, parent, cluster, version, stop_time=stop_time)
         repo.record(info)  # last: a backup without its record is not listed as one
     except BaseException:
         # Our own half-written copy, never anything of the user's: pg_basebackup removes
         # the data directory it created on failure; the label folder is ours too.
-        if staged:
-            with contextlib.suppress(Exception):  # the original error is the one to show
-                repo.remove_backup(label)
-        shutil.rmtree(home, ignore_errors=True)
+        with contextlib.suppress(Exception):  # the original error is the one to show
+            repo.remove_backup(label)
+        if not streamed:
+            shutil.rmtree(repo.backup_dir(label), ignore_errors=True)
         raise
-    if staged:
-        shutil.rmtree(home, ignore_errors=True)
-    else:
-        runas.chown(home / BACKUP_FILE)
+    finally:
+        shutil.rmtree(source.work / "backup-parent", ignore_errors=True)
+    if not streamed:
+        source.runas.chown(repo.backup_dir(label) / BACKUP_FILE)
     return info
 
 
-def _parent_manifest(runas: RunAs, repo: Repository, parent: BackupInfo, home: Path) -> Path:
-    own = repo.plain_dir(parent)
+@dataclass(frozen=True)
+class _Written:
+    """What _describe needs of a backup just written, wherever it went."""
+
+    fmt: str
+    backup_label: str
+    manifest: dict[str, Any]
+    size: int
+
+
+def _basebackup_args(
+    source: Source, label: str, dest: str | Path, fmt: str, wal: str, progress: Progress | None
+) -> list[str | Path]:
+    args: list[str | Path] = [
+        source.pg_basebackup,
+        "-D", dest, "-F", fmt, "-X", wal, "-c", "fast", "-l", f"pgwarden {label}",
+        "-d", _conninfo(source.target),
+    ]  # fmt: skip
+    if progress is not None:
+        # Only for a progress bar: -P has the server estimate the total size first, one more
+        # pass over the data directory.
+        args.append("-P")
+    return args
+
+
+def _write_plain(
+    source: Source, label: str, parent: BackupInfo | None, progress: Progress | None
+) -> _Written:
+    """A directory location: a plain backup written in place, its WAL beside it."""
+    data = source.repo.backup_dir(label) / "data"
+    args = _basebackup_args(source, label, data, "p", "stream", progress)
+    if parent is not None:
+        args += ["--incremental", _parent_manifest(source, parent)]
+    _run_with_progress(source, args, progress)
+    manifest = json.loads((data / "backup_manifest").read_text())
+    return _Written(
+        fmt="plain",
+        backup_label=(data / "backup_label").read_text(),
+        manifest=manifest,
+        size=_plain_size(data, manifest),
+    )
+
+
+def _stream_to_store(
+    source: Source, label: str, parent: BackupInfo | None, progress: Progress | None
+) -> _Written:
+    """An object store: base.tar piped into the upload as pg_basebackup writes it (which puts
+    the manifest inside the tar when it writes to stdout); backup_label and backup_manifest
+    are kept on the way, and the manifest stored beside the tar too, for an incremental
+    backup's parent and for `verify` without unpacking."""
+    repo = source.repo
+    args = _basebackup_args(source, label, "-", "t", "none", progress)
+    if parent is not None:
+        args += ["--incremental", _parent_manifest(source, parent)]
+    scan = TarScan(("backup_label", "backup_manifest"))
+
+    def upload(stdout: IO[bytes]) -> None:
+        repo.store.upload(f"backups/{label}/base.tar", _Tee(stdout, scan))
+
+    _run_with_progress(source, args, progress, stdout=upload)
+    found = scan.finish()  # a tar cut short is refused here, before it is recorded
+    repo.store.write(f"backups/{label}/backup_manifest", found["backup_manifest"])
+    return _Written(
+        fmt="base-tar",
+        backup_label=found["backup_label"].decode(),
+        manifest=json.loads(found["backup_manifest"]),
+        size=scan.total + len(found["backup_manifest"]),
+    )
+
+
+class _Tee:
+    """pg_basebackup's output as the uploader reads it, shown to a TarScan on the way. Not
+    seekable: the uploader reads it once, in parts."""
+
+    def __init__(self, stream: IO[bytes], scan: TarScan) -> None:
+        self.stream = stream
+        self.scan = scan
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.scan.feed(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _refuse_tablespaces(target: Target) -> None:
+    """pg_basebackup writes only one tablespace to a pipe; say so before starting."""
+    with connect(target, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_catalog.string_agg(spcname, ', ' ORDER BY spcname) "
+            "FROM pg_catalog.pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')"
+        ).fetchone()
+    if row is not None and row[0]:
+        raise UserError(
+            f"the server has tablespaces ({row[0]}); backups to an object store hold the main "
+            "data directory only",
+            hint="use a directory backup.location for a server with tablespaces",
+        )
+
+
+def _parent_manifest(source: Source, parent: BackupInfo) -> Path:
+    own = source.repo.plain_dir(parent)
     if own is not None:
         return own / "backup_manifest"
-    path = home / "parent_manifest"
-    repo.fetch_part(parent.label, "backup_manifest", path)
-    runas.chown(path)
+    # Fetched for pg_basebackup to read, as its user; removed when the backup is done.
+    home = source.work / "backup-parent"
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    source.runas.chown(home)
+    path = home / "backup_manifest"
+    source.repo.fetch_part(parent.label, "backup_manifest", path)
+    source.runas.chown(path)
     return path
 
 
@@ -367,27 +458,46 @@ def _conninfo(target: Target) -> str:
     return make_conninfo("", **params)
 
 
-def _run_with_progress(source: Source, args: list[str | Path], progress: Progress | None) -> None:
+def _run_with_progress(
+    source: Source,
+    args: list[str | Path],
+    progress: Progress | None,
+    *,
+    stdout: Callable[[IO[bytes]], None] | None = None,
+) -> None:
+    """Run pg_basebackup, its progress read from stderr here; with `stdout`, its output is
+    handed to that (an upload) in a thread of its own. If that fails, the pipe is closed, so
+    pg_basebackup stops too, and its error is the one raised."""
     env = clean_env()
     if source.password:
         env["PGPASSWORD"] = source.password  # the child's environment only, never its argv
-    with source.runas.popen(args, env=env) as proc:
-        assert proc.stderr is not None
-        tail: list[str] = []
-        buffer = ""
-        while True:
-            chunk = proc.stderr.read(256)
-            if not chunk:
-                break
-            buffer += chunk
-            *parts, buffer = re.split(r"[\r\n]", buffer)
-            for part in parts:
-                found = _PROGRESS_RE.search(part)
-                if found and progress is not None:
-                    progress(int(found.group(1)), int(found.group(2)))
-                elif part.strip() and not found:
-                    tail = [*tail, part.strip()][-10:]
+    failed: list[BaseException] = []
+    with source.runas.popen(args, env=env, stdout=stdout is not None) as proc:
+        worker: threading.Thread | None = None
+        if stdout is not None:
+            assert proc.stdout is not None
+            out = proc.stdout
+
+            def pump() -> None:
+                try:
+                    stdout(out)
+                except BaseException as exc:  # handed to the main thread, raised there
+                    failed.append(exc)
+                    out.close()  # pg_basebackup's next write fails: it stops
+
+            worker = threading.Thread(target=pump, name="backup-upload", daemon=True)
+            worker.start()
+        try:
+            tail = _read_progress(proc, progress)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            if worker is not None:
+                worker.join()  # before anything is cleaned up behind it
         code = proc.wait()
+    if failed:
+        raise failed[0]
     if code != 0:
         raise ServerError(
             "pg_basebackup failed: " + (" / ".join(tail) or f"exit {code}"),
@@ -395,10 +505,32 @@ def _run_with_progress(source: Source, args: list[str | Path], progress: Progres
         )
 
 
+def _read_progress(proc: subprocess.Popen[bytes], progress: Progress | None) -> list[str]:
+    """pg_basebackup's stderr to its end: progress lines to `progress`, the last ten others
+    kept for an error message."""
+    assert proc.stderr is not None
+    tail: list[str] = []
+    buffer = ""
+    while True:
+        chunk = os.read(proc.stderr.fileno(), 4096)  # what is there: progress as it comes
+        if not chunk:
+            break
+        buffer += chunk.decode("utf-8", "replace")
+        *parts, buffer = re.split(r"[\r\n]", buffer)
+        for part in parts:
+            found = _PROGRESS_RE.search(part)
+            if found and progress is not None:
+                progress(int(found.group(1)), int(found.group(2)))
+            elif part.strip() and not found:
+                tail = [*tail, part.strip()][-10:]
+    if buffer.strip() and not _PROGRESS_RE.search(buffer):
+        tail = [*tail, buffer.strip()][-10:]
+    return tail
+
+
 def _describe(
     label: str,
-    data: Path,
-    fmt: str,
+    written: _Written,
     parent: BackupInfo | None,
     cluster: Cluster,
     version: str,
@@ -407,14 +539,7 @@ def _describe(
 ) -> BackupInfo:
     """The backup's own record, from its backup_label and manifest."""
     fields: dict[str, str] = {}
-    if fmt == "tar":
-        with tarfile.open(data / "base.tar") as tar:
-            member = tar.extractfile("backup_label")
-            assert member is not None
-            label_text = member.read().decode()
-    else:
-        label_text = (data / "backup_label").read_text()
-    for line in label_text.splitlines():
+    for line in written.backup_label.splitlines():
         key, sep, value = line.partition(": ")
         if sep:
             fields[key.strip()] = value.strip()
@@ -424,11 +549,9 @@ def _describe(
         start_time = start_time.replace(tzinfo=UTC)
     except (KeyError, ValueError):  # log_timezone set to something else by the user
         start_time = stop_time
-    manifest = json.loads((data / "backup_manifest").read_text())
-    ranges = manifest.get("WAL-Ranges") or [{}]
+    ranges = written.manifest.get("WAL-Ranges") or [{}]
     stop_lsn = str(ranges[-1].get("End-LSN", start_lsn))
     timeline = int(ranges[-1].get("Timeline", fields.get("START TIMELINE", 1)))
-    size = _written_size(data, fmt, manifest)
     parse_lsn(stop_lsn)  # a malformed manifest fails here, before it is recorded
     return BackupInfo(
         label=label,
@@ -439,22 +562,20 @@ def _describe(
         stop_lsn=stop_lsn,
         start_time=start_time,
         stop_time=stop_time,
-        size_bytes=size,
+        size_bytes=written.size,
         system_identifier=cluster.system_identifier,
         pg_major=cluster.pg_major,
         pg_version=version,
         data_checksums=cluster.data_checksums,
-        format=fmt,
+        format=written.fmt,
     )
 
 
-def _written_size(data: Path, fmt: str, manifest: dict[str, Any]) -> int:
-    """Bytes the backup takes. A tar backup is a few files side by side; a plain one is the
-    manifest's files (it lists every one with its size, so no walk over thousands of files
-    and a stat each: a measurable share of a small backup's time) plus the WAL streamed into
-    pg_wal, which the manifest leaves out, plus the manifest itself."""
-    if fmt == "tar":
-        return sum(part.stat().st_size for part in data.iterdir() if part.is_file())
+def _plain_size(data: Path, manifest: dict[str, Any]) -> int:
+    """Bytes a plain backup takes: the manifest's files (it lists every one with its size, so
+    no walk over thousands of files and a stat each: a measurable share of a small backup's
+    time) plus the WAL streamed into pg_wal, which the manifest leaves out, plus the manifest
+    itself."""
     size = sum(int(entry.get("Size", 0)) for entry in manifest.get("Files", []))
     wal = data / "pg_wal"
     if wal.is_dir():

@@ -5,9 +5,10 @@
         wal/                     archived WAL segments and timeline .history files
         backups/<label>/
             data/                a plain-format base backup with its backup_manifest (a
-                                 directory location), or base.tar, pg_wal.tar and
-                                 backup_manifest (an object store, where one object per file
-                                 of a data directory would be thousands of requests)
+                                 directory location), or base.tar and backup_manifest (an
+                                 object store, where one object per file of a data directory
+                                 would be thousands of requests; the tar streamed there, its
+                                 WAL in wal/; earlier pgwarden versions also wrote pg_wal.tar)
             pgwarden-backup.json what pgwarden knows of it: kind, parent, LSNs, times, size
 
 The repository file is what lets a restore refuse another cluster's archive or another major
@@ -86,7 +87,9 @@ class BackupInfo:
     pg_major: int
     pg_version: str
     data_checksums: bool
-    format: str = "plain"  # "plain": a data directory; "tar": base.tar + pg_wal.tar
+    # "plain": a data directory; "base-tar": base.tar streamed to an object store, its WAL in
+    # the archive; "tar": base.tar + pg_wal.tar (object stores, by earlier pgwarden versions)
+    format: str = "plain"
 
     def start_segment(self, segment_size: int) -> Segment:
         """The first WAL segment a restore from this backup reads."""

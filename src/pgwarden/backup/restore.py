@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal, cast
 
 import psycopg
 
 from pgwarden.backup.repo import BackupInfo, Cluster, Contents, Repository, check_same_cluster
+from pgwarden.backup.store import Readable
+from pgwarden.backup.wal import Segment
 from pgwarden.config import SettingValue
 from pgwarden.errors import ServerError, UserError
 from pgwarden.lsn import parse_lsn
@@ -370,42 +372,68 @@ def plain_copy(repo: Repository, info: BackupInfo, scratch: Path) -> Path:
 
 
 def materialize(repo: Repository, info: BackupInfo, dest: Path) -> None:
-    """Write one backup out as a plain data directory at `dest` (which must not exist)."""
+    """Write one backup out as a plain data directory at `dest` (which must not exist). From
+    an object store, each tar is unpacked as it downloads (no copy of it on disk: the
+    target's free space need only hold the database). A backup streamed there ("base-tar")
+    has an empty pg_wal: its WAL is in the archive, where recovery's restore_command finds it
+    (and `with_backup_wal` for a check). On any failure `dest`, ours, is removed again."""
     own = repo.plain_dir(info)
     if own is not None:
         shutil.copytree(own, dest, symlinks=True)
         return
+    parts = [("base.tar", dest)]
+    if info.format == "tar":  # written by earlier pgwarden versions
+        parts.append(("pg_wal.tar", dest / "pg_wal"))
     dest.mkdir(mode=0o700, parents=True)
-    download = dest / ".pgwarden-download"
-    download.mkdir()
     try:
-        for name, into in (("base.tar", dest), ("pg_wal.tar", dest / "pg_wal")):
-            part = download / name
-            repo.fetch_part(info.label, name, part)
+        for name, into in parts:
             into.mkdir(mode=0o700, exist_ok=True)
-            _extract(part, into)
-            part.unlink()
+            with repo.store.reading(f"backups/{info.label}/{name}") as stream:
+                if stream is None:
+                    raise UserError(f"backup {info.label} in {repo.where} has lost its {name}")
+                _extract(stream, name, into)
+        (dest / "pg_wal").mkdir(mode=0o700, exist_ok=True)
         repo.fetch_part(info.label, "backup_manifest", dest / "backup_manifest")
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
-def _extract(archive: Path, into: Path) -> None:
-    """Unpack a backup's tar, refusing any member that would land outside `into` (a tampered
-    bucket must not write elsewhere on this machine). Python's own "data" filter does this
-    from 3.11.4 on; Debian 12's 3.11.2 lacks it, so the check is here."""
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        for member in members:
-            name = Path(member.name)
-            if name.is_absolute() or ".." in name.parts:
-                raise UserError(f"{archive.name} holds a path outside the data directory: {name}")
+def with_backup_wal(repo: Repository, info: BackupInfo, data: Path, segment_size: int) -> None:
+    """Put the WAL a backup's own consistency needs (from its start to its end position) into
+    its pg_wal from the archive, when the backup does not carry it, so that pg_verifybackup
+    can parse it. A segment missing there is a UserError naming it."""
+    if info.format != "base-tar":
+        return
+    start, stop = parse_lsn(info.start_lsn), parse_lsn(info.stop_lsn)
+    last = max(start, stop - 1) // segment_size
+    for number in range(start // segment_size, stop // segment_size + 1):
+        name = Segment(number, info.timeline).name(segment_size)
+        # An end exactly on a segment boundary needs nothing of the next one, which may not
+        # be archived yet: fetched when there, not required.
+        if not repo.fetch_wal(name, data / "pg_wal" / name) and number <= last:
+            raise UserError(
+                f"backup {info.label} needs WAL segment {name}, which is missing from {repo.where}",
+                hint="the backup cannot be restored; take a new one (`pgwarden backup create`)",
+            )
+
+
+def _extract(stream: Readable, name: str, into: Path) -> None:
+    """Unpack a backup's tar as it is read, refusing any member that would land outside
+    `into` (a tampered bucket must not write elsewhere on this machine) before it is written.
+    Python's own "data" filter does this from 3.11.4 on; Debian 12's 3.11.2 lacks it, so the
+    check is here."""
+    with tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|", bufsize=1 << 20) as tar:
+        for member in tar:
+            path = Path(member.name)
+            if path.is_absolute() or ".." in path.parts:
+                raise UserError(f"{name} holds a path outside the data directory: {path}")
             if not (member.isfile() or member.isdir()):
                 raise UserError(
-                    f"{archive.name} holds {name}, neither a file nor a directory "
+                    f"{name} holds {path}, neither a file nor a directory "
                     "(tablespace links are not restored from an object store)"
                 )
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(into, members=members, filter="data")
-        else:
-            tar.extractall(into, members=members)  # noqa: S202 - every member checked above
+            if hasattr(tarfile, "data_filter"):
+                tar.extract(member, into, filter="data")
+            else:
+                tar.extract(member, into)  # checked just above (no "data" filter here)

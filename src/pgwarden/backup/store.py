@@ -13,10 +13,12 @@ S3 location is used: `pip install 'pgwarden[s3]'`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +41,12 @@ class Entry:
     modified: datetime
 
 
+class Readable(Protocol):
+    """A stream read once, front to back (pg_basebackup's output on its way)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class Store(Protocol):
     @property
     def where(self) -> str:
@@ -53,12 +61,17 @@ class Store(Protocol):
         """Store a file under a new name; False when the same content is already there."""
         ...
 
-    def upload(self, key: str, source: Path) -> None:
-        """Store a (possibly large) file of a backup being written."""
+    def upload(self, key: str, source: Readable) -> None:
+        """Store a (possibly large) stream of a backup being written, read to its end."""
         ...
 
     def fetch(self, key: str, dest: Path) -> bool:
         """Copy one object to a local file; False when there is none."""
+        ...
+
+    def reading(self, key: str) -> contextlib.AbstractContextManager[Readable | None]:
+        """One object as a stream read front to back (a backup's tar, unpacked as it comes,
+        with no copy of it on disk); None when there is none."""
         ...
 
     def entries(self, prefix: str) -> list[Entry]: ...
@@ -131,10 +144,21 @@ class DirStore:
         tmp.unlink()
         return True
 
-    def upload(self, key: str, source: Path) -> None:
+    def upload(self, key: str, source: Readable) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        with path.open("wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+
+    @contextlib.contextmanager
+    def reading(self, key: str) -> Iterator[Readable | None]:
+        try:
+            handle = self.path(key).open("rb")
+        except FileNotFoundError:
+            yield None
+            return
+        with handle:
+            yield handle
 
     def fetch(self, key: str, dest: Path) -> bool:
         try:
@@ -301,6 +325,24 @@ class S3Store:
                 return None
             raise self._said("look up " + key, exc) from None
 
+    @contextlib.contextmanager
+    def reading(self, key: str) -> Iterator[Readable | None]:
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+        try:
+            got = self.client.get_object(Bucket=self.location.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                yield None
+                return
+            raise self._said("read " + key, exc) from None
+        body = got["Body"]
+        try:
+            yield _Body(body, self, key)
+        finally:
+            with contextlib.suppress(BotoCoreError, OSError):
+                body.close()
+
     def read(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
@@ -353,10 +395,12 @@ class S3Store:
             f"{self.where}/{key} already exists with other content; not overwritten"
         )
 
-    def upload(self, key: str, source: Path) -> None:
+    def upload(self, key: str, source: Readable) -> None:
+        # A stream that cannot seek: boto3 reads it in parts (8 MiB, a few in memory at once)
+        # and sends them as a multipart upload, aborted if anything fails.
         self._call(
-            "upload " + key, self.client.upload_file,
-            Filename=str(source), Bucket=self.location.bucket, Key=self._key(key),
+            "upload " + key, self.client.upload_fileobj,
+            Fileobj=source, Bucket=self.location.bucket, Key=self._key(key),
         )  # fmt: skip
 
     def fetch(self, key: str, dest: Path) -> bool:
@@ -399,6 +443,21 @@ class S3Store:
 
 
 _MISSING = ("404", "NoSuchKey", "NotFound")
+
+
+class _Body:
+    """An object's body as it downloads, with a dropped connection said as the store's error."""
+
+    def __init__(self, body: Any, store: S3Store, key: str) -> None:
+        self.body, self.store, self.key = body, store, key
+
+    def read(self, size: int = -1, /) -> bytes:
+        from botocore.exceptions import BotoCoreError  # noqa: PLC0415
+
+        try:
+            return bytes(self.body.read(None if size < 0 else size))
+        except BotoCoreError as exc:
+            raise self.store._said("read " + self.key, exc) from None
 
 
 def _code(exc: Any) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pgwarden.backup.create import being_written
 from pgwarden.backup.repo import Contents, Repository
-from pgwarden.backup.restore import plain_copy
+from pgwarden.backup.restore import plain_copy, with_backup_wal
 from pgwarden.errors import UserError
 from pgwarden.server.cluster import LocalServer
 
@@ -66,6 +66,8 @@ def verify_backups(server: LocalServer, repo: Repository) -> VerifyReport:
     for info in contents.backups:
         try:
             data = plain_copy(repo, info, scratch)
+            if contents.cluster is not None:
+                with_backup_wal(repo, info, data, contents.cluster.wal_segment_size)
             if scratch.exists():
                 server.runas.chown_tree(scratch)
             result = server.runas.run([server.tool("pg_verifybackup"), "-q", data], timeout=None)

@@ -69,7 +69,7 @@ def create_cmd(app: AppContext, incremental: bool) -> None:
 
     Of the local server; or, given --dsn (or $PGWARDEN_DSN), of that server, which must
     archive its WAL into the same location (the statefulset flavor's CronJob runs this).
-    A backup to S3 is staged in $TMPDIR first.
+    A backup to S3 is streamed into the bucket, not staged on disk.
 
     \b
     Example:

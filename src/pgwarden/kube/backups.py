@@ -383,7 +383,8 @@ def s3_objects(
         "imagePullPolicy": "IfNotPresent",
         "command": [*S3_JOB_COMMAND, "--dsn", dsn, "backup", "create"],
         "env": [
-            # The staging copy (a tar of the whole database, then uploaded) and pgwarden's log.
+            # The lock, an incremental's parent manifest and pgwarden's log (the backup itself
+            # is streamed into the bucket, not staged).
             {"name": "TMPDIR", "value": "/tmp"},  # noqa: S108 - an emptyDir
             {"name": "HOME", "value": "/tmp"},  # noqa: S108 - an emptyDir
             {

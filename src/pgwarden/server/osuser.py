@@ -62,14 +62,19 @@ class RunAs:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
     def popen(
-        self, args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None
-    ) -> subprocess.Popen[str]:
-        """A long-running tool whose stderr is read as it goes (pg_basebackup's progress)."""
+        self,
+        args: Sequence[str | os.PathLike[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        """A long-running tool whose stderr is read as it goes (pg_basebackup's progress), and
+        with `stdout` its output too (a backup streamed to an object store). Bytes: the output
+        may be a tar."""
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
             [str(a) for a in args],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            text=True,
             env=dict(env) if env is not None else clean_env(),
             cwd="/",
             stdin=subprocess.DEVNULL,
