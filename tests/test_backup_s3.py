@@ -320,7 +320,7 @@ class _Interrupted(Exception):
 
 
 def test_a_backup_interrupted_mid_stream_leaves_nothing_in_the_bucket(
-    s3_site: tuple[LocalServer, Path, Any],
+    s3_site: tuple[LocalServer, Path, Any], run: Run
 ) -> None:
     """Ctrl-C (here: the progress callback raising) while the tar is on its way: pg_basebackup
     is stopped, the partial upload removed, and nothing is listed or half-listed."""
@@ -347,6 +347,16 @@ def test_a_backup_interrupted_mid_stream_leaves_nothing_in_the_bucket(
     info = create_backup(local_source(server))
     assert info.format == "base-tar"
     assert [b.label for b in repository(server).observe().backups] == [info.label]
+    assert run("backup", "verify").code == 0
+    # Its own WAL is the archive's: with its first segment gone, verify names that segment.
+    contents = repository(server).observe()
+    assert contents.cluster is not None
+    first = info.start_segment(contents.cluster.wal_segment_size)
+    name = first.name(contents.cluster.wal_segment_size)
+    client.delete_object(Bucket=BUCKET, Key=f"clusters/main/wal/{name}")
+    broken = json.loads(run("backup", "verify", "-o", "json").out)
+    assert broken["backups"][0]["ok"] is False
+    assert f"needs WAL segment {name}, which is missing" in broken["backups"][0]["detail"]
 
 
 def _processes() -> list[Path]:
