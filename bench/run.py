@@ -334,11 +334,13 @@ def main() -> None:
     if chosen != known:
         stem += "-" + "-".join(sorted(chosen))
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
-    if "w1" in data and "w2" in data:
+    charted = "w1" in data and "w2" in data  # the chart has a panel for each
+    if charted:
         _chart(data, args.out / f"{stem}.png")
     table = _table(data)
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)
-    print(f"\nwritten: {args.out / (stem + '.json')}, .png, .md", file=sys.stderr)
+    kinds = ".png, .md" if charted else ".md"
+    print(f"\nwritten: {args.out / (stem + '.json')}, {kinds}", file=sys.stderr)
     if not complete:
         sys.exit("W2 completeness failed: some committed changes have no event")
