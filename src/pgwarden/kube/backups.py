@@ -400,7 +400,10 @@ def s3_objects(
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a volume mount path
         ],
     }
-    volumes = [s3_volume(config), {"name": "tmp", "emptyDir": {}}]
+    # Bounded: the backup is streamed into the bucket, so /tmp holds only the lock, the log
+    # and an incremental's parent manifest (about 150 bytes per file of the database); a
+    # runaway write is this pod's eviction, not a full node.
+    volumes = [s3_volume(config), {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     job = _cron(
         config, container, volumes, uid=uid, security=security,
         prune_config=f"{S3_CONFIG_DIR}/pgwarden.yaml", prune_env=s3_env(config),
