@@ -15,7 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgwarden.backup.create import _describe, _Written, create_backup, local_source, repository
@@ -423,3 +425,21 @@ def test_a_backup_written_by_earlier_versions_still_verifies_and_restores(
     assert latest.code == 0, latest.err
     assert _restored(latest.out.strip(), "SELECT count(*) FROM marker") == [(45,)]
     _stop(server, root / "restored-old")
+
+
+def test_a_server_with_a_tablespace_is_refused_before_anything_is_written(
+    s3_site: tuple[LocalServer, Path, Any], run: Run
+) -> None:
+    """pg_basebackup writes one tablespace to a pipe: refused up front, exit 2, nothing in
+    the bucket."""
+    server, root, client = s3_site
+    space = root / "space"
+    space.mkdir()
+    server.runas.chown(space)
+    with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE TABLESPACE extra LOCATION {}").format(sql.Literal(str(space))))
+    refused = run("backup", "create")
+    assert refused.code == 2, refused.err
+    assert "the server has tablespaces (extra)" in refused.err
+    assert "Traceback" not in refused.err
+    assert _keys(client, "backups/") == []

@@ -251,6 +251,10 @@ def _create(source: Source, *, incremental: bool, progress: Progress | None) -> 
         summarizing = conn.execute(
             "SELECT pg_catalog.current_setting('summarize_wal', true)"
         ).fetchone()
+        spaces = conn.execute(
+            "SELECT pg_catalog.string_agg(spcname, ', ' ORDER BY spcname) "
+            "FROM pg_catalog.pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')"
+        ).fetchone()
     if not state.active or state.pending_restart:
         raise UserError(
             f"WAL archiving is not on yet ({target.source}): a base backup without the "
@@ -288,9 +292,14 @@ def _create(source: Source, *, incremental: bool, progress: Progress | None) -> 
         parent = contents.backups[-1]
     label = _new_label(repo)
     streamed = repo.root is None
-    if streamed:
-        _refuse_tablespaces(target)
-    else:
+    if streamed and spaces is not None and spaces[0]:
+        # pg_basebackup writes only one tablespace to a pipe: said before anything starts.
+        raise UserError(
+            f"the server has tablespaces ({spaces[0]}); backups to an object store hold the "
+            "main data directory only",
+            hint="use a directory backup.location for a server with tablespaces",
+        )
+    if not streamed:
         home = repo.backup_dir(label)  # the backup's folder, where its marker goes first
         home.mkdir(mode=0o700)
         source.runas.chown(home)
@@ -411,21 +420,6 @@ class _Tee:
 
     def seekable(self) -> bool:
         return False
-
-
-def _refuse_tablespaces(target: Target) -> None:
-    """pg_basebackup writes only one tablespace to a pipe; say so before starting."""
-    with connect(target, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT pg_catalog.string_agg(spcname, ', ' ORDER BY spcname) "
-            "FROM pg_catalog.pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')"
-        ).fetchone()
-    if row is not None and row[0]:
-        raise UserError(
-            f"the server has tablespaces ({row[0]}); backups to an object store hold the main "
-            "data directory only",
-            hint="use a directory backup.location for a server with tablespaces",
-        )
 
 
 def _parent_manifest(source: Source, parent: BackupInfo) -> Path:
