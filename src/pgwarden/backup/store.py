@@ -344,15 +344,8 @@ class S3Store:
                 body.close()
 
     def read(self, key: str) -> bytes | None:
-        from botocore.exceptions import ClientError  # noqa: PLC0415
-
-        try:
-            got = self.client.get_object(Bucket=self.location.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise self._said("read " + key, exc) from None
-        return got["Body"].read()
+        with self.reading(key) as body:
+            return None if body is None else body.read()
 
     def write(self, key: str, data: bytes) -> None:
         # A single PUT replaces an object atomically: readers see the old one or the new one.
